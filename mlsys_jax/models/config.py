@@ -1,0 +1,91 @@
+"""Llama-family decoder configurations, from the test-sized ``tiny`` to the planning-sized ``70b``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+class ConfigError(ValueError):
+    """A model configuration that cannot describe a working model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Sizes and choices of a decoder-only transformer with RMSNorm, RoPE, SwiGLU and GQA."""
+
+    vocab_size: int = 384
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    head_dim: int = 8
+    d_ff: int = 256
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "bfloat16"        # compute dtype; parameters stay in param_dtype
+    param_dtype: str = "float32"
+    remat: str = "none"            # none | full | save_dots
+    attention: str = "xla"         # xla | cudnn
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model {name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (grouped-query "
+                "attention shares each K/V head among a whole group of query heads). Fix: pick "
+                f"n_kv_heads from the divisors of {self.n_heads}."
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+
+    def replace(self, **changes: Any) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+CONFIGS: dict[str, LlamaConfig] = {
+    # Test-sized: compiles in seconds, shards over up to 8 devices on every axis but kv_heads.
+    "tiny": LlamaConfig(),
+    # The CPU demo: about 1M parameters, trains visibly in a few minutes on simulated devices.
+    "small": LlamaConfig(
+        vocab_size=384, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=512,
+    ),
+    # Planning sizes (published Llama-family shapes).
+    "125m": LlamaConfig(
+        vocab_size=32_000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64,
+        d_ff=2048, tie_embeddings=True,
+    ),
+    "1b": LlamaConfig(
+        vocab_size=128_256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
+        d_ff=8192, rope_theta=500_000.0, tie_embeddings=True,
+    ),
+    "7b": LlamaConfig(
+        vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+        d_ff=11_008,
+    ),
+    "8b": LlamaConfig(
+        vocab_size=128_256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+        d_ff=14_336, rope_theta=500_000.0,
+    ),
+    "70b": LlamaConfig(
+        vocab_size=128_256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
+        d_ff=28_672, rope_theta=500_000.0,
+    ),
+}
+
+
+def get_config(name: str, **overrides: Any) -> LlamaConfig:
+    """A preset by name, with field overrides (``get_config("tiny", n_layers=4)``)."""
+    if name not in CONFIGS:
+        raise ConfigError(f"unknown model {name!r}; the presets are {list(CONFIGS)}")
+    return CONFIGS[name].replace(**overrides) if overrides else CONFIGS[name]

@@ -1,0 +1,141 @@
+"""Logical-axis rules: which mesh axes shard each named dimension of parameters and activations.
+
+Parameters and activations get separate tables because the same name means different things in
+each: under FSDP a weight's ``embed`` dim is sharded over ``fsdp`` while the activations'
+``embed`` dim stays whole and their ``batch`` dim takes ``fsdp``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Union
+
+MeshAxes = Union[str, tuple[str, ...], None]
+RulePairs = tuple[tuple[str, MeshAxes], ...]
+
+#: Logical axes the toolkit's models give their weights.
+PARAM_AXES: tuple[str, ...] = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
+#: Logical axes the toolkit's models give their activations.
+ACTIVATION_AXES: tuple[str, ...] = (
+    "batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
+)
+
+
+def _pairs(rules: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]]) -> RulePairs:
+    items = rules.items() if isinstance(rules, Mapping) else rules
+    out = []
+    for name, target in items:
+        if isinstance(target, list):
+            target = tuple(target)
+        out.append((str(name), target))
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """Two rule tables, as ``(logical axis, mesh axes)`` pairs in the style of flax and t5x.
+
+    A logical axis may appear more than once only with the same target; two different targets
+    are a conflict that the plan reports where the axis is first used.
+    """
+
+    params: RulePairs
+    activations: RulePairs
+    name: str = "custom"
+
+    def __init__(
+        self,
+        params: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]],
+        activations: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]],
+        name: str = "custom",
+    ) -> None:
+        object.__setattr__(self, "params", _pairs(params))
+        object.__setattr__(self, "activations", _pairs(activations))
+        object.__setattr__(self, "name", name)
+
+    def table(self, kind: str) -> RulePairs:
+        return self.params if kind == "param" else self.activations
+
+    def override(
+        self,
+        params: Mapping[str, MeshAxes] | None = None,
+        activations: Mapping[str, MeshAxes] | None = None,
+    ) -> "Rules":
+        """A copy with some rules replaced (or added), e.g. ``override(params={"kv_heads": None})``."""
+
+        def merge(base: RulePairs, new: Mapping[str, MeshAxes] | None) -> RulePairs:
+            if not new:
+                return base
+            kept = tuple((k, v) for k, v in base if k not in new)
+            return kept + _pairs(new)
+
+        return Rules(
+            merge(self.params, params),
+            merge(self.activations, activations),
+            name=f"{self.name}+override",
+        )
+
+    def with_sequence_parallel(self, axis: str = "sequence") -> "Rules":
+        """Shard the activations' ``seq`` dim over ``axis`` (context parallelism)."""
+        out = self.override(activations={"seq": axis})
+        return dataclasses.replace(out, name=f"{self.name}+sp")
+
+    def mesh_axes_used(self) -> set[str]:
+        used: set[str] = set()
+        for _, target in self.params + self.activations:
+            if target is None:
+                continue
+            used.update((target,) if isinstance(target, str) else target)
+        return used
+
+
+def _table(default_axes: tuple[str, ...], **mapped: MeshAxes) -> dict[str, MeshAxes]:
+    table: dict[str, MeshAxes] = {name: None for name in default_axes}
+    table.update(mapped)
+    return table
+
+
+_TP = dict(vocab="tensor", heads="tensor", kv_heads="tensor", mlp="tensor")
+
+
+def _rules(name: str, params: dict[str, MeshAxes], activations: dict[str, MeshAxes]) -> Rules:
+    return Rules(_table(PARAM_AXES, **params), _table(ACTIVATION_AXES, **activations), name=name)
+
+
+#: Rule presets, one per strategy. Each names only the mesh axes in ``STRATEGY_AXES``.
+RULE_PRESETS: dict[str, Rules] = {
+    "dp": _rules("dp", {}, {"batch": "data"}),
+    "fsdp": _rules("fsdp", {"embed": "fsdp"}, {"batch": "fsdp"}),
+    "tp": _rules("tp", dict(_TP), dict(_TP)),
+    "dp_tp": _rules("dp_tp", dict(_TP), {"batch": "data", **_TP}),
+    "dp_fsdp": _rules("dp_fsdp", {"embed": "fsdp"}, {"batch": ("data", "fsdp")}),
+    "fsdp_tp": _rules("fsdp_tp", {"embed": "fsdp", **_TP}, {"batch": "fsdp", **_TP}),
+    "dp_fsdp_tp": _rules(
+        "dp_fsdp_tp", {"embed": "fsdp", **_TP}, {"batch": ("data", "fsdp"), **_TP}
+    ),
+}
+
+#: The mesh axes each strategy spreads work over, outermost first.
+STRATEGY_AXES: dict[str, tuple[str, ...]] = {
+    "dp": ("data",),
+    "fsdp": ("fsdp",),
+    "tp": ("tensor",),
+    "dp_tp": ("data", "tensor"),
+    "dp_fsdp": ("data", "fsdp"),
+    "fsdp_tp": ("fsdp", "tensor"),
+    "dp_fsdp_tp": ("data", "fsdp", "tensor"),
+}
+
+
+def rules(strategy: str, *, sequence_parallel: bool = False) -> Rules:
+    """The rule preset for a strategy name (``dp``, ``fsdp``, ``tp``, ``fsdp_tp``, ...)."""
+    from mlsys_jax.parallel.errors import PlanError
+
+    if strategy not in RULE_PRESETS:
+        raise PlanError(
+            f"unknown strategy {strategy!r}; the presets are {sorted(RULE_PRESETS)}. "
+            "Fix: pick one of those, or build mlsys_jax.Rules(params=..., activations=...)."
+        )
+    out = RULE_PRESETS[strategy]
+    return out.with_sequence_parallel() if sequence_parallel else out
