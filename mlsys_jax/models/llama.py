@@ -27,6 +27,7 @@ from mlsys_jax.models.layers import (
     swiglu,
 )
 from mlsys_jax.params import ParamSpec, fan_in, normal, ones
+from mlsys_jax.train.model import LanguageModel
 
 Params = dict[str, Any]
 
@@ -52,7 +53,8 @@ def param_specs(cfg: LlamaConfig) -> Params:
         "w_down": p((f, d), ("mlp", "embed"), fan_in(0, out_scale)),
     }
     specs: Params = {
-        "embed": p((v, d), ("vocab", "embed"), normal(1.0)),
+        # Tied tables double as the output head, so they start at the head's 1/sqrt(d) scale.
+        "embed": p((v, d), ("vocab", "embed"), normal(d ** -0.5 if cfg.tie_embeddings else 1.0)),
         "layers": {name: s.stacked(cfg.n_layers) for name, s in layer.items()},
         "final_norm": p((d,), ("embed",), ones),
     }
@@ -117,3 +119,15 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     PaLM paper's MFU accounting (attention counted without the causal halving)."""
     attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
     return 6 * matmul_params(cfg) + attention
+
+
+def language_model(cfg: LlamaConfig, name: str = "llama") -> LanguageModel:
+    """This model in the form the runtime trains and samples."""
+    return LanguageModel(
+        name=name,
+        specs=param_specs(cfg),
+        apply=lambda params, tokens, constrain: forward(params, tokens, cfg, constrain),
+        flops_per_token=lambda seq_len: flops_per_token(cfg, seq_len),
+        vocab_size=cfg.vocab_size,
+        config=cfg,
+    )

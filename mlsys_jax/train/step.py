@@ -1,0 +1,146 @@
+"""The train step: one jitted ``(state, batch) -> (state, metrics)`` with its shardings fixed.
+
+Gradients of the summed loss are accumulated over microbatches in fp32 and divided by the token
+count once, so any number of microbatches gives the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mlsys_jax.parallel.errors import PlanError
+from mlsys_jax.parallel.plan import Plan
+from mlsys_jax.train.loss import cross_entropy_sums
+from mlsys_jax.train.model import LanguageModel
+from mlsys_jax.train.state import TrainState, abstract_state, state_shardings
+
+BATCH_KEYS = ("inputs", "targets", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """A compiled-on-first-call train step and the shardings it expects and returns."""
+
+    fn: Any
+    plan: Plan
+    model: LanguageModel
+    optimizer: optax.GradientTransformation
+    microbatches: int
+    state_shardings: TrainState
+    batch_shardings: dict[str, jax.sharding.NamedSharding]
+
+    def __call__(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        return self.fn(state, batch)
+
+    def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+        dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "mask": jnp.bool_}
+        return {
+            k: jax.ShapeDtypeStruct((batch_size, seq_len), dtypes[k], sharding=self.batch_shardings[k])
+            for k in BATCH_KEYS
+        }
+
+    def lower(self, batch_size: int, seq_len: int) -> Any:
+        """Lower without any arrays (ahead-of-time): for compile-time and memory studies."""
+        state = abstract_state(self.plan, self.model.specs, self.optimizer)
+        return self.fn.lower(state, self.abstract_batch(batch_size, seq_len))
+
+
+def check_batch(plan: Plan, batch_size: int, microbatches: int) -> None:
+    """Refuse a batch the mesh cannot split evenly, before anything is traced."""
+    shards = plan.batch_shards
+    if microbatches < 1:
+        raise PlanError(f"microbatches must be at least 1, got {microbatches}")
+    if batch_size % (shards * microbatches):
+        raise PlanError(
+            f"global batch {batch_size} cannot be split into {microbatches} microbatch(es) over "
+            f"the {shards} batch shards of mesh {plan.describe_mesh()} (rules {plan.rules.name!r}): "
+            f"it must be a multiple of {shards} x {microbatches} = {shards * microbatches}. "
+            f"Fix: use --batch {max(1, round(batch_size / (shards * microbatches))) * shards * microbatches} "
+            "or change --microbatches."
+        )
+
+
+def make_train_step(
+    model: LanguageModel,
+    plan: Plan,
+    optimizer: optax.GradientTransformation,
+    *,
+    microbatches: int = 1,
+    lr_schedule: optax.Schedule | None = None,
+    donate: bool = True,
+) -> TrainStep:
+    """Build the jitted step. Batches are dicts of (batch, seq) arrays: ``inputs`` and
+    ``targets`` (int32) and ``mask`` (bool, which target tokens count)."""
+    state_sh = state_shardings(plan, model.specs, optimizer)
+    tokens_sh = plan.activation_sharding(("batch", "seq"))
+    batch_sh = {k: tokens_sh for k in BATCH_KEYS}
+
+    def loss_sums(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        logits = model.apply(params, batch["inputs"], plan.constrain)
+        return cross_entropy_sums(logits, batch["targets"], batch["mask"])
+
+    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+        check_batch(plan, batch["inputs"].shape[0], microbatches)
+        if microbatches == 1:
+            (loss_sum, count), grads = grad_fn(state.params, batch)
+        else:
+            # Row j*m + i goes to microbatch i: each microbatch keeps rows on every device.
+            def split(x: jax.Array) -> jax.Array:
+                b, s = x.shape
+                return jnp.swapaxes(x.reshape(b // microbatches, microbatches, s), 0, 1)
+
+            micro = {k: split(v) for k, v in batch.items()}
+
+            def accumulate(carry, mb):
+                (loss_acc, count_acc, grads_acc) = carry
+                mb = {k: plan.constrain(v, ("batch", "seq")) for k, v in mb.items()}
+                (loss_sum, count), grads = grad_fn(state.params, mb)
+                grads_acc = jax.tree_util.tree_map(jnp.add, grads_acc, grads)
+                return (loss_acc + loss_sum, count_acc + count, grads_acc), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init, micro)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss_sum / denom,
+            "grad_norm": optax.global_norm(grads),
+            "tokens": count,
+        }
+        if lr_schedule is not None:
+            metrics["lr"] = lr_schedule(state.step)
+        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+    fn = jax.jit(
+        step,
+        in_shardings=(state_sh, batch_sh),
+        out_shardings=(state_sh, plan.replicated()),
+        donate_argnums=(0,) if donate else (),
+    )
+    return TrainStep(fn, plan, model, optimizer, microbatches, state_sh, batch_sh)
+
+
+def make_eval_step(model: LanguageModel, plan: Plan, optimizer: optax.GradientTransformation) -> Any:
+    """Jitted ``(params, batch) -> (loss_sum, count)`` for validation."""
+    param_sh = state_shardings(plan, model.specs, optimizer).params
+    tokens_sh = plan.activation_sharding(("batch", "seq"))
+
+    def evaluate(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        logits = model.apply(params, batch["inputs"], plan.constrain)
+        return cross_entropy_sums(logits, batch["targets"], batch["mask"])
+
+    return jax.jit(
+        evaluate,
+        in_shardings=(param_sh, {k: tokens_sh for k in BATCH_KEYS}),
+        out_shardings=plan.replicated(),
+    )
