@@ -95,7 +95,7 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     slices: dict[str, int] = {}
     if isinstance(spec, str):
-        spec = parse_axis_sizes(spec) if "=" in spec else load_preset(spec)
+        spec = parse_axis_sizes(spec) if any(c in spec for c in "=:,") else load_preset(spec)
     if isinstance(spec, MeshPreset):
         if sizes:
             raise MeshError("give either a preset or axis sizes, not both")
@@ -153,8 +153,12 @@ def mesh_axis_sizes(mesh: Mesh | jax.sharding.AbstractMesh) -> dict[str, int]:
     return dict(mesh.shape)
 
 
-def simulate_cpu_devices(count: int) -> None:
-    """Ask the CPU backend for ``count`` devices; must run before JAX first touches a device."""
+def simulate_cpu_devices(count: int, *, check: bool = True) -> None:
+    """Ask the CPU backend for ``count`` devices; must run before JAX first touches a device.
+
+    With ``check`` it then starts the backend and confirms the count; leave it off when
+    something else (``jax.distributed.initialize``) must run before the backend starts.
+    """
     if count < 1:
         raise MeshError(f"--simulate-devices must be at least 1, got {count}")
     try:
@@ -162,6 +166,8 @@ def simulate_cpu_devices(count: int) -> None:
     except Exception:  # older JAX: fall back to the XLA flag, read when the backend starts
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    if not check:
+        return
     have = len(jax.devices("cpu"))
     if have != count:
         raise MeshError(

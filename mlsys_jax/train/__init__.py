@@ -3,10 +3,10 @@
 
 from mlsys_jax.train.model import LanguageModel
 from mlsys_jax.train.optim import OptimConfig, adamw, schedule
-from mlsys_jax.train.state import TrainState, abstract_state, init_state, state_shardings
+from mlsys_jax.train.state import TrainState, abstract_state, init_state, make_init, state_shardings
 from mlsys_jax.train.step import TrainStep, make_eval_step, make_train_step
 
 __all__ = [
     "LanguageModel", "OptimConfig", "adamw", "schedule", "TrainState", "abstract_state",
-    "init_state", "state_shardings", "TrainStep", "make_eval_step", "make_train_step",
+    "init_state", "make_init", "state_shardings", "TrainStep", "make_eval_step", "make_train_step",
 ]

@@ -53,11 +53,15 @@ def _fresh(specs: Any, optimizer: optax.GradientTransformation, key: jax.Array) 
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), run_key)
 
 
+def make_init(plan: Plan, specs: Any, optimizer: optax.GradientTransformation) -> Any:
+    """The jitted ``PRNGKey -> TrainState`` that creates every array directly in its sharding
+    (lower it ahead of time to read the state's bytes per device)."""
+    shardings = state_shardings(plan, specs, optimizer)
+    return jax.jit(lambda k: _fresh(specs, optimizer, k), out_shardings=shardings)
+
+
 def init_state(plan: Plan, specs: Any, optimizer: optax.GradientTransformation,
                seed: int = 0) -> TrainState:
-    """A fresh state, every array created directly in its sharding. The parameters equal
+    """A fresh state on the plan's mesh. The parameters equal
     ``plan.init(specs, split(PRNGKey(seed))[0])`` on any mesh."""
-    shardings = state_shardings(plan, specs, optimizer)
-    return jax.jit(lambda k: _fresh(specs, optimizer, k), out_shardings=shardings)(
-        jax.random.PRNGKey(seed)
-    )
+    return make_init(plan, specs, optimizer)(jax.random.PRNGKey(seed))
