@@ -1,0 +1,126 @@
+"""The train step: the same losses on one device and under every strategy on eight, exact
+gradient accumulation, optimizer state placed like its parameters, and the schedule."""
+
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+import mlsys_jax as mj
+from mlsys_jax import train
+from mlsys_jax.models import get_config, llama
+from mlsys_jax.train.metrics import model_flops_utilization
+
+CFG = get_config("tiny", dtype="float32")
+MODEL = llama.language_model(CFG)
+OPT_CFG = train.OptimConfig(lr=1e-2, warmup_steps=1, total_steps=10)
+OPT = train.adamw(OPT_CFG, MODEL.specs)
+# kv_heads (4) cannot split 8 ways: pure tensor parallelism replicates the K/V projections.
+TP_ON_8 = mj.rules("tp").override(params={"kv_heads": None}, activations={"kv_heads": None})
+STRATEGIES = {
+    "dp": (dict(data=8), mj.rules("dp")),
+    "fsdp": (dict(fsdp=8), mj.rules("fsdp")),
+    "tp": (dict(tensor=8), TP_ON_8),
+    "fsdp_tp": (dict(fsdp=4, tensor=2), mj.rules("fsdp_tp")),
+    "dp_fsdp_tp": (dict(data=2, fsdp=2, tensor=2), mj.rules("dp_fsdp_tp")),
+}
+
+
+def batches(n=3, batch=8, seq=16):
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        t = rng.integers(0, CFG.vocab_size, (batch, seq + 1)).astype(np.int32)
+        out.append({"inputs": t[:, :-1], "targets": t[:, 1:], "mask": np.ones((batch, seq), bool)})
+    return out
+
+
+def run(plan, microbatches=1, steps=3):
+    state = train.init_state(plan, MODEL.specs, OPT, seed=0)
+    step = train.make_train_step(MODEL, plan, OPT, microbatches=microbatches,
+                                 lr_schedule=train.schedule(OPT_CFG))
+    losses, metrics = [], None
+    for b in batches(steps):
+        state, metrics = step(state, {k: jax.device_put(v, step.batch_shardings[k]) for k, v in b.items()})
+        losses.append(float(metrics["loss"]))
+    return state, np.array(losses), metrics
+
+
+@pytest.fixture(scope="module")
+def single_device():
+    plan = mj.Plan(mj.make_mesh(data=1, devices=jax.devices()[:1]), mj.rules("dp"))
+    return run(plan)
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_gives_the_single_device_losses(devices, single_device, name):
+    sizes, rules = STRATEGIES[name]
+    plan = mj.Plan(mj.make_mesh(**sizes), rules)
+    state, losses, _ = run(plan)
+    np.testing.assert_allclose(losses, single_device[1], rtol=1e-5)
+    assert losses[-1] < losses[0]
+    # Every parameter, and Adam's moments for it, sit where the rules say.
+    expected = plan.param_shardings(MODEL.specs)
+    adam = state.opt_state[1][0]
+    for tree in (state.params, adam.mu, adam.nu):
+        for arr, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(expected)):
+            assert arr.sharding.is_equivalent_to(sharding, arr.ndim)
+    assert int(state.step) == 3
+
+
+def test_microbatches_add_up_to_the_whole_batch(devices, single_device):
+    plan = mj.Plan(mj.make_mesh(data=2, fsdp=2, tensor=2), mj.rules("dp_fsdp_tp"))
+    state, losses, _ = run(plan, microbatches=2)
+    np.testing.assert_allclose(losses, single_device[1], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single_device[0].params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+
+
+def test_a_batch_the_mesh_cannot_split_is_refused_before_compiling(devices):
+    plan = mj.Plan(mj.make_mesh(data=2, fsdp=2, tensor=2), mj.rules("dp_fsdp_tp"))
+    with pytest.raises(mj.PlanError, match="multiple of 4 x 3 = 12") as err:
+        train.step.check_batch(plan, 16, 3)
+    assert "Fix" in str(err.value)
+    step = train.make_train_step(MODEL, plan, OPT, microbatches=3)
+    with pytest.raises(mj.PlanError, match="--microbatches"):
+        step.lower(16, 16)
+
+
+def test_metrics_of_a_step(single_device):
+    _, losses, metrics = single_device
+    assert set(metrics) == {"loss", "grad_norm", "tokens", "lr"}
+    assert float(metrics["tokens"]) == 8 * 16
+    assert float(metrics["grad_norm"]) > 0
+    assert float(metrics["lr"]) == pytest.approx(float(train.schedule(OPT_CFG)(2)))
+
+
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    cfg = train.OptimConfig(lr=1.0, warmup_steps=10, total_steps=100)
+    lr = train.schedule(cfg)
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(0.5)
+    assert float(lr(10)) == pytest.approx(1.0)
+    assert float(lr(100)) == pytest.approx(0.1)
+    assert float(lr(50)) < 1.0
+
+
+def test_gradients_are_clipped_to_the_global_norm():
+    cfg = train.OptimConfig(lr=1.0, warmup_steps=0, total_steps=10, clip_norm=0.5, weight_decay=0.0)
+    specs = {"w": mj.ParamSpec((4, 4), ("embed", "mlp"))}
+    opt = train.adamw(cfg, specs)
+    clip = opt.init({"w": np.zeros((4, 4), np.float32)})
+    g = {"w": np.full((4, 4), 10.0, np.float32)}
+    clipped, _ = optax.clip_by_global_norm(0.5).update(g, clip[0])
+    assert float(train.step.global_norm(clipped)) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_weight_decay_skips_norm_scales():
+    mask = train.optim.decay_mask(MODEL.specs)
+    assert mask["layers"]["wq"] and mask["embed"] and mask["head"]
+    assert not mask["layers"]["attn_norm"] and not mask["final_norm"]
+
+
+def test_mfu_is_achieved_over_peak():
+    assert model_flops_utilization(1000.0, 6e6, 1e10, 4) == pytest.approx(1000 * 6e6 / 4e10)
+    assert math.isnan(model_flops_utilization(1000.0, 6e6, None, 4))
