@@ -161,11 +161,12 @@ def simulate_cpu_devices(count: int, *, check: bool = True) -> None:
     """
     if count < 1:
         raise MeshError(f"--simulate-devices must be at least 1, got {count}")
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except Exception:  # older JAX: fall back to the XLA flag, read when the backend starts
-        flags = os.environ.get("XLA_FLAGS", "")
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    if not _backends_started():
+        try:
+            jax.config.update("jax_num_cpu_devices", count)
+        except AttributeError:  # a JAX without the option: the XLA flag, read at backend start
+            flags = os.environ.get("XLA_FLAGS", "")
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
     if not check:
         return
     have = len(jax.devices("cpu"))
@@ -174,3 +175,12 @@ def simulate_cpu_devices(count: int, *, check: bool = True) -> None:
             f"asked for {count} simulated CPU devices but the backend already started with {have}. "
             "Fix: simulate devices before any JAX computation (first thing in the program)."
         )
+
+
+def _backends_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return False

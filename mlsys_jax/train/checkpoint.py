@@ -37,8 +37,9 @@ class Checkpointer:
         if save_every < 1 or keep < 1:
             raise CheckpointError(f"need save_every >= 1 and keep >= 1, got {save_every} and {keep}")
         self.directory = Path(directory).expanduser().resolve()
+        self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every,
+            save_interval_steps=1,
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
@@ -55,7 +56,10 @@ class Checkpointer:
 
     def save(self, step: int, state: TrainState, data_state: dict[str, Any],
              meta: dict[str, Any], *, force: bool = False) -> bool:
-        """Start saving if ``step`` is a save step (or ``force``); returns whether it did."""
+        """Start saving if ``step`` is a multiple of ``save_every`` (or ``force``); returns
+        whether it did. The write finishes in the background; ``wait`` blocks for it."""
+        if not force and step % self.save_every:
+            return False
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -63,7 +67,7 @@ class Checkpointer:
                 data=ocp.args.JsonSave(data_state),
                 meta=ocp.args.JsonSave(meta),
             ),
-            force=force,
+            force=True,
         )
 
     def restore(self, abstract_state: TrainState, step: int | None = None) -> Restored:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
     if cfg.coordinator or cfg.num_processes or cfg.process_id is not None:
         distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
     primary = distributed.is_primary()
-    console = console or Console()
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
     say = console.print if primary else (lambda *a, **k: None)
 
     mesh = make_mesh(preset if preset is not None else sizes)

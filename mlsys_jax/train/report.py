@@ -61,7 +61,7 @@ def plan_table(plan: Plan, model: LanguageModel, optimizer: optax.GradientTransf
                   title_justify="left")
     for col, justify in (("parameter", "left"), ("shape", "right"), ("logical axes", "left"),
                          ("spec", "left"), ("per device", "right")):
-        table.add_column(col, justify=justify)
+        table.add_column(col, justify=justify, no_wrap=col in ("parameter", "shape", "per device"))
     placements = plan.placements(model.specs)
     for p in placements:
         spec = ", ".join("·" if e is None else e if isinstance(e, str) else "×".join(e) for e in p.spec) or "replicated"
