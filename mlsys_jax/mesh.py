@@ -148,9 +148,17 @@ def _slice_groups(devices: Sequence[jax.Device], num_slices: int) -> list[list[j
     return [list(devices[i * per_slice : (i + 1) * per_slice]) for i in range(num_slices)]
 
 
-def mesh_axis_sizes(mesh: Mesh | jax.sharding.AbstractMesh) -> dict[str, int]:
-    """Axis name -> size, for a concrete or abstract mesh."""
-    return dict(mesh.shape)
+def abstract_mesh(spec: str | MeshPreset | Mapping[str, int]) -> jax.sharding.AbstractMesh:
+    """A mesh of the same shape without devices, for planning a machine you do not have."""
+    if isinstance(spec, str):
+        spec = parse_axis_sizes(spec) if any(c in spec for c in "=:,") else load_preset(spec)
+    sizes = spec.axis_sizes if isinstance(spec, MeshPreset) else dict(spec)
+    if any(v == -1 for v in sizes.values()):
+        raise MeshError("an abstract mesh needs every axis size; -1 ('the rest') has no devices to fill")
+    full = resolve_axis_sizes(sizes, math.prod(sizes.values()))
+    return jax.sharding.AbstractMesh(
+        tuple(full[n] for n in AXIS_NAMES), AXIS_NAMES, axis_types=(AxisType.Auto,) * len(AXIS_NAMES)
+    )
 
 
 def simulate_cpu_devices(count: int, *, check: bool = True) -> None:

@@ -1,15 +1,20 @@
 """Collectives read out of compiled (optimized) HLO text, with how often each one runs.
 
-What is *measured* (read straight from the text): every all-reduce, all-gather, reduce-scatter,
+*Measured* (read straight from the text): every all-reduce, all-gather, reduce-scatter,
 all-to-all and collective-permute instruction (an async ``-start``/``-done`` pair is one op),
-its result shapes and dtypes, its operands' shapes, its replica groups or source-target pairs,
-and the ``known_trip_count`` XLA records on each enclosing ``while``. Executions per call are the
-product of the enclosing loops' trip counts (summed over call sites).
+its result and operand shapes and dtypes, its replica groups or source-target pairs, and the
+``known_trip_count`` XLA records on each enclosing ``while``. Executions per call multiply the
+enclosing loops' trip counts (summed over call sites).
 
-What is *inferred*: a trip count XLA did not record, derived from the loop's condition
-(``i < N`` with constant start, step and bound), and the ``as_reduce_scatter`` reading of an
-all-reduce whose results are only ever used through a dynamic-slice that keeps this device's
-1/n shard (the CPU backend leaves that pattern where GPU and TPU backends emit a reduce-scatter).
+*Inferred* (from how operands are produced and results used), each kept apart from the raw op:
+
+* a trip count XLA did not record, from the loop's condition (``i < N``, constant start/step);
+* ``as_reduce_scatter``: an all-reduce whose results are only used through a dynamic-slice that
+  keeps 1/n of them. XLA:CPU leaves this pattern (even for a plain ``psum`` then slice of
+  ``axis_index``) where GPU and TPU backends emit a reduce-scatter;
+* ``in_program_dtypes``: XLA:CPU has no bf16 collectives and widens them to f32 (converting the
+  operand up and, for reductions, the result back down); this reading counts such an element in
+  the narrow dtype the program gave it, as a backend with bf16 collectives would send it.
 
 Device ids in replica groups are SPMD partition ids: for a program jitted over one mesh they are
 positions in ``mesh.devices.flat`` (row-major over the mesh axes), whatever the physical ids.
@@ -52,11 +57,16 @@ class HloParseError(ValueError):
 class Collective:
     """One collective instruction of a compiled program and how often it runs per call.
 
-    ``payload_bytes`` is the size of the full (unsharded) side, per device per execution:
-    all-reduce, all-to-all, collective-permute: operand bytes (equal to result bytes);
-    all-gather: result bytes (the gathered array); reduce-scatter: operand bytes (before the
-    scatter). ``count`` multiplies the trip counts of every enclosing ``while`` (an unknown trip
-    count counts as 1 and appears as ``None`` in ``trip_counts``).
+    A tuple-shaped op has several *elements* (one per operand/result pair). ``payload_bytes`` is
+    the size of the full (unsharded) side, per device per execution: all-reduce, all-to-all,
+    collective-permute: operand bytes (equal to result bytes); all-gather: result bytes (the
+    gathered array); reduce-scatter: operand bytes (before the scatter). ``count`` multiplies the
+    trip counts of every enclosing ``while`` (an unknown trip count counts as 1 and appears as
+    ``None`` in ``trip_counts``).
+
+    Measured: everything but ``sliced`` and ``program_dtypes``, which are inferred from how the
+    op's operands are produced and its results used (see ``as_reduce_scatter`` and
+    ``in_program_dtypes``).
     """
 
     name: str
@@ -65,6 +75,7 @@ class Collective:
     shapes: tuple[tuple[int, ...], ...]
     operand_bytes: int
     result_bytes: int
+    element_bytes: tuple[int, ...]
     group_size: int
     groups: tuple[tuple[int, ...], ...] = ()
     pairs: tuple[tuple[int, int], ...] = ()
@@ -73,17 +84,19 @@ class Collective:
     conditional: bool = False
     computation: str = ""
     op_name: str = ""
-    #: all-reduce only: bytes of results whose only uses are a dynamic-slice keeping one 1/n
-    #: shard (inferred; see ``as_reduce_scatter``).
-    scatter_bytes: int = 0
-    #: True when this record is a reading (``as_reduce_scatter``), not an op in the text.
-    inferred: bool = False
+    #: all-reduce only, per element: its result is used only through a dynamic-slice that keeps
+    #: 1/n of it (this device's shard), as a reduce-scatter would leave it.
+    sliced: tuple[bool, ...] = ()
+    #: per element: the narrower float type the program gave it where the backend widened the
+    #: collective (operand converted up from that type, every result converted straight back).
+    program_dtypes: tuple[str | None, ...] = ()
+    #: empty for an op as compiled; otherwise which reading produced this record.
+    inferred: str = ""
 
     @property
     def dtype(self) -> str:
         """The one dtype of the results, or ``"mixed"`` for a tuple of several."""
-        kinds = set(self.dtypes)
-        return self.dtypes[0] if len(kinds) == 1 else "mixed"
+        return self.dtypes[0] if len(set(self.dtypes)) == 1 else "mixed"
 
     @property
     def exact(self) -> bool:
@@ -92,9 +105,12 @@ class Collective:
 
     @property
     def payload_bytes(self) -> int:
-        if self.kind == "all-gather":
-            return self.result_bytes
-        return self.operand_bytes
+        return sum(self.element_bytes)
+
+    @property
+    def scatter_bytes(self) -> int:
+        """Payload bytes of the elements an ``as_reduce_scatter`` reading turns into a scatter."""
+        return sum(b for b, s in zip(self.element_bytes, self.sliced) if s)
 
     @property
     def traffic_bytes(self) -> float:
@@ -111,22 +127,53 @@ class Collective:
     def total_traffic_bytes(self) -> float:
         return self.count * self.traffic_bytes
 
-    def as_reduce_scatter(self) -> tuple["Collective", ...]:
-        """This op read as what a GPU/TPU backend would run: an all-reduce whose results are only
-        sliced to this device's shard becomes a reduce-scatter of the same operand (split in two
-        records when only some tuple elements are sliced). Other ops come back unchanged."""
-        if self.kind != "all-reduce" or not self.scatter_bytes:
-            return (self,)
-        scatter = dataclasses.replace(
-            self, kind="reduce-scatter", operand_bytes=self.scatter_bytes,
-            result_bytes=self.scatter_bytes // max(self.group_size, 1), scatter_bytes=0,
-            inferred=True,
+    def _subset(self, keep: list[int], **changes: Any) -> "Collective":
+        pick = lambda xs: tuple(xs[i] for i in keep) if xs else ()  # noqa: E731
+        fields = dict(
+            dtypes=pick(self.dtypes), shapes=pick(self.shapes),
+            element_bytes=pick(self.element_bytes), sliced=pick(self.sliced),
+            program_dtypes=pick(self.program_dtypes),
         )
-        rest = self.operand_bytes - self.scatter_bytes
-        if rest <= 0:
-            return (scatter,)
-        kept = dataclasses.replace(self, operand_bytes=rest, result_bytes=rest, scatter_bytes=0)
-        return (kept, scatter)
+        fields.update(changes)
+        return dataclasses.replace(self, **fields)
+
+    def as_reduce_scatter(self) -> tuple["Collective", ...]:
+        """This op read as a GPU/TPU backend would run it: the elements of an all-reduce that
+        are only sliced to this device's shard become one reduce-scatter of the same operand
+        bytes; the rest stay an all-reduce. Other ops come back unchanged."""
+        if self.kind != "all-reduce" or not any(self.sliced):
+            return (self,)
+        idx = range(len(self.element_bytes))
+        scattered = [i for i in idx if self.sliced[i]]
+        kept = [i for i in idx if not self.sliced[i]]
+        scat_bytes = sum(self.element_bytes[i] for i in scattered)
+        n = max(self.group_size, 1)
+        out = [self._subset(
+            scattered, kind="reduce-scatter", operand_bytes=scat_bytes,
+            result_bytes=scat_bytes // n, sliced=(), inferred=_join(self.inferred, "reduce-scatter"),
+        )]
+        if kept:
+            rest = sum(self.element_bytes[i] for i in kept)
+            out.insert(0, self._subset(kept, operand_bytes=rest, result_bytes=rest))
+        return tuple(out)
+
+    def in_program_dtypes(self) -> "Collective":
+        """This op with each widened element counted in the dtype the program gave it (a backend
+        with collectives in that dtype, such as GPU or TPU for bf16, sends that many bytes)."""
+        if not any(self.program_dtypes):
+            return self
+        sizes, dtypes = [], []
+        for b, d, p in zip(self.element_bytes, self.dtypes, self.program_dtypes):
+            sizes.append(b * _BITS[p] // _BITS[d] if p else b)
+            dtypes.append(p or d)
+        return dataclasses.replace(
+            self, element_bytes=tuple(sizes), dtypes=tuple(dtypes),
+            program_dtypes=(None,) * len(sizes), inferred=_join(self.inferred, "program dtype"),
+        )
+
+
+def _join(a: str, b: str) -> str:
+    return f"{a}+{b}" if a else b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,15 +205,22 @@ def ring_traffic(kind: str, payload_bytes: float, group_size: int) -> float:
     raise ValueError(f"unknown collective kind {kind!r}; kinds are {KINDS}")
 
 
-def summarize(collectives: Iterable[Collective], *, as_reduce_scatter: bool = False
-              ) -> dict[str, KindSummary]:
-    """Ops, executions, payload and ring traffic per kind (every kind present, zero if unused).
-
-    With ``as_reduce_scatter`` each all-reduce is first read through ``Collective.as_reduce_scatter``.
-    """
+def readings(collectives: Iterable[Collective], *, as_reduce_scatter: bool = False,
+             program_dtypes: bool = False) -> list[Collective]:
+    """The collectives under the chosen inferred readings (none: the ops as compiled)."""
     items = list(collectives)
+    if program_dtypes:
+        items = [c.in_program_dtypes() for c in items]
     if as_reduce_scatter:
         items = [r for c in items for r in c.as_reduce_scatter()]
+    return items
+
+
+def summarize(collectives: Iterable[Collective], *, as_reduce_scatter: bool = False,
+              program_dtypes: bool = False) -> dict[str, KindSummary]:
+    """Ops, executions, payload and ring traffic per kind (every kind present, zero if unused),
+    optionally under the inferred readings of ``readings``."""
+    items = readings(collectives, as_reduce_scatter=as_reduce_scatter, program_dtypes=program_dtypes)
     out = {}
     for kind in KINDS:
         mine = [c for c in items if c.kind == kind]
@@ -222,13 +276,15 @@ def _ints(text: str) -> list[int]:
 
 
 def _parse_iota(text: str) -> tuple[list[int], list[int], str]:
-    """``[4,2]<=[2,4]T(1,0)`` -> (shape, device list, rest of text)."""
-    m = re.match(r"\[([\d,]*)\]<=\[([\d,]*)\](?:T\(([\d,]*)\))?", text)
+    """``[4,2]<=[2,4]T(1,0)`` (or ``[2,2,2]T(0,2,1)``, reshape dims left out) -> (shape,
+    device list, rest of text)."""
+    m = re.match(r"\[([\d,]*)\](?:<=\[([\d,]*)\])?(?:T\(([\d,]*)\))?", text)
     if not m:
         raise HloParseError(f"cannot read iota device list {text[:60]!r}")
     shape = _ints(m.group(1))
+    dims = _ints(m.group(2)) if m.group(2) is not None else shape
     perm = _ints(m.group(3)) if m.group(3) is not None else None
-    return shape, _iota(_ints(m.group(2)), perm), text[m.end():]
+    return shape, _iota(dims, perm), text[m.end():]
 
 
 def _balanced(text: str, open_ch: str, close_ch: str) -> str:
@@ -710,27 +766,122 @@ def _inside_fusion(comp: Computation, name: str, elements: int, n: int,
     return True
 
 
-def _scatter_bytes(mod: HloModule, comp: Computation, ins: Instruction, n: int,
-                   users: dict[str, list[Instruction]]) -> int:
-    """Bytes of an all-reduce's results that are only used as this device's 1/n shard."""
-    if n <= 1:
-        return 0
+def _element_uses(ins: Instruction, users: dict[str, list[Instruction]]
+                  ) -> list[list[str]] | None:
+    """Per result element, the names that carry it (the op itself, or its get-tuple-elements);
+    None when a tuple result is used whole."""
+    if not ins.type_text.startswith("("):
+        return [[ins.name]]
+    count = len(array_shapes(ins.type_text))
+    out: list[list[str]] = [[] for _ in range(count)]
+    for u in users.get(ins.name, []):
+        if u.opcode != "get-tuple-element":
+            return None
+        k = _tuple_index(u)
+        if k is None or k >= count:
+            return None
+        out[k].append(u.name)
+    return out
+
+
+def _sliced(mod: HloModule, comp: Computation, ins: Instruction, n: int,
+            users: dict[str, list[Instruction]]) -> tuple[bool, ...]:
+    """Per element of an all-reduce: whether its result is only used as this device's 1/n shard."""
     shapes = array_shapes(ins.type_text)
-    if ins.type_text.startswith("("):
-        by_index: dict[int, list[str]] = {}
-        for u in users.get(ins.name, []):
-            if u.opcode != "get-tuple-element":
-                return 0  # the whole tuple escapes
-            by_index.setdefault(_tuple_index(u) or 0, []).append(u.name)
-        total = 0
-        for k, (dtype, shape) in enumerate(shapes):
-            names = by_index.get(k, [])
-            elems = math.prod(shape)
-            if names and all(_only_sharded(mod, comp, g, elems, n, users) for g in names):
-                total += nbytes(dtype, shape)
-        return total
-    dtype, shape = shapes[0]
-    return nbytes(dtype, shape) if _only_sharded(mod, comp, ins.name, math.prod(shape), n, users) else 0
+    uses = _element_uses(ins, users)
+    if n <= 1 or uses is None:
+        return (False,) * len(shapes)
+    return tuple(
+        bool(names) and all(_only_sharded(mod, comp, g, math.prod(shape), n, users) for g in names)
+        for (_, shape), names in zip(shapes, uses)
+    )
+
+
+_LAYOUT = {"bitcast", "copy", "reshape", "transpose"}
+_NARROW_FLOATS = {"bf16", "f16", "f8e4m3fn", "f8e5m2", "f8e4m3", "f8e4m3fnuz", "f8e5m2fnuz"}
+
+
+def _dtype_of(type_text: str) -> str | None:
+    arrays = array_shapes(type_text)
+    return arrays[0][0] if len(arrays) == 1 else None
+
+
+def _widened_from(mod: HloModule, table: dict[str, Instruction], name: str, depth: int = 0
+                  ) -> str | None:
+    """The narrower float type a value was converted up from (through layout ops and into the
+    fusion that produced it), or None."""
+    ins = table.get(name)
+    if ins is None or depth > 16:
+        return None
+    if ins.opcode in _LAYOUT and ins.operands:
+        return _widened_from(mod, table, ins.operands[0], depth + 1)
+    if ins.opcode == "convert" and ins.operands:
+        src = table.get(ins.operands[0])
+        before = _dtype_of(src.type_text) if src is not None else None
+        after = _dtype_of(ins.type_text)
+        if before in _NARROW_FLOATS and after in _BITS and _BITS[after] > _BITS[before]:
+            return before
+        return None
+    if ins.opcode == "fusion":
+        called = mod.computations.get(ins.callee("calls") or "")
+        if called is not None:
+            return _widened_from(mod, called.by_name(), called.root.name, depth + 1)
+    return None
+
+
+def _narrowed_to(mod: HloModule, comp: Computation, name: str, dtype: str,
+                 users: dict[str, list[Instruction]], depth: int = 0) -> bool:
+    """Whether every use of ``name`` converts it straight down to ``dtype`` (through layout ops
+    and slices, also inside the fusions that take it)."""
+    uses = users.get(name, [])
+    if not uses or depth > 16:
+        return False
+    for use in uses:
+        if use.opcode == "convert":
+            if _dtype_of(use.type_text) != dtype:
+                return False
+        elif use.opcode in _LAYOUT or use.opcode in ("dynamic-slice", "slice"):
+            if use.operands[0] != name or not _narrowed_to(mod, comp, use.name, dtype, users,
+                                                         depth + 1):
+                return False
+        elif use.opcode == "fusion":
+            called = mod.computations.get(use.callee("calls") or "")
+            if called is None:
+                return False
+            inner = _users(called)
+            params = {
+                _ints(i.operand_text)[0]: i.name for i in called.instructions
+                if i.opcode == "parameter"
+            }
+            for k, op in enumerate(use.operands):
+                if op == name and not _narrowed_to(mod, called, params.get(k, ""), dtype, inner,
+                                                   depth + 1):
+                    return False
+        else:
+            return False
+    return True
+
+
+def _program_dtypes(mod: HloModule, comp: Computation, ins: Instruction, kind: str,
+                    table: dict[str, Instruction], users: dict[str, list[Instruction]]
+                    ) -> tuple[str | None, ...]:
+    """Per element: the narrow float type the program gave it, where the backend widened the
+    collective around it. An op that only moves data (all-gather, all-to-all, permute) needs an
+    operand converted up from that type (its values are exactly representable in it); a
+    reduction also needs every result converted straight back to it."""
+    shapes = array_shapes(ins.type_text) if not ins.opcode.endswith("-start") else []
+    uses = _element_uses(ins, users) if shapes else None
+    if uses is None or len(ins.operands) != len(shapes):
+        return ()
+    reduces = kind in ("all-reduce", "reduce-scatter")
+    out = []
+    for op, names in zip(ins.operands, uses):
+        narrow = _widened_from(mod, table, op)
+        ok = narrow is not None and (not reduces or (bool(names) and all(
+            _narrowed_to(mod, comp, g, narrow, users) for g in names
+        )))
+        out.append(narrow if ok else None)
+    return tuple(out)
 
 
 def _kind(opcode: str) -> str | None:
@@ -752,12 +903,14 @@ def _collective(mod: HloModule, comp: Computation, ins: Instruction, kind: str,
             result_type = done[0].type_text
         elif kind != "all-reduce":
             arrays = array_shapes(ins.type_text)
-            result_type = " ".join(f"{d}[{','.join(map(str, s))}]" for d, s in arrays[len(arrays) // 2:])
+            result_type = " ".join(
+                f"{d}[{','.join(map(str, s))}]" for d, s in arrays[len(arrays) // 2:]
+            )
     results = array_shapes(result_type)
     if kind == "collective-permute":
-        results = results[: max(1, len(operand_arrays))] if operand_arrays else results[:1]
-    result_bytes = sum(nbytes(d, s) for d, s in results)
-    operand_bytes = sum(nbytes(d, s) for d, s in operand_arrays) if operand_arrays else result_bytes
+        results = results[: max(1, len(operand_arrays))]
+    result_sizes = [nbytes(d, s) for d, s in results]
+    operand_sizes = [nbytes(d, s) for d, s in operand_arrays]
     groups: tuple[tuple[int, ...], ...] = ()
     pairs: tuple[tuple[int, int], ...] = ()
     if kind == "collective-permute":
@@ -767,20 +920,23 @@ def _collective(mod: HloModule, comp: Computation, ins: Instruction, kind: str,
         size = _largest_component(pairs)
     else:
         text = ins.attr("replica_groups")
-        groups = parse_replica_groups(text, mod.num_devices) if text else (tuple(range(mod.num_devices)),)
+        groups = (parse_replica_groups(text, mod.num_devices) if text
+                  else (tuple(range(mod.num_devices)),))
         size = max(len(g) for g in groups)
-    if operand_arrays == [] and kind == "reduce-scatter":
-        operand_bytes = result_bytes * size
+    if len(operand_sizes) != len(result_sizes):  # operands not found: infer from the results
+        factor = {"reduce-scatter": size, "all-gather": 1 / size}.get(kind, 1)
+        operand_sizes = [int(b * factor) for b in result_sizes]
+    element_bytes = operand_sizes if kind == "reduce-scatter" else result_sizes
     meta = re.search(r'op_name="([^"]*)"', ins.attrs)
-    scatter = _scatter_bytes(mod, comp, ins, size, users) if kind == "all-reduce" else 0
     first = ctxs[0] if ctxs else _Context(1, (), False)
     return Collective(
         name=ins.name,
         kind=kind,
         dtypes=tuple(d for d, _ in results),
         shapes=tuple(s for _, s in results),
-        operand_bytes=operand_bytes,
-        result_bytes=result_bytes,
+        operand_bytes=sum(operand_sizes),
+        result_bytes=sum(result_sizes),
+        element_bytes=tuple(element_bytes),
         group_size=size,
         groups=groups,
         pairs=pairs,
@@ -789,7 +945,8 @@ def _collective(mod: HloModule, comp: Computation, ins: Instruction, kind: str,
         conditional=any(c.conditional for c in ctxs),
         computation=comp.name,
         op_name=meta.group(1) if meta else "",
-        scatter_bytes=scatter,
+        sliced=_sliced(mod, comp, ins, size, users) if kind == "all-reduce" else (),
+        program_dtypes=_program_dtypes(mod, comp, ins, kind, table, users),
     )
 
 

@@ -1,11 +1,11 @@
 """Plans: logical-axis rules, strategy presets and the placement checks behind them."""
 
 from mlsys_jax.parallel.errors import PlanError
-from mlsys_jax.parallel.layout import fit_preset, strategy_axes
+from mlsys_jax.parallel.layout import fit_preset, resolve_mesh, strategy_axes
 from mlsys_jax.parallel.plan import Placement, Plan
 from mlsys_jax.parallel.rules import RULE_PRESETS, STRATEGY_AXES, Rules, rules
 
 __all__ = [
     "PlanError", "Placement", "Plan", "Rules", "rules", "RULE_PRESETS", "STRATEGY_AXES",
-    "fit_preset", "strategy_axes",
+    "fit_preset", "resolve_mesh", "strategy_axes",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from mlsys_jax.meshes import AXIS_NAMES, MeshAxis, MeshPreset
+from mlsys_jax.mesh import parse_axis_sizes
+from mlsys_jax.meshes import AXIS_NAMES, MeshAxis, MeshPreset, load_preset
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.rules import STRATEGY_AXES
 
@@ -40,3 +41,25 @@ def fit_preset(preset: MeshPreset, strategy: str, sequence_parallel: bool = Fals
     kept[target] = MeshAxis(target, base.size * size, link, base.slices * slices)
     axes = tuple(sorted(kept.values(), key=lambda a: AXIS_NAMES.index(a.name)))
     return dataclasses.replace(preset, axes=axes, strategy=strategy)
+
+
+def resolve_mesh(mesh: str, strategy: str | None = None,
+                 sequence_parallel: bool = False) -> tuple[MeshPreset | None, dict[str, int], str]:
+    """Read a ``--mesh`` value (preset name or ``"axis=size,..."``) with a ``--strategy``.
+
+    Returns the preset fitted to the strategy (None for explicit sizes), the axis sizes to
+    build, and the strategy: the preset's own when none is given; for explicit sizes, the one
+    whose axes are exactly the sizes above 1.
+    """
+    if any(c in mesh for c in "=:,"):
+        sizes = parse_axis_sizes(mesh)
+        if strategy is None:
+            active = {k for k, v in sizes.items() if v > 1 and k != "sequence"}
+            matches = [n for n, axes in STRATEGY_AXES.items() if set(axes) == active]
+            strategy = matches[0] if matches else "dp_fsdp_tp"
+        strategy_axes(strategy, sequence_parallel)
+        return None, sizes, strategy
+    preset = load_preset(mesh)
+    strategy = strategy or preset.strategy
+    fitted = fit_preset(preset, strategy, sequence_parallel)
+    return fitted, fitted.axis_sizes, strategy

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,15 +19,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mlsys_jax import distributed
-from mlsys_jax.mesh import make_mesh, parse_axis_sizes, simulate_cpu_devices
-from mlsys_jax.meshes import MeshPreset, load_preset
+from mlsys_jax.mesh import make_mesh, simulate_cpu_devices
 from mlsys_jax.models import get_config, llama
-from mlsys_jax.parallel import Plan, PlanError, STRATEGY_AXES, fit_preset, rules
+from mlsys_jax.parallel import Plan, PlanError, resolve_mesh, rules
 from mlsys_jax.train import data as data_lib
 from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError, check_compatible
 from mlsys_jax.train.metrics import JsonlWriter, model_flops_utilization
 from mlsys_jax.train.optim import OptimConfig, adamw, schedule
-from mlsys_jax.train.report import plan_table
+from mlsys_jax.train.report import make_console, plan_table
 from mlsys_jax.train.sample import generate
 from mlsys_jax.train.state import abstract_state, init_state
 from mlsys_jax.train.step import check_batch, make_eval_step, make_train_step
@@ -109,21 +107,6 @@ class RunResult:
     metrics_path: Path
 
 
-def resolve_preset(mesh: str, strategy: str | None, sequence_parallel: bool) -> tuple[MeshPreset | None, dict[str, int], str]:
-    """The preset (None for explicit sizes), the axis sizes to build and the strategy name."""
-    if "=" in mesh:
-        sizes = parse_axis_sizes(mesh)
-        if strategy is None:
-            active = {k for k, v in sizes.items() if v > 1 and k != "sequence"}
-            matches = [n for n, axes in STRATEGY_AXES.items() if set(axes) == active]
-            strategy = matches[0] if matches else "dp_fsdp_tp"
-        return None, sizes, strategy
-    preset = load_preset(mesh)
-    strategy = strategy or preset.strategy
-    fitted = fit_preset(preset, strategy, sequence_parallel)
-    return fitted, fitted.axis_sizes, strategy
-
-
 def run_meta(cfg: RunConfig) -> dict[str, Any]:
     """The settings a checkpoint must agree with to be resumed (what shapes the state and data)."""
     model = dataclasses.asdict(get_config(cfg.model))
@@ -133,14 +116,14 @@ def run_meta(cfg: RunConfig) -> dict[str, Any]:
 
 def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
     """Run training as configured; returns the losses it saw and the samples it drew."""
-    preset, sizes, strategy = resolve_preset(cfg.mesh, cfg.strategy, cfg.sequence_parallel)
+    preset, sizes, strategy = resolve_mesh(cfg.mesh, cfg.strategy, cfg.sequence_parallel)
     procs = cfg.num_processes or 1
     wanted = cfg.simulate_devices or max(1, math.prod(sizes.values()) // procs)
     simulate_cpu_devices(wanted, check=False)
     if cfg.coordinator or cfg.num_processes or cfg.process_id is not None:
         distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
     primary = distributed.is_primary()
-    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    console = console or make_console()
     say = console.print if primary else (lambda *a, **k: None)
 
     mesh = make_mesh(preset if preset is not None else sizes)

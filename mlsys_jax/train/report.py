@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any
 
 import jax
 import optax
+from rich.console import Console
 from rich.table import Table
 
 from mlsys_jax.parallel.plan import Plan
 from mlsys_jax.train.model import LanguageModel
 from mlsys_jax.train.state import abstract_state
+
+
+def make_console() -> Console:
+    """A console that keeps tables whole in logs (wide when not writing to a terminal)."""
+    return Console(width=None if sys.stdout.isatty() else 120)
 
 
 def human_bytes(n: float) -> str:

@@ -1,0 +1,74 @@
+"""The ``mlsys-jax`` command: ``train`` runs the training recipe, ``plan`` shows what a model
+costs per device on a mesh preset before any accelerator is paid for."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import tyro
+from rich.console import Console
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanConfig:
+    """Show a model's placement and bytes per device on a mesh, without devices."""
+
+    model: str = "7b"
+    """Model preset: tiny, small, 125m, 1b, 7b, 8b, 70b."""
+    mesh: str = "gpu-h100x8"
+    """Mesh preset name or axis sizes such as 'fsdp=8,tensor=4'."""
+    strategy: str | None = None
+    """Rule preset (default: the mesh preset's)."""
+    sequence_parallel: bool = False
+    """Shard activations' sequence dim over the 'sequence' mesh axis."""
+
+
+def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
+    """Print the plan table; returns whether parameters, gradients and optimizer state fit in
+    the preset's HBM (activations are not counted)."""
+    from mlsys_jax.mesh import abstract_mesh
+    from mlsys_jax.models import get_config, llama
+    from mlsys_jax.parallel import Plan, resolve_mesh, rules
+    from mlsys_jax.train.optim import OptimConfig, adamw
+    from mlsys_jax.train.report import human_bytes, make_console, memory_per_device, plan_table
+
+    console = console or make_console()
+    preset, sizes, strategy = resolve_mesh(cfg.mesh, cfg.strategy, cfg.sequence_parallel)
+    the_plan = Plan(abstract_mesh(preset if preset is not None else sizes),
+                    rules(strategy, sequence_parallel=cfg.sequence_parallel),
+                    device=preset.device if preset is not None else None)
+    model = llama.language_model(get_config(cfg.model), name=cfg.model)
+    optimizer = adamw(OptimConfig(), model.specs)
+    console.print(plan_table(the_plan, model, optimizer,
+                             title=f"plan: {cfg.model} under {the_plan.rules.name} on {cfg.mesh} "
+                                   f"({the_plan.describe_mesh()}, {the_plan.num_devices} devices)"))
+    mem = memory_per_device(the_plan, model, optimizer)
+    if mem.hbm is None:
+        console.print("no hardware given (explicit axis sizes): name a preset to check the fit")
+        return True
+    fits = mem.total <= mem.hbm
+    verdict = "[green]fits" if fits else "[red]does not fit"
+    console.print(f"{verdict}[/]: {human_bytes(mem.total)} of state per device, "
+                  f"{human_bytes(mem.hbm)} HBM ({mem.total / mem.hbm:.0%}), before activations")
+    if not fits:
+        console.print("Fix: a strategy that shards more of the state (fsdp, fsdp_tp) or a mesh "
+                      "with more devices.")
+    return fits
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlsys_jax.train.loop import RunConfig, train
+
+    cfg = tyro.extras.subcommand_cli_from_dict(
+        {"train": RunConfig, "plan": PlanConfig}, args=argv,
+        description="mlsys-jax: train across a device mesh, or plan one first.",
+    )
+    if isinstance(cfg, PlanConfig):
+        return 0 if plan(cfg) else 1
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

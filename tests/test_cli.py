@@ -1,0 +1,43 @@
+"""The ``mlsys-jax`` command: ``plan`` shows bytes per device on hardware you do not have."""
+
+import io
+
+import pytest
+from rich.console import Console
+
+import mlsys_jax as mj
+from mlsys_jax.cli import PlanConfig, main, plan
+
+
+def run_plan(**kwargs):
+    out = io.StringIO()
+    fits = plan(PlanConfig(**kwargs), console=Console(file=out, width=200))
+    return fits, out.getvalue()
+
+
+def test_70b_does_not_fit_one_h100_node_with_fsdp():
+    fits, text = run_plan(model="70b", mesh="gpu-h100x8")
+    assert not fits
+    assert "does not fit" in text and "80.00 GiB HBM" in text and "Fix" in text
+    assert "plan: 70b under fsdp on gpu-h100x8 (fsdp=8, 8 devices)" in text
+
+
+def test_70b_fits_a_v5p_64_slice_with_fsdp_and_tensor_parallelism():
+    fits, text = run_plan(model="70b", mesh="tpu-v5p-64", strategy="fsdp_tp")
+    assert fits and "fits" in text
+    assert "layers/w_down" in text and "tensor, fsdp" in text
+
+
+def test_explicit_axis_sizes_have_no_hardware_to_check():
+    fits, text = run_plan(model="1b", mesh="fsdp=16,tensor=4")
+    assert fits and "fsdp_tp" in text and "no hardware given" in text
+
+
+def test_a_plan_that_cannot_work_is_refused():
+    with pytest.raises(mj.PlanError, match="layers/wk"):
+        run_plan(model="7b", mesh="tensor=64")
+
+
+def test_main_returns_nonzero_when_it_does_not_fit(capsys):
+    assert main(["plan", "--model", "70b", "--mesh", "gpu-h100x8"]) == 1
+    assert main(["plan", "--model", "1b", "--mesh", "gpu-h100x8"]) == 0
