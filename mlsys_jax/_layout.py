@@ -29,3 +29,4 @@ def mount_source_subpackages(package: str, package_dir: str) -> None:
         module = importlib.util.module_from_spec(spec)
         sys.modules[full] = module
         spec.loader.exec_module(module)
+        setattr(sys.modules[package], name, module)
