@@ -234,6 +234,18 @@ def test_all_reduce_used_whole_stays_an_all_reduce(devices):
     assert c.sliced == (False,) and c.as_reduce_scatter() == (c,)
 
 
+def test_slice_bigger_than_one_shard_is_not_a_scatter(devices):
+    mesh = mj.make_mesh(fsdp=8)
+
+    def f(x):
+        s = jax.lax.psum(x, "fsdp")
+        return jax.lax.dynamic_slice_in_dim(s, jax.lax.axis_index("fsdp") * 4, 16, 0)
+
+    x = jnp.zeros((64, 16), jnp.float32)
+    (c,) = comm.collectives(compile_text(f, x, mesh=mesh, in_specs=P(None), out_specs=P(None)))
+    assert c.sliced == (False,)
+
+
 def test_bf16_gather_widened_by_the_cpu_backend_reads_back_as_bf16(devices):
     mesh = mj.make_mesh(fsdp=8)
     gather = lambda a: jax.lax.all_gather(a, "fsdp", tiled=True)  # noqa: E731

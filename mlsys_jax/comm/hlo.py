@@ -653,7 +653,7 @@ def _contexts(mod: HloModule) -> dict[str, list[_Context]]:
                     m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', ins.attrs)
                     n = int(m.group(1)) if m else derive_trip_count(mod, comp, ins)
                     trips = trips + (n,)
-                    count = count
+                    count = count * (n if n is not None else 1)
                     if key == "condition" and n is not None:
                         count = ctx.count * (n + 1)
                 elif key in ("true_computation", "false_computation", "branch"):
