@@ -176,12 +176,16 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
         state = init_state(plan, model.specs, optimizer, cfg.seed)
     start = int(state.step)
     batches = data_lib.iterator(dataset, data_state)
-    log = JsonlWriter(ckpt.directory / "metrics.jsonl", enabled=primary)
-    log.write({"event": "start", "step": start, "strategy": plan.rules.name, "mesh": cfg.mesh,
-               "devices": plan.num_devices, "processes": jax.process_count()})
-
     flops = model.flops_per_token(cfg.seq)
     peak = plan.device.peak_bf16_flops if plan.device is not None else None
+    t0 = time.perf_counter()
+    compiled = step_fn.fn.lower(state, step_fn.abstract_batch(cfg.batch, cfg.seq)).compile()
+    compile_s = time.perf_counter() - t0
+    say(f"compiled the train step in {compile_s:.1f} s; {flops / 1e6:,.1f} MFLOP per token")
+    log = JsonlWriter(ckpt.directory / "metrics.jsonl", enabled=primary)
+    log.write({"event": "start", "step": start, "strategy": plan.rules.name, "mesh": cfg.mesh,
+               "devices": plan.num_devices, "processes": jax.process_count(),
+               "flops_per_token": flops, "compile_s": compile_s})
 
     def evaluate() -> float | None:
         if not val:
@@ -205,7 +209,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
         for step in range(start, cfg.steps):
             host_batch = next(batches)
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, data_lib.to_global(host_batch, step_fn.batch_shardings, cfg.batch))
+            state, metrics = compiled(state, data_lib.to_global(host_batch, step_fn.batch_shardings, cfg.batch))
             loss = float(metrics["loss"])
             elapsed = time.perf_counter() - t0
             tokens_per_s = float(metrics["tokens"]) / elapsed
@@ -216,12 +220,18 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
             record = {"step": done, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
                       "lr": float(metrics["lr"]), "tokens_per_s": tokens_per_s, "mfu": mfu,
                       "step_time": elapsed, "data": data_lib.batch_digest(host_batch)}
+            mfu_text = "n/a" if math.isnan(mfu) else f"{mfu:.1%}"
             if done % cfg.eval_every == 0 or done == cfg.steps:
                 val_loss = evaluate()
                 record["val_loss"] = val_loss
+                if primary:
+                    progress.console.print(
+                        f"step {done}: loss {loss:.3f}, validation loss "
+                        f"{'n/a' if val_loss is None else f'{val_loss:.3f}'}, "
+                        f"{tokens_per_s:,.0f} tok/s, MFU {mfu_text}")
             log.write(record)
             progress.update(task, completed=done, loss=f"{loss:.3f}", tps=f"{tokens_per_s:,.0f}",
-                            mfu="n/a" if math.isnan(mfu) else f"{mfu:.1%}")
+                            mfu=mfu_text)
             ckpt.save(done, state, batches.get_state(), meta, force=done == cfg.steps)
     ckpt.wait()
     if val_loss is None:
