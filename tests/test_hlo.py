@@ -259,6 +259,45 @@ def test_bf16_gather_widened_by_the_cpu_backend_reads_back_as_bf16(devices):
         assert c.in_program_dtypes().payload_bytes == want
 
 
+MASKED_SUM = """HloModule m, num_partitions=2
+
+%sum (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%masked (x: bf16[8], m: pred[8]) -> f32[8] {
+  %x = bf16[8]{0} parameter(0)
+  %m = pred[8]{0} parameter(1)
+  %up = f32[8]{0} convert(%x)
+  %zero = f32[] constant(0)
+  %zeros = f32[8]{0} broadcast(%zero), dimensions={}
+  ROOT %sel = f32[8]{0} select(%m, %up, %zeros)
+}
+
+ENTRY %main (x: bf16[8], m: pred[8]) -> OUT {
+  %x = bf16[8]{0} parameter(0)
+  %m = pred[8]{0} parameter(1)
+  %in = f32[8]{0} fusion(%x, %m), kind=kLoop, calls=%masked
+  %ar = f32[8]{0} all-reduce(%in), replica_groups={{0,1}}, to_apply=%sum
+  ROOT %out = USE
+}
+"""
+
+
+@pytest.mark.parametrize("use, program", [
+    ("bf16[8]{0} convert(%ar)", "bf16"),  # result narrowed straight back: a bf16 reduction
+    ("f32[8]{0} multiply(%ar, %ar)", None),  # result used in f32: the program reduced in f32
+])
+def test_reduction_reads_as_bf16_only_when_its_result_is_narrowed_back(use, program):
+    out = use.split(" ", 1)[0]
+    text = MASKED_SUM.replace("OUT", out).replace("USE", use)
+    (c,) = comm.collectives(text)
+    assert c.dtype == "f32" and c.program_dtypes == (program,)
+    assert c.in_program_dtypes().payload_bytes == 8 * (2 if program else F32)
+
+
 def test_async_start_done_pairs_count_once():
     text = """HloModule m, num_partitions=4
 

@@ -822,11 +822,32 @@ def _widened_from(mod: HloModule, table: dict[str, Instruction], name: str, dept
         if before in _NARROW_FLOATS and after in _BITS and _BITS[after] > _BITS[before]:
             return before
         return None
+    if ins.opcode == "select" and len(ins.operands) == 3:
+        # A masked value (select against a constant such as 0) keeps the narrow values.
+        found = [_widened_from(mod, table, op, depth + 1) or _small_constant(table, op)
+                 for op in ins.operands[1:]]
+        narrow = {f for f in found if f not in (None, "const")}
+        return narrow.pop() if None not in found and len(narrow) == 1 else None
     if ins.opcode == "fusion":
         called = mod.computations.get(ins.callee("calls") or "")
         if called is not None:
             return _widened_from(mod, called.by_name(), called.root.name, depth + 1)
     return None
+
+
+def _small_constant(table: dict[str, Instruction], name: str) -> str | None:
+    """"const" if ``name`` is a (broadcast) scalar constant that every float type holds exactly
+    (an integer below 256 in magnitude), else None."""
+    ins = table.get(name)
+    while ins is not None and ins.opcode == "broadcast" and ins.operands:
+        ins = table.get(ins.operands[0])
+    if ins is None or ins.opcode != "constant":
+        return None
+    try:
+        value = float(ins.operand_text)
+    except ValueError:
+        return None
+    return "const" if value.is_integer() and abs(value) < 256 else None
 
 
 def _narrowed_to(mod: HloModule, comp: Computation, name: str, dtype: str,
