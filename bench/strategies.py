@@ -394,7 +394,9 @@ def main() -> None:
         "seq_len": SEQ,
         "alpha_beta_links": {"preset": PRESET,
                              "links": {k: vars(v) for k, v in preset.links.items()},
-                             "axes_not_in_preset": "charged at the preset's one link"},
+                             "axes_not_in_preset": "charged at the preset's one link",
+                             "minimum_time": "each component of the minimum is charged as one "
+                                             "collective (its latency paid once)"},
         "minimum_in_words": MINIMUM_IN_WORDS,
         "readings": {
             "as_compiled": "collectives exactly as XLA compiled them for this backend",

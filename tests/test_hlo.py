@@ -246,17 +246,19 @@ def test_slice_bigger_than_one_shard_is_not_a_scatter(devices):
     assert c.sliced == (False,)
 
 
-def test_bf16_gather_widened_by_the_cpu_backend_reads_back_as_bf16(devices):
+@pytest.mark.parametrize("op", ["all_gather", "psum"])
+def test_bf16_collective_widened_by_the_cpu_backend_reads_back_as_bf16(devices, op):
     mesh = mj.make_mesh(fsdp=8)
-    gather = lambda a: jax.lax.all_gather(a, "fsdp", tiled=True)  # noqa: E731
+    if op == "all_gather":
+        fn, out, full = (lambda a: jax.lax.all_gather(a, "fsdp", tiled=True)), P(None), 64
+    else:
+        fn, out, full = (lambda a: jax.lax.psum(a, "fsdp")), P("fsdp"), 8
     for dtype, program in ((jnp.bfloat16, "bf16"), (jnp.float32, None)):
         x = jnp.zeros((64, 16), dtype)
-        (c,) = comm.collectives(compile_text(gather, x, mesh=mesh, in_specs=P("fsdp"),
-                                             out_specs=P(None)))
+        (c,) = comm.collectives(compile_text(fn, x, mesh=mesh, in_specs=P("fsdp"), out_specs=out))
         assert c.dtype == "f32"  # measured: XLA:CPU has no bf16 collectives
         assert c.program_dtypes == (program,)
-        want = 64 * 16 * (2 if program else F32)
-        assert c.in_program_dtypes().payload_bytes == want
+        assert c.in_program_dtypes().payload_bytes == full * 16 * (2 if program else F32)
 
 
 MASKED_SUM = """HloModule m, num_partitions=2

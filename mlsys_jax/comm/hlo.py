@@ -321,7 +321,7 @@ def _mesh_groups(text: str) -> tuple[tuple[int, ...], ...]:
     chosen = re.match(r"\{([^}]*)\}", rest.strip())
     if not chosen:
         raise HloParseError(f"mesh replica groups without a braced axis list: {text[:80]!r}")
-    # Split each axis into factors so sub-axes become whole dims: (name, factor index) -> size.
+    # Split each axis into factors (major first) so every chosen sub-axis is a whole dim.
     dims: list[tuple[str, int, int]] = []  # (axis, pre-size, size)
     wanted: list[tuple[str, int, int]] = []
     for item in re.findall(r"'([^']+)'(?::\((\d+)\)(\d+))?", chosen.group(1)):
@@ -409,6 +409,8 @@ class Instruction:
 
 @dataclasses.dataclass(frozen=True)
 class Computation:
+    """A named list of instructions (the ENTRY, a loop body, a fused computation, ...)."""
+
     name: str
     instructions: tuple[Instruction, ...]
     entry: bool = False
@@ -426,6 +428,8 @@ class Computation:
 
 @dataclasses.dataclass(frozen=True)
 class HloModule:
+    """Computations by name, the ENTRY's name and the number of partitions (devices)."""
+
     name: str
     computations: Mapping[str, Computation]
     entry: str
