@@ -34,7 +34,6 @@ import jax  # noqa: E402
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     jax.config.update("jax_num_cpu_devices", 8)  # only the CPU backend reads this
 
-import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import mlsys_jax as mj  # noqa: E402

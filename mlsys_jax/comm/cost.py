@@ -81,7 +81,7 @@ def collective_axes(c: Collective, axis_sizes: Mapping[str, int]) -> tuple[str, 
 
 def slowest_link(links: Iterable[Link]) -> Link:
     """The link with the least bandwidth (ties: the most latency)."""
-    return min(links, key=lambda l: (l.bandwidth, -l.latency))
+    return min(links, key=lambda link: (link.bandwidth, -link.latency))
 
 
 def uniform_link(link: Link) -> LinkOf:
