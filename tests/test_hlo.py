@@ -374,3 +374,38 @@ def test_each_collective_is_charged_at_the_slowest_link_it_crosses(devices):
         n = math.prod(dict(mesh.shape)[a] for a in axes)
         expected = preset.links[link].latency * 2 * (n - 1) + c.traffic_bytes / preset.links[link].bandwidth
         assert comm.total_time([c], link_of) == pytest.approx(expected)
+
+
+PROMOTED = """HloModule m, num_partitions=2
+
+%REDUCER (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%widen_then_slice (x: bf16[16], i: s32[]) -> f32[8] {
+  %x = bf16[16]{0} parameter(0)
+  %i = s32[] parameter(1)
+  %up = f32[16]{0} convert(%x)
+  ROOT %part = f32[8]{0} dynamic-slice(%up, %i), dynamic_slice_sizes={8}
+}
+
+ENTRY %main (x: bf16[16], i: s32[]) -> f32[8] {
+  %x = bf16[16]{0} parameter(0)
+  %i = s32[] parameter(1)
+  %in = f32[8]{0} fusion(%x, %i), kind=kLoop, calls=%widen_then_slice
+  %ar = f32[8]{0} all-reduce(%in), replica_groups={{0,1}}, to_apply=%REDUCER
+  ROOT %out = f32[8]{0} multiply(%ar, %ar)
+}
+"""
+
+
+@pytest.mark.parametrize("reducer, program", [
+    ("sum.clone_promoted", "bf16"),  # the backend's promotion pass widened a bf16 all-reduce
+    ("sum", None),  # an f32 reduction of bf16 values that the program asked for
+])
+def test_promoted_all_reduce_of_sliced_bf16_values_reads_as_bf16(reducer, program):
+    (c,) = comm.collectives(PROMOTED.replace("REDUCER", reducer))
+    assert c.dtype == "f32" and c.program_dtypes == (program,)
+    assert c.in_program_dtypes().payload_bytes == 8 * (2 if program else F32)

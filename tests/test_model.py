@@ -139,3 +139,46 @@ def test_flops_per_token_counts_matmuls_and_attention():
     # Everything but the input embedding and the norms does a matmul per token.
     norms = cfg.n_layers * 2 * cfg.d_model + cfg.d_model
     assert n == count_params(llama.param_specs(cfg)) - cfg.vocab_size * cfg.d_model - norms
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2), (4, 1)])
+def test_fused_qkv_projection_is_three_projections(heads, kv_heads):
+    from mlsys_jax.models.layers import qkv_projection
+
+    kx, kq, kk, kv = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(kx, (2, 5, 32))
+    wq = jax.random.normal(kq, (32, heads, 16))
+    wk = jax.random.normal(kk, (32, kv_heads, 16))
+    wv = jax.random.normal(kv, (32, kv_heads, 16))
+    q, k, v = qkv_projection(x, wq, wk, wv)
+    for got, w in ((q, wq), (k, wk), (v, wv)):
+        np.testing.assert_allclose(got, jnp.einsum("bsd,dhk->bshk", x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_equation():
+    from mlsys_jax.models.layers import swiglu
+
+    kx, kg, ku, kd = jax.random.split(jax.random.key(6), 4)
+    x = jax.random.normal(kx, (2, 3, 16))
+    wg, wu, wd = (jax.random.normal(k, s) for k, s in ((kg, (16, 24)), (ku, (16, 24)), (kd, (24, 16))))
+    expected = (jax.nn.silu(x @ wg) * (x @ wu)) @ wd
+    np.testing.assert_allclose(swiglu(x, wg, wu, wd), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_logits_are_fp32_and_their_gradients_take_the_compute_dtype():
+    from mlsys_jax.models.layers import logits_projection
+
+    x = jax.random.normal(jax.random.key(7), (2, 3, 16)).astype(jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(8), (16, 40)).astype(jnp.bfloat16)
+    out = logits_projection(x, w)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, jnp.einsum("bsd,dv->bsv", x.astype(jnp.float32), w.astype(jnp.float32)), rtol=1e-2)
+    loss = lambda x, w: jnp.sum(jnp.sin(logits_projection(x, w)))
+    gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+    assert gx.dtype == gw.dtype == jnp.bfloat16
+    ref = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w)), argnums=(0, 1))(x.astype(jnp.float32), w.astype(jnp.float32))
+    np.testing.assert_allclose(gw.astype(jnp.float32), ref[1], rtol=5e-2, atol=5e-2)
+    # In fp32 the projection is an ordinary matmul, gradients included.
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    for a, b in zip(jax.grad(loss, argnums=(0, 1))(x32, w32), ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

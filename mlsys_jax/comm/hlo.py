@@ -13,8 +13,9 @@ enclosing loops' trip counts (summed over call sites).
   keeps 1/n of them. XLA:CPU leaves this pattern (even for a plain ``psum`` then slice of
   ``axis_index``) where GPU and TPU backends emit a reduce-scatter;
 * ``in_program_dtypes``: XLA:CPU has no bf16 collectives and widens them to f32 (converting the
-  operand up and, for reductions, the result back down); this reading counts such an element in
-  the narrow dtype the program gave it, as a backend with bf16 collectives would send it.
+  operand up and, for reductions, the result back down, or naming the widened reduction
+  ``*_promoted``); this reading counts such an element in the narrow dtype the program gave it,
+  as a backend with bf16 collectives would send it.
 
 Device ids in replica groups are SPMD partition ids: for a program jitted over one mesh they are
 positions in ``mesh.devices.flat`` (row-major over the mesh axes), whatever the physical ids.
@@ -817,7 +818,8 @@ def _widened_from(mod: HloModule, table: dict[str, Instruction], name: str, dept
     ins = table.get(name)
     if ins is None or depth > 16:
         return None
-    if ins.opcode in _LAYOUT and ins.operands:
+    if (ins.opcode in _LAYOUT or ins.opcode in ("slice", "dynamic-slice")) and ins.operands:
+        # Moving or slicing values keeps them exactly what they were.
         return _widened_from(mod, table, ins.operands[0], depth + 1)
     if ins.opcode == "convert" and ins.operands:
         src = table.get(ins.operands[0])
@@ -899,10 +901,13 @@ def _program_dtypes(mod: HloModule, comp: Computation, ins: Instruction, kind: s
     if uses is None or len(ins.operands) != len(shapes):
         return ()
     reduces = kind in ("all-reduce", "reduce-scatter")
+    # XLA's all-reduce promotion pass (which widens the collectives a backend cannot run
+    # narrow) names the widened reduction "<name>_promoted": then a narrow operand is enough.
+    promoted = reduces and "promoted" in (ins.callee("to_apply") or "")
     out = []
     for op, names in zip(ins.operands, uses):
         narrow = _widened_from(mod, table, op)
-        ok = narrow is not None and (not reduces or (bool(names) and all(
+        ok = narrow is not None and (not reduces or promoted or (bool(names) and all(
             _narrowed_to(mod, comp, g, narrow, users) for g in names
         )))
         out.append(narrow if ok else None)

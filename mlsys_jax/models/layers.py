@@ -44,13 +44,50 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
+def qkv_projection(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q = x W_q, k = x W_k, v = x W_v as one matmul over the three weights side by side.
+
+    One matmul means one input gradient: under tensor parallelism the backward pass sums it
+    over the shards in a single all-reduce instead of three. Query head i sits in K/V group
+    i // (heads / kv_heads), the grouping ``attention_xla`` expects.
+    """
+    d, heads, hd = wq.shape
+    kv = wk.shape[1]
+    group = heads // kv
+    w = jnp.concatenate([wq.reshape(d, kv, group, hd), wk[:, :, None], wv[:, :, None]], axis=2)
+    qkv = jnp.einsum("bsd,dkgh->bskgh", x, w)
+    b, s = x.shape[:2]
+    return qkv[:, :, :, :group].reshape(b, s, heads, hd), qkv[:, :, :, group], qkv[:, :, :, group + 1]
+
+
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
            constrain: Constrain = no_constraint) -> jax.Array:
-    """down(silu(x W_gate) * (x W_up))."""
-    gate = jnp.einsum("bsd,df->bsf", x, w_gate)
-    up = jnp.einsum("bsd,df->bsf", x, w_up)
-    hidden = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+    """down(silu(x W_gate) * (x W_up)); gate and up run as one matmul (one input gradient)."""
+    gate_up = jnp.einsum("bsd,dtf->bstf", x, jnp.stack([w_gate, w_up], axis=1))
+    hidden = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ("batch", "seq", "mlp"))
     return jnp.einsum("bsf,fd->bsd", hidden, w_down)
+
+
+@jax.custom_vjp
+def logits_projection(x: jax.Array, w: jax.Array) -> jax.Array:
+    """logits = x W in fp32 (softmax over a large vocabulary wants the precision), while the
+    backward pass works in x's dtype like every other matmul, so W's gradient is reduced
+    across devices in the compute dtype."""
+    return jnp.einsum("bsd,dv->bsv", x, w, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return logits_projection(x, w), (x, w)
+
+
+def _logits_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x, w = res
+    g = g.astype(x.dtype)
+    return jnp.einsum("bsv,dv->bsd", g, w), jnp.einsum("bsd,bsv->dv", x, g)
+
+
+logits_projection.defvjp(_logits_fwd, _logits_bwd)
 
 
 def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True) -> jax.Array:

@@ -21,7 +21,9 @@ from mlsys_jax.models.layers import (
     ATTENTION,
     Constrain,
     apply_rope,
+    logits_projection,
     no_constraint,
+    qkv_projection,
     rms_norm,
     rope_angles,
     swiglu,
@@ -70,9 +72,10 @@ def _block(cfg: LlamaConfig, constrain: Constrain, cos: jax.Array, sin: jax.Arra
     def block(x: jax.Array, w: Params) -> tuple[jax.Array, None]:
         w = jax.tree_util.tree_map(lambda a: a.astype(dt), w)
         y = rms_norm(x, w["attn_norm"], cfg.norm_eps)
-        q = constrain(jnp.einsum("bsd,dhk->bshk", y, w["wq"]), ("batch", "seq", "heads", "head_dim"))
-        k = constrain(jnp.einsum("bsd,dhk->bshk", y, w["wk"]), ("batch", "seq", "kv_heads", "head_dim"))
-        v = constrain(jnp.einsum("bsd,dhk->bshk", y, w["wv"]), ("batch", "seq", "kv_heads", "head_dim"))
+        q, k, v = qkv_projection(y, w["wq"], w["wk"], w["wv"])
+        q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+        k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         o = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, causal=True)
         o = constrain(o, ("batch", "seq", "heads", "head_dim"))
         x = constrain(x + jnp.einsum("bshk,hkd->bsd", o, w["wo"]), ("batch", "seq", "embed"))
@@ -103,7 +106,7 @@ def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig,
     """Next-token logits in fp32, (batch, seq, vocab), for int tokens of shape (batch, seq)."""
     x = hidden_states(params, tokens, cfg, constrain)
     head = params["embed"].T if cfg.tie_embeddings else params["head"]
-    logits = jnp.einsum("bsd,dv->bsv", x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    logits = logits_projection(x, head.astype(x.dtype))
     return constrain(logits, ("batch", "seq", "vocab"))
 
 
@@ -130,4 +133,5 @@ def language_model(cfg: LlamaConfig, name: str = "llama") -> LanguageModel:
         flops_per_token=lambda seq_len: flops_per_token(cfg, seq_len),
         vocab_size=cfg.vocab_size,
         config=cfg,
+        compute_dtype=jnp.dtype(cfg.dtype),
     )

@@ -16,7 +16,10 @@ class LanguageModel:
     """A next-token model as data: the runtime trains and samples it without knowing its family.
 
     ``apply(params, tokens, constrain)`` maps int tokens (batch, seq) to fp32 logits
-    (batch, seq, vocab); ``flops_per_token(seq_len)`` counts model FLOPs for MFU.
+    (batch, seq, vocab); ``flops_per_token(seq_len)`` counts model FLOPs for MFU. With a
+    ``compute_dtype`` the runtime hands ``apply`` parameters already cast to it, each cast kept
+    in its parameter's sharding so that gathers move the narrow copy (the fp32 master weights
+    stay in the train state).
     """
 
     name: str
@@ -25,3 +28,4 @@ class LanguageModel:
     flops_per_token: Callable[[int], float]
     vocab_size: int
     config: Any = None
+    compute_dtype: Any = None

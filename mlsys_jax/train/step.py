@@ -50,6 +50,20 @@ class TrainStep:
         return self.fn.lower(state, self.abstract_batch(batch_size, seq_len))
 
 
+def cast_for_compute(model: LanguageModel, params: Any, shardings: Any) -> Any:
+    """The parameters in the model's compute dtype, each cast pinned to its own sharding so
+    the partitioner gathers the narrow copy rather than the fp32 master."""
+    if model.compute_dtype is None:
+        return params
+
+    def cast(p: jax.Array, sharding: Any) -> jax.Array:
+        if not jnp.issubdtype(p.dtype, jnp.floating) or p.dtype == model.compute_dtype:
+            return p
+        return jax.lax.with_sharding_constraint(p.astype(model.compute_dtype), sharding)
+
+    return jax.tree_util.tree_map(cast, params, shardings)
+
+
 def global_norm(tree: Any) -> jax.Array:
     """sqrt of the sum of squares of every leaf (the norm that gradient clipping uses)."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
@@ -86,7 +100,8 @@ def make_train_step(
     batch_sh = {k: tokens_sh for k in BATCH_KEYS}
 
     def loss_sums(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply(params, batch["inputs"], plan.constrain)
+        compute = cast_for_compute(model, params, state_sh.params)
+        logits = model.apply(compute, batch["inputs"], plan.constrain)
         return cross_entropy_sums(logits, batch["targets"], batch["mask"])
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
@@ -141,7 +156,7 @@ def make_eval_step(model: LanguageModel, plan: Plan, optimizer: optax.GradientTr
     tokens_sh = plan.activation_sharding(("batch", "seq"))
 
     def evaluate(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply(params, batch["inputs"], plan.constrain)
+        logits = model.apply(cast_for_compute(model, params, param_sh), batch["inputs"], plan.constrain)
         return cross_entropy_sums(logits, batch["targets"], batch["mask"])
 
     return jax.jit(
