@@ -125,3 +125,18 @@ def test_weight_decay_skips_norm_scales():
 def test_mfu_is_achieved_over_peak():
     assert model_flops_utilization(1000.0, 6e6, 1e10, 4) == pytest.approx(1000 * 6e6 / 4e10)
     assert math.isnan(model_flops_utilization(1000.0, 6e6, None, 4))
+
+
+def test_bf16_compute_keeps_fp32_master_weights(devices, single_device):
+    model = llama.language_model(get_config("tiny"))  # bfloat16 compute
+    assert model.compute_dtype == np.dtype("bfloat16")
+    plan = mj.Plan(mj.make_mesh(data=2, fsdp=2, tensor=2), mj.rules("dp_fsdp_tp"))
+    opt = train.adamw(OPT_CFG, model.specs)
+    state = train.init_state(plan, model.specs, opt, seed=0)
+    step = train.make_train_step(model, plan, opt)
+    batch = batches(1)[0]
+    state, metrics = step(state, {k: jax.device_put(v, step.batch_shardings[k]) for k, v in batch.items()})
+    assert {a.dtype for a in jax.tree.leaves(state.params)} == {np.dtype("float32")}
+    assert {a.dtype for a in jax.tree.leaves(state.opt_state[1][0].mu)} == {np.dtype("float32")}
+    # Same init and batch as the fp32 run: the first loss differs only by bf16 rounding.
+    assert float(metrics["loss"]) == pytest.approx(single_device[1][0], rel=1e-2)
