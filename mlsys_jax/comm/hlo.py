@@ -711,10 +711,7 @@ def _only_sharded(mod: HloModule, comp: Computation, name: str, elements: int, n
                 return False
             inner_users = _users(called)
             slots = [k for k, op in enumerate(use.operands) if op == name]
-            params = {
-                _ints(i.operand_text)[0]: i.name for i in called.instructions
-                if i.opcode == "parameter"
-            }
+            params = _parameters(called)
             root = called.root
             for k in slots:
                 pname = params.get(k)
@@ -841,6 +838,11 @@ def _widened_from(mod: HloModule, table: dict[str, Instruction], name: str, dept
     return None
 
 
+def _parameters(comp: Computation) -> dict[int, str]:
+    """Parameter number -> instruction name inside a called computation (a fusion's body)."""
+    return {_ints(i.operand_text)[0]: i.name for i in comp.instructions if i.opcode == "parameter"}
+
+
 def _small_constant(table: dict[str, Instruction], name: str) -> str | None:
     """"const" if ``name`` is a (broadcast) scalar constant that every float type holds exactly
     (an integer below 256 in magnitude), else None."""
@@ -876,10 +878,7 @@ def _narrowed_to(mod: HloModule, comp: Computation, name: str, dtype: str,
             if called is None:
                 return False
             inner = _users(called)
-            params = {
-                _ints(i.operand_text)[0]: i.name for i in called.instructions
-                if i.opcode == "parameter"
-            }
+            params = _parameters(called)
             for k, op in enumerate(use.operands):
                 if op == name and not _narrowed_to(mod, called, params.get(k, ""), dtype, inner,
                                                    depth + 1):
