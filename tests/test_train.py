@@ -24,6 +24,7 @@ STRATEGIES = {
     "tp": (dict(tensor=8), TP_ON_8),
     "fsdp_tp": (dict(fsdp=4, tensor=2), mj.rules("fsdp_tp")),
     "dp_fsdp_tp": (dict(data=2, fsdp=2, tensor=2), mj.rules("dp_fsdp_tp")),
+    "fsdp+sequence_parallel": (dict(fsdp=4, sequence=2), mj.rules("fsdp", sequence_parallel=True)),
 }
 
 

@@ -114,6 +114,25 @@ def run_meta(cfg: RunConfig) -> dict[str, Any]:
             "seed": cfg.seed, "data": cfg.data, "microbatches": cfg.microbatches}
 
 
+def restore_or_init(ckpt: Checkpointer, meta: dict[str, Any], cfg: RunConfig, plan: Plan,
+                    model: Any, optimizer: Any) -> tuple[Any, dict[str, Any] | None]:
+    """The newest complete checkpoint's state and data position, restored onto this plan, or a
+    fresh state when there is none. Refuses a checkpoint of other settings, and refuses to
+    start over on top of one unless told to resume."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return init_state(plan, model.specs, optimizer, cfg.seed), None
+    if not cfg.resume:
+        raise CheckpointError(
+            f"{ckpt.directory} already holds checkpoints up to step {latest}, and --no-resume "
+            "would start over on top of them. Fix: drop --no-resume to continue, or give a "
+            "new --ckpt-dir."
+        )
+    check_compatible(ckpt.read_meta(latest), meta, ckpt.directory)
+    restored = ckpt.restore(abstract_state(plan, model.specs, optimizer), latest)
+    return restored.state, restored.data_state
+
+
 def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
     """Run training as configured; returns the losses it saw and the samples it drew."""
     preset, sizes, strategy = resolve_mesh(cfg.mesh, cfg.strategy, cfg.sequence_parallel)
@@ -159,21 +178,9 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
 
     ckpt = Checkpointer(cfg.ckpt_dir, save_every=cfg.ckpt_every, keep=cfg.keep)
     meta = run_meta(cfg)
-    latest = ckpt.latest_step()
-    data_state = None
-    if latest is not None:
-        if not cfg.resume:
-            raise CheckpointError(
-                f"{ckpt.directory} already holds checkpoints up to step {latest}, and --no-resume "
-                "would start over on top of them. Fix: drop --no-resume to continue, or give a "
-                "new --ckpt-dir."
-            )
-        check_compatible(ckpt.read_meta(latest), meta, ckpt.directory)
-        restored = ckpt.restore(abstract_state(plan, model.specs, optimizer), latest)
-        state, data_state = restored.state, restored.data_state
-        say(f"resumed from step {latest} in {ckpt.directory}")
-    else:
-        state = init_state(plan, model.specs, optimizer, cfg.seed)
+    state, data_state = restore_or_init(ckpt, meta, cfg, plan, model, optimizer)
+    if data_state is not None:
+        say(f"resumed from step {int(state.step)} in {ckpt.directory}")
     start = int(state.step)
     batches = data_lib.iterator(dataset, data_state)
     flops = model.flops_per_token(cfg.seq)
