@@ -9,7 +9,8 @@ step and the state initializer of a few-million-parameter Llama, then reports:
 (b) collectives per step read from the compiled step's HLO (loops counted per iteration), as
     compiled and under the accelerator reading of ``mlsys_jax.comm`` (all-reduce + slice read as
     a reduce-scatter, CPU-widened bf16 read as bf16), against the strategy's analytic minimum
-    (``MINIMUM_IN_WORDS``: bf16 gradients, ZeRO-3 gathers for FSDP, Megatron all-reduces for TP);
+    (``MINIMUM_IN_WORDS``: bf16 gradients but the embedding's fp32, ZeRO-3 gathers for FSDP,
+    Megatron all-reduces for TP);
 (c) the alpha-beta time of those collectives on a real machine's links.
 
 Run from the repository root: ``python bench/strategies.py`` (writes bench/results/strategies.json).
@@ -24,6 +25,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,15 +64,16 @@ MODEL = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, 
              d_ff=1024)
 
 MINIMUM_IN_WORDS = {
-    "gradients": "the step computes every gradient in the compute dtype (bf16) and reduces it "
-                 "across devices in that dtype (the fp32 master weights take the reduced "
-                 "gradient); G_t below is therefore bf16 bytes of each parameter's tensor shard",
-    "data": "all-reduce over data of the bf16 gradients each device holds after any fsdp "
+    "gradients": "the step computes each matmul weight's gradient in the compute dtype (bf16) "
+                 "and reduces it across devices in that dtype, and adds the embedding's "
+                 "gradient up (and reduces it) in fp32 because a frequent token's row sums "
+                 "thousands of them; G_t below is those bytes of each parameter's tensor shard",
+    "data": "all-reduce over data of the gradients each device holds after any fsdp "
             "scatter (G_t / n_fsdp), ring traffic 2(n-1)/n per byte",
     "fsdp": "ZeRO-3: all-gather over fsdp of every parameter's tensor shard in the compute "
             "dtype (bf16, W_t) for the forward pass and again for the backward pass (gathered "
             "weights are not kept between the passes: that is what keeps FSDP's memory at "
-            "1/n), plus reduce-scatter over fsdp of the bf16 gradients (G_t), ring traffic "
+            "1/n), plus reduce-scatter over fsdp of the gradients (G_t), ring traffic "
             "(n-1)/n per byte; 'single-gather bound' also reports the ratio against a schedule "
             "that keeps the forward gathers",
     "tensor": "Megatron tensor parallelism: per layer two forward all-reduces (attention "
@@ -139,22 +142,30 @@ def memory(plan: mj.Plan, specs: Any, opt: optax.GradientTransformation,
 # ---- (b) collectives ----------------------------------------------------------------------
 
 
-def model_bytes(specs: Any, rules: mj.Rules, sizes: dict[str, int], itemsize: int,
-                only_tensor: bool = True) -> float:
-    """Bytes of every parameter's tensor shard at ``itemsize`` bytes per element."""
+def model_bytes(specs: Any, rules: mj.Rules, sizes: dict[str, int],
+                itemsize: Callable[[str], int]) -> float:
+    """Bytes of every parameter's tensor shard, ``itemsize(path)`` bytes per element."""
     t_rules = mj.Rules({k: v for k, v in rules.params if v == "tensor"}, {})
-    out = 0.0
-    for _, s in spec_leaves(specs):
-        n = param_shards(t_rules, s.logical_axes, sizes) if only_tensor else 1
-        out += s.size * itemsize / n
-    return out
+    return sum(s.size * itemsize(path) / param_shards(t_rules, s.logical_axes, sizes)
+               for path, s in spec_leaves(specs))
+
+
+def weight_itemsize(path: str) -> int:
+    """Weights are gathered in the compute dtype (bf16)."""
+    return 2
+
+
+def grad_itemsize(path: str) -> int:
+    """Gradients come out of bf16 matmuls in bf16; the embedding's is added up row by row in
+    fp32 (``models.layers.embedding_lookup``)."""
+    return 4 if path == "embed" else 2
 
 
 def minimum(cfg: Any, specs: Any, rules: mj.Rules, sizes: dict[str, int]) -> list[dict[str, Any]]:
     """The strategy's analytic minimum, one entry per (kind, mesh axes)."""
     nd, nf, nt = sizes.get("data", 1), sizes.get("fsdp", 1), sizes.get("tensor", 1)
-    w_t = model_bytes(specs, rules, sizes, 2)  # bf16 weights per tensor shard
-    g_t = model_bytes(specs, rules, sizes, 2)  # bf16 gradients per tensor shard
+    w_t = model_bytes(specs, rules, sizes, weight_itemsize)
+    g_t = model_bytes(specs, rules, sizes, grad_itemsize)
     out = []
 
     def add(kind: str, axis: str, n: int, payload: float, what: str) -> None:
@@ -164,9 +175,9 @@ def minimum(cfg: Any, specs: Any, rules: mj.Rules, sizes: dict[str, int]) -> lis
     if nf > 1:
         add("all-gather", "fsdp", nf, 2 * w_t,
             "all-gather of bf16 parameters for the forward and again for the backward pass")
-        add("reduce-scatter", "fsdp", nf, g_t, "reduce-scatter of bf16 gradients")
+        add("reduce-scatter", "fsdp", nf, g_t, "reduce-scatter of gradients")
     if nd > 1:
-        add("all-reduce", "data", nd, g_t / nf, "all-reduce of bf16 gradients (fsdp shard)")
+        add("all-reduce", "data", nd, g_t / nf, "all-reduce of gradients (fsdp shard)")
     if nt > 1:
         b_loc = BATCH // (nd * nf)
         act = b_loc * SEQ * cfg.d_model * 2
@@ -209,7 +220,8 @@ def notes(raw: list[Collective], reading: list[Collective], cfg: Any, sizes: dic
                  and any(d == "f32" and math.prod(sh) >= 1024 for d, sh in zip(c.dtypes, c.shapes))]
     for c in f32_grads:
         big = [list(sh) for d, sh in zip(c.dtypes, c.shapes) if d == "f32" and math.prod(sh) >= 1024]
-        out.append(f"{c.name}: gradient(s) {big} reduced in f32 where the minimum counts bf16 "
+        out.append(f"{c.name}: gradient(s) {big} reduced in f32 (the minimum counts f32 only "
+                   f"for the embedding's) "
                    f"(x{c.count}; source {c.op_name[-60:]})")
     f32_gathers = [c for c in reading if c.kind == "all-gather" and "f32" in c.dtypes
                    and math.prod(c.shapes[0]) >= 1024]

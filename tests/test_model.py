@@ -182,3 +182,21 @@ def test_logits_are_fp32_and_their_gradients_take_the_compute_dtype():
     x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
     for a, b in zip(jax.grad(loss, argnums=(0, 1))(x32, w32), ref):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_gradient_adds_rows_up_in_fp32():
+    from mlsys_jax.models.layers import embedding_lookup
+
+    table = jax.random.normal(jax.random.key(9), (16, 4))
+    tokens = jnp.array([[3, 3, 3, 7], [3, 0, 7, 3]])
+    g = jax.random.normal(jax.random.key(10), (2, 4, 4))
+    np.testing.assert_array_equal(embedding_lookup(table, tokens), table[tokens])
+    ours = jax.vjp(lambda t: embedding_lookup(t, tokens), table)[1](g)[0]
+    ref = jax.vjp(lambda t: t[tokens], table)[1](g)[0]
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+    # 4096 gradients of 0.001 land on one row: fp32 accumulation keeps their sum, bf16 would stall.
+    many = jnp.zeros((1, 4096), jnp.int32)
+    ones_ = jnp.full((1, 4096, 4), 1e-3, jnp.bfloat16)
+    grad = jax.vjp(lambda t: embedding_lookup(t, many), table.astype(jnp.bfloat16))[1](ones_)[0]
+    assert grad.dtype == jnp.bfloat16
+    assert float(grad[0, 0]) == pytest.approx(4.096, rel=1e-2)

@@ -70,6 +70,31 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
 
 
 @jax.custom_vjp
+def embedding_lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """Rows of the table for each token.
+
+    The backward pass adds each row's gradients up in fp32, since a frequent token's row sums
+    thousands of them, and only then rounds to the table's dtype: the embedding's gradient is
+    accumulated (and reduced across devices) in fp32 while the lookup itself reads the
+    compute-dtype table.
+    """
+    return table[tokens]
+
+
+def _embedding_fwd(table: jax.Array, tokens: jax.Array) -> tuple[jax.Array, tuple]:
+    return table[tokens], (tokens, table)  # only the table's shape and dtype are used
+
+
+def _embedding_bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, None]:
+    tokens, table = res
+    grad = jnp.zeros(table.shape, jnp.float32).at[tokens].add(g.astype(jnp.float32))
+    return grad.astype(table.dtype), None
+
+
+embedding_lookup.defvjp(_embedding_fwd, _embedding_bwd)
+
+
+@jax.custom_vjp
 def logits_projection(x: jax.Array, w: jax.Array) -> jax.Array:
     """logits = x W in fp32 (softmax over a large vocabulary wants the precision), while the
     backward pass works in x's dtype like every other matmul, so W's gradient is reduced

@@ -21,6 +21,7 @@ from mlsys_jax.models.layers import (
     ATTENTION,
     Constrain,
     apply_rope,
+    embedding_lookup,
     logits_projection,
     no_constraint,
     qkv_projection,
@@ -95,7 +96,7 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: LlamaConfig,
     """The final normalized residual stream, (batch, seq, d_model) in the compute dtype."""
     dt = jnp.dtype(cfg.dtype)
     table = constrain(params["embed"].astype(dt), ("vocab", None))  # whole rows, for the lookup
-    x = constrain(table[tokens], ("batch", "seq", "embed"))
+    x = constrain(embedding_lookup(table, tokens), ("batch", "seq", "embed"))
     cos, sin = rope_angles(jnp.arange(tokens.shape[1]), cfg.head_dim, cfg.rope_theta)
     x, _ = jax.lax.scan(_block(cfg, constrain, cos, sin), x, params["layers"])
     return rms_norm(x, params["final_norm"].astype(dt), cfg.norm_eps)
