@@ -182,6 +182,9 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
     if data_state is not None:
         say(f"resumed from step {int(state.step)} in {ckpt.directory}")
     start = int(state.step)
+    if start >= cfg.steps:
+        say(f"nothing to train: the checkpoint is at step {start} and --steps is {cfg.steps} "
+            "(raise --steps to train on)")
     batches = data_lib.iterator(dataset, data_state)
     flops = model.flops_per_token(cfg.seq)
     peak = plan.device.peak_bf16_flops if plan.device is not None else None
