@@ -101,12 +101,16 @@ def test_sigkill_then_the_same_command_resumes_exactly(repo_root, tmp_path, unin
 
 
 @pytest.mark.slow
-def test_no_resume_refuses_to_overwrite_checkpoints(repo_root, tmp_path, uninterrupted):
+def test_a_finished_run_resumes_to_nothing_and_no_resume_refuses_to_overwrite(repo_root, tmp_path, uninterrupted):
     quick = [f for f in FLAGS]
     quick[quick.index("--steps") + 1] = "5"
     first = subprocess.run(recipe(repo_root, *quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
                            capture_output=True, text=True, env=env(), timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run(recipe(repo_root, *quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
+                           capture_output=True, text=True, env=env(), timeout=600)
+    assert again.returncode == 0 and "nothing to train: the checkpoint is at step 5" in again.stdout
+    assert sorted(losses_by_step(read_jsonl(tmp_path / "metrics.jsonl"))) == [1, 2, 3, 4, 5]
     second = subprocess.run(recipe(repo_root, *quick, "--ckpt-dir", str(tmp_path), "--no-resume"),
                             capture_output=True, text=True, env=env(), timeout=600)
     assert second.returncode != 0
