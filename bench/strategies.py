@@ -97,23 +97,17 @@ def bench_devices() -> list[jax.Device]:
 # ---- (a) memory ---------------------------------------------------------------------------
 
 
-def param_shards(rules: mj.Rules, axes: tuple[str | None, ...], sizes: dict[str, int]) -> int:
-    """Devices a parameter with these logical axes is split over under the rules."""
-    table = dict(rules.params)
-    n = 1
-    for name in axes:
-        target = table.get(name) if name else None
-        for a in (target,) if isinstance(target, str) else (target or ()):
-            n *= sizes.get(a, 1)
-    return n
+def shards_by_path(plan: mj.Plan, specs: Any) -> dict[str, int]:
+    """How many devices the plan splits each parameter over."""
+    return {p.path: math.prod(p.shape) // math.prod(p.shard_shape) for p in plan.placements(specs)}
 
 
 def memory(plan: mj.Plan, specs: Any, opt: optax.GradientTransformation,
            compiled_init: Any) -> dict[str, Any]:
     """Measured per-device state bytes against the ideal for the strategy's rules."""
-    sizes = plan.axis_sizes
-    shards = jax.tree_util.tree_map(
-        lambda s: param_shards(plan.rules, s.logical_axes, sizes), specs, is_leaf=is_spec)
+    by_path = shards_by_path(plan, specs)
+    treedef = jax.tree_util.tree_structure(specs, is_leaf=is_spec)
+    shards = jax.tree_util.tree_unflatten(treedef, [by_path[p] for p, _ in spec_leaves(specs)])
     abstract = train.abstract_state(plan, specs, opt)
     abstract_opt = jax.eval_shape(opt.init, jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), specs, is_leaf=is_spec))
@@ -127,8 +121,7 @@ def memory(plan: mj.Plan, specs: Any, opt: optax.GradientTransformation,
     total = sum(x.size * x.dtype.itemsize for x in leaves)
     ideal = sum(x.size * x.dtype.itemsize / n for x, n in zip(leaves, counts))
     measured = compiled_init.memory_analysis().output_size_in_bytes
-    unsplit = sum(s.nbytes for _, s in spec_leaves(specs)
-                  if param_shards(plan.rules, s.logical_axes, sizes) == 1)
+    unsplit = sum(s.nbytes for path, s in spec_leaves(specs) if by_path[path] == 1)
     return {
         "state_bytes_total": total,
         "per_device_measured": measured,
@@ -142,12 +135,12 @@ def memory(plan: mj.Plan, specs: Any, opt: optax.GradientTransformation,
 # ---- (b) collectives ----------------------------------------------------------------------
 
 
-def model_bytes(specs: Any, rules: mj.Rules, sizes: dict[str, int],
-                itemsize: Callable[[str], int]) -> float:
-    """Bytes of every parameter's tensor shard, ``itemsize(path)`` bytes per element."""
-    t_rules = mj.Rules({k: v for k, v in rules.params if v == "tensor"}, {})
-    return sum(s.size * itemsize(path) / param_shards(t_rules, s.logical_axes, sizes)
-               for path, s in spec_leaves(specs))
+def model_bytes(specs: Any, plan: mj.Plan, itemsize: Callable[[str], int]) -> float:
+    """Bytes of every parameter's tensor-parallel shard, ``itemsize(path)`` bytes per element
+    (what one device gathers or reduces over the other axes)."""
+    only_tensor = plan.rules.override(params={k: None for k, v in plan.rules.params if v != "tensor"})
+    shards = shards_by_path(mj.Plan(plan.mesh, only_tensor), specs)
+    return sum(s.size * itemsize(path) / shards[path] for path, s in spec_leaves(specs))
 
 
 def weight_itemsize(path: str) -> int:
@@ -161,11 +154,12 @@ def grad_itemsize(path: str) -> int:
     return 4 if path == "embed" else 2
 
 
-def minimum(cfg: Any, specs: Any, rules: mj.Rules, sizes: dict[str, int]) -> list[dict[str, Any]]:
+def minimum(cfg: Any, specs: Any, plan: mj.Plan) -> list[dict[str, Any]]:
     """The strategy's analytic minimum, one entry per (kind, mesh axes)."""
+    sizes = plan.axis_sizes
     nd, nf, nt = sizes.get("data", 1), sizes.get("fsdp", 1), sizes.get("tensor", 1)
-    w_t = model_bytes(specs, rules, sizes, weight_itemsize)
-    g_t = model_bytes(specs, rules, sizes, grad_itemsize)
+    w_t = model_bytes(specs, plan, weight_itemsize)
+    g_t = model_bytes(specs, plan, grad_itemsize)
     out = []
 
     def add(kind: str, axis: str, n: int, payload: float, what: str) -> None:
@@ -256,11 +250,12 @@ def notes(raw: list[Collective], reading: list[Collective], cfg: Any, sizes: dic
     return out
 
 
-def collectives(compiled_step: Any, cfg: Any, specs: Any, rules: mj.Rules,
-                sizes: dict[str, int], link_of: comm.LinkOf) -> dict[str, Any]:
+def collectives(compiled_step: Any, cfg: Any, specs: Any, plan: mj.Plan,
+                link_of: comm.LinkOf) -> dict[str, Any]:
     raw = list(comm.collectives(compiled_step.as_text()))
     reading = comm.readings(raw, as_reduce_scatter=True, program_dtypes=True)
-    mins = minimum(cfg, specs, rules, sizes)
+    sizes = plan.axis_sizes
+    mins = minimum(cfg, specs, plan)
     min_traffic = sum(m["traffic_bytes"] for m in mins)
     cats: dict[tuple, dict[str, Any]] = {}
     for label, items in (("as_compiled", raw), ("reading", reading)):
@@ -343,7 +338,7 @@ def run_strategy(name: str, axes: dict[str, int], devices: list, cfg: Any) -> di
         "mesh": {k: v for k, v in sizes.items() if v > 1},
         "compile_seconds": {"train_step": t1 - t0, "init": t2 - t1},
         "memory": memory(plan, model.specs, opt, compiled_init),
-        "collectives": collectives(compiled_step, cfg, model.specs, plan.rules, sizes, link_of),
+        "collectives": collectives(compiled_step, cfg, model.specs, plan, link_of),
     }
 
 
