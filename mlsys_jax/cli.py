@@ -40,9 +40,7 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
                     device=preset.device if preset is not None else None)
     model = llama.language_model(get_config(cfg.model), name=cfg.model)
     optimizer = adamw(OptimConfig(), model.specs)
-    console.print(plan_table(the_plan, model, optimizer,
-                             title=f"plan: {cfg.model} under {the_plan.rules.name} on {cfg.mesh} "
-                                   f"({the_plan.describe_mesh()}, {the_plan.num_devices} devices)"))
+    console.print(plan_table(the_plan, model, optimizer, cfg.mesh))
     mem = memory_per_device(the_plan, model, optimizer)
     if mem.hbm is None:
         console.print("no hardware given (explicit axis sizes): name a preset to check the fit")

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from mlsys_jax.meshes import AXIS_NAMES, Device
-from mlsys_jax.params import ParamSpec, init_params, is_spec, spec_leaves
+from mlsys_jax.params import init_params, is_spec, spec_leaves
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.rules import MeshAxes, Rules
 
@@ -251,4 +251,4 @@ class Plan:
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
-__all__ = ["Plan", "Placement", "PlanError", "ParamSpec"]
+__all__ = ["Plan", "Placement", "PlanError"]

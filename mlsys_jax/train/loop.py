@@ -159,10 +159,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
     opt_cfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup, total_steps=cfg.steps)
     optimizer = adamw(opt_cfg, model.specs)
     check_batch(plan, cfg.batch, cfg.microbatches)
-    say(plan_table(plan, model, optimizer,
-                   title=f"plan: {cfg.model} under {plan.rules.name} on {cfg.mesh} "
-                         f"({plan.describe_mesh()}, {plan.num_devices} devices, "
-                         f"{jax.process_count()} process(es))"))
+    say(plan_table(plan, model, optimizer, cfg.mesh, note=f"{jax.process_count()} process(es)"))
 
     step_fn = make_train_step(model, plan, optimizer, microbatches=cfg.microbatches,
                               lr_schedule=schedule(opt_cfg))

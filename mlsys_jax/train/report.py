@@ -62,9 +62,13 @@ def memory_per_device(plan: Plan, model: LanguageModel,
 
 
 def plan_table(plan: Plan, model: LanguageModel, optimizer: optax.GradientTransformation,
-               title: str | None = None) -> Table:
-    """Parameter path, shape, logical axes, mesh placement and bytes per device; totals below."""
-    table = Table(title=title or f"plan: {plan.rules.name} on mesh {plan.describe_mesh()}",
+               mesh_label: str, note: str = "") -> Table:
+    """Parameter path, shape, logical axes, mesh placement and bytes per device; totals below.
+    The title names the model, the rules, ``mesh_label`` (what the user asked for) and the
+    mesh's shape, then ``note``."""
+    extra = f", {note}" if note else ""
+    table = Table(title=f"plan: {model.name} under {plan.rules.name} on {mesh_label} "
+                        f"({plan.describe_mesh()}, {plan.num_devices} devices{extra})",
                   title_justify="left")
     for col, justify in (("parameter", "left"), ("shape", "right"), ("logical axes", "left"),
                          ("spec", "left"), ("per device", "right")):
