@@ -1,0 +1,79 @@
+"""Scaled dot-product attention in plain jnp: the specification every attention backend meets.
+
+    o_i = sum_j softmax_j(s_ij) v_j,   s_ij = sm_scale * q_i . k_j   over keys j visible to query i
+
+Shapes follow ``jax.nn.dot_product_attention``: q (batch, seq_q, heads, head_dim), k and v
+(batch, seq_k, kv_heads, head_dim) with kv_heads dividing heads; query head h reads K/V head
+h // (heads // kv_heads), so grouped- and multi-query attention never repeat K/V. A query with no
+visible key returns zeros, and its log-sum-exp is +inf (so exp(s - lse) is 0 in any backward).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from mlsys_jax.kernels.configs import AttentionBlocks
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """Everything static about one attention call, handed to a backend's forward and backward."""
+
+    causal: bool
+    sm_scale: float
+    window: int | None = None
+    blocks: AttentionBlocks = AttentionBlocks()
+    interpret: bool = False
+
+
+def visible(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool, window: int | None,
+            q_seg: jax.Array | None = None, kv_seg: jax.Array | None = None) -> jax.Array:
+    """Whether key position ``k_pos`` is visible to query position ``q_pos`` (broadcasting).
+
+    Causal: k <= q. Sliding window w: q - k < w (and k - q < w when not causal). Segment ids:
+    the two positions belong to the same document. Kernels call this on their tiles.
+    """
+    ok = jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
+    if causal:
+        ok &= k_pos <= q_pos
+    if window is not None:
+        ok &= q_pos - k_pos < window
+        if not causal:
+            ok &= k_pos - q_pos < window
+    if q_seg is not None:
+        ok &= q_seg == kv_seg
+    return ok
+
+
+def attention_reference_with_lse(q: jax.Array, k: jax.Array, v: jax.Array,
+                                 q_seg: jax.Array | None, kv_seg: jax.Array | None,
+                                 opts: AttentionOptions) -> tuple[jax.Array, jax.Array]:
+    """Output (batch, seq_q, heads, head_dim) in q's dtype and log-sum-exp (batch, heads, seq_q) fp32."""
+    b, s, h, d = q.shape
+    t, kv = k.shape[1], k.shape[2]
+    qg = q.reshape(b, s, kv, h // kv, d)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * opts.sm_scale
+    qs = None if q_seg is None else q_seg[:, None, None, :, None]
+    ks = None if kv_seg is None else kv_seg[:, None, None, None, :]
+    mask = visible(jnp.arange(s)[:, None], jnp.arange(t)[None, :], causal=opts.causal,
+                   window=opts.window, q_seg=qs, kv_seg=ks)
+    mask = jnp.broadcast_to(mask, scores.shape)
+    scores = jnp.where(mask, scores, -jnp.inf)
+    m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(scores - m_safe), 0.0)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    probs = p / jnp.where(l == 0, 1.0, l)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    lse = jnp.where(l[..., 0] == 0, jnp.inf, m_safe[..., 0] + jnp.log(jnp.where(l[..., 0] == 0, 1.0, l[..., 0])))
+    return out.reshape(b, s, h, d).astype(q.dtype), lse.reshape(b, h, s)
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
+                        kv_seg: jax.Array | None, opts: AttentionOptions) -> jax.Array:
+    """The reference output alone, differentiated by JAX's autodiff."""
+    return attention_reference_with_lse(q, k, v, q_seg, kv_seg, opts)[0]

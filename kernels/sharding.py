@@ -1,0 +1,127 @@
+"""Run each kernel per shard under ``shard_map``, so a Pallas call composes with any placement.
+
+XLA cannot partition a Pallas call: left alone it would gather every input onto each device. Here
+each kernel runs on the shard it owns along the axes it is independent in (batch and heads for
+attention, rows for norms, tokens for the loss) and the wrappers add no collective of their own,
+except where the math needs one: the loss over a vocabulary split across devices combines its
+log-sum-exp across those devices. Specs say where the inputs already live; a dimension the kernel
+needs whole (the sequence for attention, features for norms) is left unsplit in ``in_specs``,
+which makes XLA gather it beforehand exactly as the unfused path would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mlsys_jax.kernels.attention import flash_attention
+
+
+def mesh_axes(entry: Any) -> tuple[str, ...]:
+    """The mesh axes one PartitionSpec entry names (None, a name, or a tuple of names)."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _entry(axes: tuple[str, ...]) -> Any:
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _size(mesh: Any, axes: tuple[str, ...]) -> int:
+    out = 1
+    for a in axes:
+        out *= mesh.shape[a]
+    return out
+
+
+def _padded(spec: P, ndim: int) -> tuple:
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _shard_map(fn: Callable, mesh: Any, in_specs: tuple, out_specs: Any, check_vma: bool = False) -> Callable:
+    # By default replication is not tracked (check_vma=False): Pallas calls carry no
+    # varying-axis types, and shard_map's transpose then sums cotangents of replicated inputs.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
+
+
+def _kv_for_local_heads(k: jax.Array, v: jax.Array, heads: int, kv_heads: int, head_axes: tuple[str, ...],
+                        shards: int) -> tuple[jax.Array, jax.Array]:
+    """This shard's K/V heads when query heads are split over ``head_axes`` but K/V are whole.
+
+    Query head h reads K/V head h // group; a shard holding query heads [i*hl, (i+1)*hl) needs
+    only the K/V heads of those groups, sliced here without any communication.
+    """
+    group, local = heads // kv_heads, heads // shards
+    index = jax.lax.axis_index(head_axes)
+    if local % group == 0:
+        n = local // group
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, index * n, n, axis=2)
+    elif group % local == 0:
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, (index * local) // group, 1, axis=2)
+    else:  # groups straddle shards: give each local query head its own K/V head
+        idx = (index * local + jnp.arange(local)) // group
+        take = lambda x: jnp.take(x, idx, axis=2)
+    return take(k), take(v)
+
+
+def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, q_spec: P,
+                            kv_spec: P, segment_ids: jax.Array | None = None, **kwargs: Any) -> jax.Array:
+    """``flash_attention`` per (batch, heads) shard. ``q_spec``/``kv_spec`` place (batch, seq,
+    heads, head_dim); the sequence and head_dim are kept whole inside. K/V heads that are not
+    split like the query heads are sliced locally to the groups each shard needs."""
+    qb, _, qh, _ = _padded(q_spec, 4)
+    kh = _padded(kv_spec, 4)[2]
+    batch, q_heads, kv_heads = mesh_axes(qb), mesh_axes(qh), mesh_axes(kh)
+    if kv_heads and kv_heads != q_heads:
+        kv_heads = ()  # an unusual split: take K/V heads whole and slice locally
+    shards = _size(mesh, q_heads)
+    slice_kv = bool(q_heads) and not kv_heads
+    if kv_heads and k.shape[2] % _size(mesh, kv_heads):
+        raise ValueError(f"kv_heads={k.shape[2]} does not split over mesh axes {kv_heads}")
+
+    q_in = P(_entry(batch), None, _entry(q_heads), None)
+    kv_in = P(_entry(batch), None, _entry(kv_heads), None)
+    seg_in = P(_entry(batch), None)
+
+    def local(q, k, v, *seg):
+        if slice_kv:
+            k, v = _kv_for_local_heads(k, v, q.shape[2] * shards, k.shape[2], q_heads, shards)
+        return flash_attention(q, k, v, segment_ids=seg[0] if seg else None, **kwargs)
+
+    args = (q, k, v) + ((segment_ids,) if segment_ids is not None else ())
+    specs = (q_in, kv_in, kv_in) + ((seg_in,) if segment_ids is not None else ())
+    return _shard_map(local, mesh, specs, q_in)(*args)
+
+
+def sharded_rows(fn: Callable[..., jax.Array], x: jax.Array, *params: jax.Array, mesh: Any,
+                 x_spec: P) -> jax.Array:
+    """``fn(x, *params)`` per shard of x's leading (row) dims; the feature dim and the
+    parameters are whole on every shard (norms: each row normalizes on its own)."""
+    lead = _padded(x_spec, x.ndim)[:-1]
+    x_in = P(*lead, None)
+    return _shard_map(fn, mesh, (x_in,) + (P(),) * len(params), x_in)(x, *params)
+
+
+def sharded_token_loss(fn: Callable[..., jax.Array], hidden: jax.Array, weight: jax.Array,
+                       labels: jax.Array, *, mesh: Any, token_spec: P, vocab_axes: tuple[str, ...]
+                       ) -> jax.Array:
+    """Per-token loss ``fn(hidden, weight, labels, vocab_axis=...)`` per shard of the tokens, with
+    the weight's vocabulary split over ``vocab_axes`` (tensor parallelism) and whole features."""
+    lead = _padded(token_spec, labels.ndim)
+    taken = {a for e in lead for a in mesh_axes(e)}
+    vocab_axes = tuple(a for a in vocab_axes if a not in taken)
+    if vocab_axes and weight.shape[1] % _size(mesh, vocab_axes):
+        raise ValueError(f"vocab={weight.shape[1]} does not split over mesh axes {vocab_axes}")
+    h_in = P(*lead, None)
+    w_in = P(None, _entry(vocab_axes))
+    t_in = P(*lead)
+
+    def local(h, w, y):
+        return fn(h, w, y, vocab_axis=_entry(vocab_axes))
+
+    return _shard_map(local, mesh, (h_in, w_in, t_in), t_in)(hidden, weight, labels)
