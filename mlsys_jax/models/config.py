@@ -6,7 +6,11 @@ import dataclasses
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("xla", "cudnn")
+# "xla": plain jnp that XLA partitions itself; "pallas": the best Pallas kernel for the platform
+# (interpreted on CPU); a backend's name runs that backend; "auto"/"fused": the kernels' own choice.
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "pallas_triton", "pallas_tpu", "auto")
+NORM_IMPLS = ("xla", "pallas", "pallas_triton", "pallas_tpu")
+LOSS_IMPLS = ("xla", "fused", "chunked", "pallas_triton", "pallas_tpu")
 
 
 class ConfigError(ValueError):
@@ -22,7 +26,7 @@ class LlamaConfig:
     n_layers: int = 2
     n_heads: int = 8
     n_kv_heads: int = 4
-    head_dim: int = 8
+    head_dim: int = 16             # the smallest every attention kernel tiles (Triton's dot)
     d_ff: int = 256
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
@@ -30,7 +34,9 @@ class LlamaConfig:
     dtype: str = "bfloat16"        # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
     remat: str = "none"            # none | full | save_dots
-    attention: str = "xla"         # xla | cudnn
+    attention_impl: str = "xla"    # see ATTENTION_IMPLS
+    norm_impl: str = "xla"         # see NORM_IMPLS
+    loss_impl: str = "xla"         # xla (whole logits) or a fused linear cross-entropy (LOSS_IMPLS)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -46,8 +52,10 @@ class LlamaConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ConfigError(f"attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        for name, allowed in (("attention_impl", ATTENTION_IMPLS), ("norm_impl", NORM_IMPLS),
+                              ("loss_impl", LOSS_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)

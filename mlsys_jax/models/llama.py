@@ -16,16 +16,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from mlsys_jax.models import kernel_ops
 from mlsys_jax.models.config import LlamaConfig
 from mlsys_jax.models.layers import (
-    ATTENTION,
     Constrain,
     apply_rope,
     embedding_lookup,
     logits_projection,
     no_constraint,
     qkv_projection,
-    rms_norm,
     rope_angles,
     swiglu,
 )
@@ -67,20 +66,25 @@ def param_specs(cfg: LlamaConfig) -> Params:
 
 
 def _block(cfg: LlamaConfig, constrain: Constrain, cos: jax.Array, sin: jax.Array):
-    attend = ATTENTION[cfg.attention]
     dt = jnp.dtype(cfg.dtype)
+
+    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        return kernel_ops.attention(q, k, v, cfg.attention_impl, constrain)
+
+    def rms_norm(x: jax.Array, w: jax.Array) -> jax.Array:
+        return kernel_ops.norm(x, w, cfg.norm_eps, cfg.norm_impl, constrain)
 
     def block(x: jax.Array, w: Params) -> tuple[jax.Array, None]:
         w = jax.tree_util.tree_map(lambda a: a.astype(dt), w)
-        y = rms_norm(x, w["attn_norm"], cfg.norm_eps)
+        y = rms_norm(x, w["attn_norm"])
         q, k, v = qkv_projection(y, w["wq"], w["wk"], w["wv"])
         q = constrain(q, ("batch", "seq", "heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        o = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, causal=True)
+        o = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
         o = constrain(o, ("batch", "seq", "heads", "head_dim"))
         x = constrain(x + jnp.einsum("bshk,hkd->bsd", o, w["wo"]), ("batch", "seq", "embed"))
-        y = rms_norm(x, w["mlp_norm"], cfg.norm_eps)
+        y = rms_norm(x, w["mlp_norm"])
         x = x + swiglu(y, w["w_gate"], w["w_up"], w["w_down"], constrain)
         return constrain(x, ("batch", "seq", "embed")), None
 
@@ -99,16 +103,27 @@ def hidden_states(params: Params, tokens: jax.Array, cfg: LlamaConfig,
     x = constrain(embedding_lookup(table, tokens), ("batch", "seq", "embed"))
     cos, sin = rope_angles(jnp.arange(tokens.shape[1]), cfg.head_dim, cfg.rope_theta)
     x, _ = jax.lax.scan(_block(cfg, constrain, cos, sin), x, params["layers"])
-    return rms_norm(x, params["final_norm"].astype(dt), cfg.norm_eps)
+    return kernel_ops.norm(x, params["final_norm"].astype(dt), cfg.norm_eps, cfg.norm_impl, constrain)
+
+
+def _head(params: Params, cfg: LlamaConfig, dtype: Any) -> jax.Array:
+    return (params["embed"].T if cfg.tie_embeddings else params["head"]).astype(dtype)
 
 
 def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig,
             constrain: Constrain = no_constraint) -> jax.Array:
     """Next-token logits in fp32, (batch, seq, vocab), for int tokens of shape (batch, seq)."""
     x = hidden_states(params, tokens, cfg, constrain)
-    head = params["embed"].T if cfg.tie_embeddings else params["head"]
-    logits = logits_projection(x, head.astype(x.dtype))
+    logits = logits_projection(x, _head(params, cfg, x.dtype))
     return constrain(logits, ("batch", "seq", "vocab"))
+
+
+def loss_sums(params: Params, tokens: jax.Array, targets: jax.Array, mask: jax.Array, cfg: LlamaConfig,
+              constrain: Constrain = no_constraint) -> tuple[jax.Array, jax.Array]:
+    """(sum, count) of next-token cross-entropy through the fused loss: the logits of
+    ``forward`` are never formed whole."""
+    x = hidden_states(params, tokens, cfg, constrain)
+    return kernel_ops.next_token_loss(x, _head(params, cfg, x.dtype), targets, mask, cfg.loss_impl, constrain)
 
 
 def matmul_params(cfg: LlamaConfig) -> int:
@@ -135,4 +150,7 @@ def language_model(cfg: LlamaConfig, name: str = "llama") -> LanguageModel:
         vocab_size=cfg.vocab_size,
         config=cfg,
         compute_dtype=jnp.dtype(cfg.dtype),
+        loss=None if cfg.loss_impl == "xla" else (
+            lambda params, tokens, targets, mask, constrain:
+                loss_sums(params, tokens, targets, mask, cfg, constrain)),
     )

@@ -234,6 +234,12 @@ class Plan:
         spec = self.activation_spec(logical_axes, x.shape, name)
         return jax.lax.with_sharding_constraint(x, self.sharding(spec))
 
+    def __call__(self, x: jax.Array, logical_axes: Sequence[str | None],
+                 name: str = "<activation>") -> jax.Array:
+        """A plan is the model's ``constrain`` hook; kernels also read its ``mesh`` and
+        ``activation_spec`` to run per shard."""
+        return self.constrain(x, logical_axes, name)
+
     def replicated(self) -> NamedSharding:
         return self.sharding(PartitionSpec())
 

@@ -82,8 +82,14 @@ class RunConfig:
     """Compute dtype (parameters stay float32)."""
     remat: str = "none"
     """Activation checkpointing per layer: none, full, save_dots."""
-    attention: str = "xla"
-    """Attention implementation: xla, cudnn (GPU)."""
+    attention_impl: str = "xla"
+    """Attention: xla, cudnn (GPU), pallas (best Pallas kernel here; interpreted on CPU),
+    pallas_triton, pallas_tpu, auto."""
+    norm_impl: str = "xla"
+    """RMSNorm: xla, pallas, pallas_triton, pallas_tpu."""
+    loss_impl: str = "xla"
+    """Cross-entropy: xla (whole logits), fused (chunked linear cross-entropy: best backend
+    here), chunked, pallas_triton, pallas_tpu."""
     sequence_parallel: bool = False
     """Shard activations' sequence dim over the 'sequence' mesh axis."""
     coordinator: str | None = None
@@ -148,7 +154,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
     mesh = make_mesh(preset if preset is not None else sizes)
     plan = Plan(mesh, rules(strategy, sequence_parallel=cfg.sequence_parallel),
                 device=preset.device if preset is not None else None)
-    model_cfg = get_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat, attention=cfg.attention)
+    model_cfg = get_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat, attention_impl=cfg.attention_impl,
+                           norm_impl=cfg.norm_impl, loss_impl=cfg.loss_impl)
     tokenizer = data_lib.ByteTokenizer()
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise PlanError(

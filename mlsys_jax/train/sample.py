@@ -34,7 +34,7 @@ def generate(model: LanguageModel, plan: Plan, params: Any, prompts: list[np.nda
     def run(params: Any, buf: jax.Array, pos: jax.Array, key: jax.Array) -> jax.Array:
         def body(_, carry):
             buf, pos, key = carry
-            logits = model.apply(params, buf, plan.constrain)
+            logits = model.apply(params, buf, plan)
             last = jnp.take_along_axis(logits, (pos - 1)[:, None, None], axis=1)[:, 0]
             key, sub = jax.random.split(key)
             if temperature > 0:

@@ -15,8 +15,7 @@ import optax
 
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.plan import Plan
-from mlsys_jax.train.loss import cross_entropy_sums
-from mlsys_jax.train.model import LanguageModel
+from mlsys_jax.train.model import LanguageModel, next_token_loss_sums
 from mlsys_jax.train.state import TrainState, abstract_state, state_shardings
 
 BATCH_KEYS = ("inputs", "targets", "mask")
@@ -101,8 +100,7 @@ def make_train_step(
 
     def loss_sums(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         compute = cast_for_compute(model, params, state_sh.params)
-        logits = model.apply(compute, batch["inputs"], plan.constrain)
-        return cross_entropy_sums(logits, batch["targets"], batch["mask"])
+        return next_token_loss_sums(model, compute, batch, plan)
 
     grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
 
@@ -156,8 +154,7 @@ def make_eval_step(model: LanguageModel, plan: Plan, optimizer: optax.GradientTr
     tokens_sh = plan.activation_sharding(("batch", "seq"))
 
     def evaluate(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        logits = model.apply(cast_for_compute(model, params, param_sh), batch["inputs"], plan.constrain)
-        return cross_entropy_sums(logits, batch["targets"], batch["mask"])
+        return next_token_loss_sums(model, cast_for_compute(model, params, param_sh), batch, plan)
 
     return jax.jit(
         evaluate,

@@ -1,0 +1,395 @@
+"""Flash attention as Pallas kernels for the Triton (GPU) lowering: backend ``pallas_triton``.
+
+Forward: one program per (query block, batch, head) streams the key blocks it can see, keeping a
+running max and sum (online softmax) in fp32, and writes the output and the log-sum-exp. Backward
+(flash-attention-2): ``delta = rowsum(do * o)`` up front, then a dK/dV kernel per key block that
+loops over the query heads of its K/V group and the query blocks that can see it, and a dQ kernel
+per query block that loops over the key blocks it can see. Probabilities are recomputed from the
+log-sum-exp. K/V are never repeated per query head: index maps pick the group's K/V head.
+
+Sequences are padded to whole blocks in the wrappers; padded keys are masked, padded queries
+sliced off. Causal and sliding-window masks bound every loop (``key_block_range``,
+``query_block_range``) so blocks with no visible entry are never visited. On CPU the kernels run
+in Pallas's interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from mlsys_jax.kernels.attention import FLOAT_DTYPES, register_pallas
+from mlsys_jax.kernels.attention_reference import AttentionOptions, visible
+
+try:  # the Triton lowering's parameters; absent from a jax without GPU Pallas support
+    from jax.experimental.pallas import triton as _plgpu
+except ImportError:  # pragma: no cover
+    _plgpu = None
+
+__all__ = ["forward", "backward", "check", "key_block_range", "query_block_range", "effective_block"]
+
+# A dimension a BlockSpec drops from the kernel's view (``pl.squeezed`` where the API has it).
+_SQ = getattr(pl, "squeezed", None)
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+# Triton's dot needs every operand dimension >= 16; head_dim beyond 256 overflows shared memory.
+_MIN_DIM = 16
+_MAX_HEAD_DIM = 256
+
+
+# --- which blocks can hold a visible entry ------------------------------------------------------
+
+def _is_static(*xs) -> bool:
+    return all(isinstance(x, int) for x in xs)
+
+
+def _max(a, b):
+    return max(a, b) if _is_static(a, b) else jnp.maximum(a, b)
+
+
+def _min(a, b):
+    return min(a, b) if _is_static(a, b) else jnp.minimum(a, b)
+
+
+def _div(a, b: int):
+    """a // b for a >= 0, on Python ints or traced int32 (lax.div avoids floor-division fixups)."""
+    return a // b if _is_static(a) else lax.div(a, jnp.int32(b))
+
+
+def _select(cond, a, b):
+    return (a if cond else b) if _is_static(cond, a, b) else jnp.where(cond, a, b)
+
+
+def key_block_range(q_block, block_q: int, block_k: int, seq_q: int, seq_k: int, *,
+                    causal: bool, window: int | None):
+    """Key blocks [lo, hi) that can hold a key visible to some query of ``q_block``.
+
+    Queries of the block are [q_block * block_q, min(.. + block_q, seq_q)); a key j is visible to
+    query i when j <= i (causal) and |i - j| < window (only i - j when causal). ``q_block`` may be
+    a traced int32 (a program id). Segment ids are not considered: they only hide more.
+    """
+    first_q = q_block * block_q
+    last_q = _min(first_q + block_q, seq_q) - 1
+    # The keys some query of the block sees form one interval: the union of overlapping ones.
+    first_k = 0 if window is None else _max(first_q - window + 1, 0)
+    last_k = last_q if causal else (seq_k - 1 if window is None else last_q + window - 1)
+    return _block_interval(first_k, _min(last_k, seq_k - 1), block_k, seq_k)
+
+
+def query_block_range(k_block, block_q: int, block_k: int, seq_q: int, seq_k: int, *,
+                      causal: bool, window: int | None):
+    """Query blocks [lo, hi) holding some query that sees a key of ``k_block`` (see ``key_block_range``)."""
+    first_k = k_block * block_k
+    last_k = _min(first_k + block_k, seq_k) - 1
+    first_q = first_k if causal else (0 if window is None else _max(first_k - window + 1, 0))
+    last_q = seq_q - 1 if window is None else last_k + window - 1
+    return _block_interval(first_q, _min(last_q, seq_q - 1), block_q, seq_q)
+
+
+def _block_interval(first, last, block: int, seq: int):
+    """Blocks [lo, hi) covering positions first..last of a sequence; empty (lo == hi) when first > last."""
+    lo = _min(_div(first, block), pl.cdiv(seq, block))
+    # hi falls back to lo, never to a literal: Triton mis-lowers a select between two constants.
+    return lo, _select(first > last, lo, _div(_max(last, 0), block) + 1)
+
+
+# --- what the backend accepts -------------------------------------------------------------------
+
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def check(*, dtype, head_dim: int, **_) -> str | None:
+    """Why the Triton kernels cannot serve these arguments, or None."""
+    if jnp.dtype(dtype) not in FLOAT_DTYPES:
+        return f"the Triton kernels take float32, bfloat16 or float16, not {jnp.dtype(dtype).name}"
+    if not _power_of_two(head_dim) or not _MIN_DIM <= head_dim <= _MAX_HEAD_DIM:
+        return (f"the Triton kernels need head_dim a power of two from {_MIN_DIM} to {_MAX_HEAD_DIM} "
+                f"(Triton tiles are powers of two), got {head_dim}")
+    return None
+
+
+def effective_block(block: int, seq: int, name: str) -> int:
+    """The tile used along a sequence of length ``seq``: ``block``, shrunk for short sequences.
+
+    Tiles are powers of two >= 16 (Triton's dot); a sequence shorter than ``block`` gets the
+    smallest such tile that covers it.
+    """
+    if not _power_of_two(block) or block < _MIN_DIM:
+        raise ValueError(
+            f"pallas_triton: AttentionBlocks.{name}={block} must be a power of two >= {_MIN_DIM} "
+            f"(Triton tiles). Fix: use e.g. {_MIN_DIM}, 32, 64 or 128."
+        )
+    return min(block, max(_MIN_DIM, pl.next_power_of_2(seq)))
+
+
+# --- kernel helpers -----------------------------------------------------------------------------
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """A matmul contracting dim ``contract[0]`` of a with ``contract[1]`` of b, accumulated in fp32.
+
+    HIGHEST keeps fp32 inputs in IEEE fp32 on GPU (the default would round them to TF32).
+    """
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+
+def _tile_mask(first_q, block_q: int, first_k, block_k: int, seq_k: int, opts: AttentionOptions,
+               q_seg: jax.Array | None, kv_seg: jax.Array | None) -> jax.Array | None:
+    """Which entries of a (block_q, block_k) tile are visible, or None when all of them are."""
+    needs_bounds = seq_k % block_k != 0
+    if not (opts.causal or opts.window is not None or q_seg is not None or needs_bounds):
+        return None
+    q_pos = (first_q + jnp.arange(block_q, dtype=jnp.int32))[:, None]
+    k_pos = (first_k + jnp.arange(block_k, dtype=jnp.int32))[None, :]
+    mask = visible(q_pos, k_pos, causal=opts.causal, window=opts.window,
+                   q_seg=None if q_seg is None else q_seg[:, None],
+                   kv_seg=None if kv_seg is None else kv_seg[None, :])
+    if needs_bounds:
+        mask &= k_pos < seq_k
+    return mask
+
+
+def _scores(q, k, first_q, first_k, seq_k, opts, q_seg, kv_seg) -> jax.Array:
+    """Masked scores in base 2: sm_scale * log2(e) * q k^T, -inf where hidden."""
+    s = _dot(q, k, (1, 1)) * (opts.sm_scale * _LOG2E)
+    mask = _tile_mask(first_q, q.shape[0], first_k, k.shape[0], seq_k, opts, q_seg, kv_seg)
+    return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+def _compiler_params(opts: AttentionOptions):
+    params = None if _plgpu is None else getattr(_plgpu, "CompilerParams", None)
+    params = params or getattr(_plgpu, "TritonCompilerParams", None)
+    if params is None:  # pragma: no cover
+        return None
+    return params(num_warps=opts.blocks.num_warps, num_stages=opts.blocks.num_stages)
+
+
+def _pad_seq(x: jax.Array | None, axis: int, size: int, value=0) -> jax.Array | None:
+    if x is None or x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+# --- forward ------------------------------------------------------------------------------------
+
+def _forward_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, seq_q: int,
+                    seq_k: int, segments: bool):
+    if segments:
+        q_ref, k_ref, v_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
+        q_seg = q_seg_ref[...]
+    else:
+        q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+        q_seg = kv_seg_ref = None
+    q_block = pl.program_id(0)
+    first_q = q_block * block_q
+    q = q_ref[...]
+    head_dim = q.shape[-1]
+
+    def body(kb, carry):
+        acc, m, l = carry
+        first_k = pl.multiple_of(kb * block_k, block_k)
+        keys = pl.ds(first_k, block_k)
+        kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
+        s = _scores(q, k_ref[keys, :], first_q, first_k, seq_k, opts, q_seg, kv_seg)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        # Until a row has seen a visible key its max is -inf; shift by 0 then (p is 0 anyway).
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        rescale = jnp.exp2(m - shift)
+        p = jnp.exp2(s - shift[:, None])
+        v = v_ref[keys, :]
+        acc = acc * rescale[:, None] + _dot(p.astype(v.dtype), v, (1, 0))
+        return acc, m_new, l * rescale + jnp.sum(p, axis=1)
+
+    lo, hi = key_block_range(q_block, block_q, block_k, seq_q, seq_k, causal=opts.causal,
+                             window=opts.window)
+    init = (jnp.zeros((block_q, head_dim), jnp.float32),
+            jnp.full((block_q,), -jnp.inf, jnp.float32),
+            jnp.zeros((block_q,), jnp.float32))
+    acc, m, l = lax.fori_loop(lo, hi, body, init)
+    empty = l == 0.0  # a query that sees no key: zeros, lse = +inf
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(empty, jnp.inf, (m + jnp.log2(l_safe)) * _LN2)
+
+
+def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
+            kv_seg: jax.Array | None, opts: AttentionOptions) -> tuple[jax.Array, jax.Array]:
+    """Attention output (B, S, H, D) in q's dtype and log-sum-exp (B, H, S) fp32."""
+    b, seq_q, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    block_q = effective_block(opts.blocks.block_q, seq_q, "block_q")
+    block_k = effective_block(opts.blocks.block_k, seq_k, "block_k")
+    nq, nk = pl.cdiv(seq_q, block_q), pl.cdiv(seq_k, block_k)
+    pad_q, pad_k = nq * block_q, nk * block_k
+    segments = q_seg is not None
+
+    qkv_block = lambda rows: (_SQ, rows, _SQ, head_dim)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec(qkv_block(block_q), lambda i, bi, h: (bi, i, h, 0)),
+        pl.BlockSpec(qkv_block(pad_k), lambda i, bi, h: (bi, 0, lax.div(h, group), 0)),
+        pl.BlockSpec(qkv_block(pad_k), lambda i, bi, h: (bi, 0, lax.div(h, group), 0)),
+    ]
+    args = [_pad_seq(q, 1, pad_q), _pad_seq(k, 1, pad_k), _pad_seq(v, 1, pad_k)]
+    if segments:
+        in_specs += [pl.BlockSpec((_SQ, block_q), lambda i, bi, h: (bi, i)),
+                     pl.BlockSpec((_SQ, pad_k), lambda i, bi, h: (bi, 0))]
+        args += [_pad_seq(q_seg, 1, pad_q), _pad_seq(kv_seg, 1, pad_k)]
+    kernel = functools.partial(_forward_kernel, opts=opts, block_q=block_q, block_k=block_k,
+                               seq_q=seq_q, seq_k=seq_k, segments=segments)
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(nq, b, heads),
+        in_specs=in_specs,
+        out_specs=[pl.BlockSpec(qkv_block(block_q), lambda i, bi, h: (bi, i, h, 0)),
+                   pl.BlockSpec((_SQ, _SQ, block_q), lambda i, bi, h: (bi, h, i))],
+        out_shape=[jax.ShapeDtypeStruct((b, pad_q, heads, head_dim), q.dtype),
+                   jax.ShapeDtypeStruct((b, heads, pad_q), jnp.float32)],
+        compiler_params=_compiler_params(opts),
+        interpret=opts.interpret,
+        name="flash_attention_fwd_triton",
+    )(*args)
+    return o[:, :seq_q], lse[:, :, :seq_q]
+
+
+# --- backward -----------------------------------------------------------------------------------
+
+def _dkdv_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, seq_q: int,
+                 seq_k: int, group: int, segments: bool):
+    if segments:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
+        kv_seg = kv_seg_ref[...]
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref = refs
+        q_seg_ref = kv_seg = None
+    k_block = pl.program_id(0)
+    first_k = k_block * block_k
+    k, v = k_ref[...], v_ref[...]
+    lo, hi = query_block_range(k_block, block_q, block_k, seq_q, seq_k, causal=opts.causal,
+                               window=opts.window)
+
+    def head_body(g, carry):
+        def query_body(qb, carry):
+            dk, dv = carry
+            first_q = pl.multiple_of(qb * block_q, block_q)
+            rows = pl.ds(first_q, block_q)
+            q, do = q_ref[rows, g, :], do_ref[rows, g, :]
+            q_seg = None if q_seg_ref is None else q_seg_ref[rows]
+            s = _scores(q, k, first_q, first_k, seq_k, opts, q_seg, kv_seg)
+            p = jnp.exp2(s - (lse_ref[g, rows] * _LOG2E)[:, None])
+            dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
+            ds = p * (_dot(do, v, (1, 1)) - delta_ref[g, rows][:, None])
+            dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
+            return dk, dv
+        return lax.fori_loop(lo, hi, query_body, carry)
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, group, head_body, (zeros, zeros))
+    dk_ref[...] = (dk * opts.sm_scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, seq_q: int, seq_k: int,
+               segments: bool):
+    if segments:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_seg_ref, kv_seg_ref, dq_ref = refs
+        q_seg = q_seg_ref[...]
+    else:
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
+        q_seg = kv_seg_ref = None
+    q_block = pl.program_id(0)
+    first_q = q_block * block_q
+    q, do = q_ref[...], do_ref[...]
+    lse2 = lse_ref[...] * _LOG2E
+    delta = delta_ref[...]
+
+    def body(kb, dq):
+        first_k = pl.multiple_of(kb * block_k, block_k)
+        keys = pl.ds(first_k, block_k)
+        k = k_ref[keys, :]
+        kv_seg = None if kv_seg_ref is None else kv_seg_ref[keys]
+        s = _scores(q, k, first_q, first_k, seq_k, opts, q_seg, kv_seg)
+        p = jnp.exp2(s - lse2[:, None])
+        ds = p * (_dot(do, v_ref[keys, :], (1, 1)) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, (1, 0))
+
+    lo, hi = key_block_range(q_block, block_q, block_k, seq_q, seq_k, causal=opts.causal,
+                             window=opts.window)
+    dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * opts.sm_scale).astype(dq_ref.dtype)
+
+
+def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
+             kv_seg: jax.Array | None, o: jax.Array, lse: jax.Array, do: jax.Array,
+             opts: AttentionOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """dq, dk, dv of the attention output with cotangent ``do``, in the inputs' dtypes."""
+    b, seq_q, heads, head_dim = q.shape
+    seq_k, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    block_q = effective_block(opts.blocks.block_q_bwd, seq_q, "block_q_bwd")
+    block_k = effective_block(opts.blocks.block_k_bwd, seq_k, "block_k_bwd")
+    nq, nk = pl.cdiv(seq_q, block_q), pl.cdiv(seq_k, block_k)
+    pad_q, pad_k = nq * block_q, nk * block_k
+    segments = q_seg is not None
+
+    # delta_i = sum_d do_id o_id: the softmax's correction term, once per query row.
+    delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), o.astype(jnp.float32))
+    q_p, do_p = _pad_seq(q, 1, pad_q), _pad_seq(do.astype(q.dtype), 1, pad_q)
+    k_p, v_p = _pad_seq(k, 1, pad_k), _pad_seq(v, 1, pad_k)
+    # Padded query rows get lse = +inf, so their probabilities (and gradients) are 0.
+    lse_p, delta_p = _pad_seq(lse, 2, pad_q, jnp.inf), _pad_seq(delta, 2, pad_q)
+    seg_args = [_pad_seq(q_seg, 1, pad_q), _pad_seq(kv_seg, 1, pad_k)] if segments else []
+    statics = dict(opts=opts, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k,
+                   segments=segments)
+    rows = lambda n: (_SQ, n, _SQ, head_dim)  # noqa: E731
+
+    # dK, dV: one program per (key block, batch, K/V head), looping over the group's query heads.
+    group_rows = pl.BlockSpec((_SQ, pad_q, group, head_dim), lambda j, bi, kh: (bi, 0, kh, 0))
+    group_stats = pl.BlockSpec((_SQ, group, pad_q), lambda j, bi, kh: (bi, kh, 0))
+    kv_block = pl.BlockSpec(rows(block_k), lambda j, bi, kh: (bi, j, kh, 0))
+    in_specs = [group_rows, kv_block, kv_block, group_rows, group_stats, group_stats]
+    if segments:
+        in_specs += [pl.BlockSpec((_SQ, pad_q), lambda j, bi, kh: (bi, 0)),
+                     pl.BlockSpec((_SQ, block_k), lambda j, bi, kh: (bi, j))]
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, group=group, **statics),
+        grid=(nk, b, kv_heads),
+        in_specs=in_specs,
+        out_specs=[kv_block, kv_block],
+        out_shape=[jax.ShapeDtypeStruct(k_p.shape, k.dtype), jax.ShapeDtypeStruct(v_p.shape, v.dtype)],
+        compiler_params=_compiler_params(opts),
+        interpret=opts.interpret,
+        name="flash_attention_dkdv_triton",
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p, *seg_args)
+
+    # dQ: one program per (query block, batch, head), looping over the key blocks it sees.
+    q_block = pl.BlockSpec(rows(block_q), lambda i, bi, h: (bi, i, h, 0))
+    kv_full = pl.BlockSpec(rows(pad_k), lambda i, bi, h: (bi, 0, lax.div(h, group), 0))
+    stats = pl.BlockSpec((_SQ, _SQ, block_q), lambda i, bi, h: (bi, h, i))
+    in_specs = [q_block, kv_full, kv_full, q_block, stats, stats]
+    if segments:
+        in_specs += [pl.BlockSpec((_SQ, block_q), lambda i, bi, h: (bi, i)),
+                     pl.BlockSpec((_SQ, pad_k), lambda i, bi, h: (bi, 0))]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, **statics),
+        grid=(nq, b, heads),
+        in_specs=in_specs,
+        out_specs=q_block,
+        out_shape=jax.ShapeDtypeStruct(q_p.shape, q.dtype),
+        compiler_params=_compiler_params(opts),
+        interpret=opts.interpret,
+        name="flash_attention_dq_triton",
+    )(q_p, k_p, v_p, do_p, lse_p, delta_p, *seg_args)
+    return dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k]
+
+
+register_pallas("pallas_triton", ("gpu",), forward, backward, check)
