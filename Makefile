@@ -22,6 +22,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/compile_time.py
 	$(PY) bench/strategies.py
+	$(PY) bench/kernels.py
+	$(PY) bench/loss_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

@@ -66,6 +66,14 @@ def _measure(fn: Callable[[], Any], repeats: int) -> tuple[float | None, str]:
         return None, f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
 
 
+def not_native(kernel: str, registry: Any, plat: str, case: str, metric: str) -> list[Row]:
+    """Rows saying which of our backends could not be timed on this platform, and why."""
+    return [Row(kernel, f"ours:{n}", case, metric, None, None,
+                note=f"not measured: runs on {'/'.join(b.platforms)}"
+                     + (" (only interpreted here)" if b.interpretable and plat == "cpu" else ""))
+            for n, b in registry.backends.items() if plat not in b.platforms]
+
+
 # --- attention ------------------------------------------------------------------------------------
 
 def attention_contenders(platform_name: str, dtype: Any) -> dict[str, tuple[Callable, bool]]:
@@ -125,7 +133,7 @@ def bench_attention(shape: tuple[int, int, int, int], dtype: Any, repeats: int) 
                                 None if sec is None else sec * 1e3,
                                 None if sec is None or xla is None else xla / sec,
                                 None if sec is None or cudnn is None else cudnn / sec, note))
-    return rows
+    return rows + not_native("attention", ATTENTION, plat, f"B{b} S{s} H{h} D{d}", "TFLOP/s")
 
 
 # --- RMSNorm -------------------------------------------------------------------------------------
@@ -164,7 +172,7 @@ def bench_rms_norm(rows_n: int, features: int, dtype: Any, repeats: int) -> list
             out.append(Row("rms_norm", name, f"{case} {mode}", "GB/s",
                            None if sec is None else moved / sec / 1e9, None if sec is None else sec * 1e3,
                            None if sec is None or xla is None else xla / sec, note=note))
-    return out
+    return out + not_native("rms_norm", norms.RMS_NORM, plat, case, "GB/s")
 
 
 # --- fused linear cross-entropy -----------------------------------------------------------------
@@ -209,7 +217,7 @@ def bench_loss(tokens: int, d: int, vocab: int, dtype: Any, repeats: int) -> lis
             ratio = None if not xla_m else peak[name] / xla_m
             out.append(Row("linear_cross_entropy", f"ours:{name}", case, "peak MiB", peak[name] / 2**20,
                            None, note=f"peak/unfused = {ratio:.3f}" if ratio is not None else ""))
-    return out
+    return out + not_native("linear_cross_entropy", reg, plat, case, "ms")
 
 
 # --- report --------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ __all__ = ["forward", "backward", "check", "block_visible", "kv_block_range", "q
 
 LANES = 128  # the minor (lane) width of a TPU vreg: last block dims are multiples of it
 SUBLANES = 8  # the second-minor (sublane) width
+_SQ = getattr(pl, "squeezed", None)  # a block dim of 1 dropped from the kernel's view
+_PARALLEL = getattr(pltpu, "PARALLEL", "parallel")
+_ARBITRARY = getattr(pltpu, "ARBITRARY", "arbitrary")
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 
@@ -185,7 +188,7 @@ def _interpret(opts: AttentionOptions):
     return params() if params is not None else True
 
 
-def _compiler_params(semantics: tuple[str, ...]):
+def _compiler_params(semantics: tuple):
     params = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
     return params(dimension_semantics=semantics)
 
@@ -282,13 +285,13 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     qt = _heads_major(q, nq * bq, dp)
     kt, vt = _heads_major(k, nk * bk, dp), _heads_major(v, nk * bk, dp)
 
-    q_spec = pl.BlockSpec((None, None, bq, dp), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, dp),
+    q_spec = pl.BlockSpec((_SQ, _SQ, bq, dp), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
+    kv_spec = pl.BlockSpec((_SQ, _SQ, bk, dp),
                            lambda bi, hi, qi, ki: (bi, _div(hi, group), t.k_index(qi, ki), 0))
     in_specs, args = [q_spec, kv_spec, kv_spec], [qt, kt, vt]
     if t.segments:
-        in_specs = [pl.BlockSpec((None, bq, LANES), lambda bi, hi, qi, ki: (bi, qi, 0)),
-                    pl.BlockSpec((None, 1, bk), lambda bi, hi, qi, ki: (bi, 0, t.k_index(qi, ki))),
+        in_specs = [pl.BlockSpec((_SQ, bq, LANES), lambda bi, hi, qi, ki: (bi, qi, 0)),
+                    pl.BlockSpec((_SQ, 1, bk), lambda bi, hi, qi, ki: (bi, 0, t.k_index(qi, ki))),
                     *in_specs]
         args = [_seg_column(q_seg, nq * bq), _seg_row(kv_seg, nk * bk), *args]
 
@@ -297,12 +300,12 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         grid=(b, h, nq, nk),
         in_specs=in_specs,
         out_specs=[q_spec,
-                   pl.BlockSpec((None, None, bq, LANES), lambda bi, hi, qi, ki: (bi, hi, qi, 0))],
+                   pl.BlockSpec((_SQ, _SQ, bq, LANES), lambda bi, hi, qi, ki: (bi, hi, qi, 0))],
         out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, nq * bq, LANES), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                         pltpu.VMEM((bq, dp), jnp.float32)],
-        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=_compiler_params((_PARALLEL,) * 3 + (_ARBITRARY,)),
         interpret=_interpret(opts),
         name="flash_attention_tpu_fwd",
     )(*args)
@@ -408,15 +411,15 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     def row_map(bi, ki, kb, g, qi):
         return bi, ki * group + g, 0, t.q_index(kb, qi)
 
-    kv_spec = pl.BlockSpec((None, None, bk, dp), lambda bi, ki, kb, g, qi: (bi, ki, kb, 0))
-    q_spec = pl.BlockSpec((None, None, bq, dp), q_map)
-    row_spec = pl.BlockSpec((None, None, 1, bq), row_map)
+    kv_spec = pl.BlockSpec((_SQ, _SQ, bk, dp), lambda bi, ki, kb, g, qi: (bi, ki, kb, 0))
+    q_spec = pl.BlockSpec((_SQ, _SQ, bq, dp), q_map)
+    row_spec = pl.BlockSpec((_SQ, _SQ, 1, bq), row_map)
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [qt, kt, vt, do_t, lse_row, delta_row]
     if t.segments:
-        in_specs = [pl.BlockSpec((None, 1, bq),
+        in_specs = [pl.BlockSpec((_SQ, 1, bq),
                                  lambda bi, ki, kb, g, qi: (bi, 0, t.q_index(kb, qi))),
-                    pl.BlockSpec((None, bk, LANES), lambda bi, ki, kb, g, qi: (bi, kb, 0)),
+                    pl.BlockSpec((_SQ, bk, LANES), lambda bi, ki, kb, g, qi: (bi, kb, 0)),
                     *in_specs]
         args = [_seg_row(q_seg, sp), _seg_column(kv_seg, tp), *args]
     dk, dv = pl.pallas_call(
@@ -426,22 +429,21 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)],
-        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary",
-                                          "arbitrary")),
+        compiler_params=_compiler_params((_PARALLEL,) * 3 + (_ARBITRARY,) * 2),
         interpret=interpret,
         name="flash_attention_tpu_dkv",
     )(*args)
 
     # dQ: grid (batch, heads, q_blocks, k_blocks).
-    q_spec = pl.BlockSpec((None, None, bq, dp), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, dp),
+    q_spec = pl.BlockSpec((_SQ, _SQ, bq, dp), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
+    kv_spec = pl.BlockSpec((_SQ, _SQ, bk, dp),
                            lambda bi, hi, qi, ki: (bi, _div(hi, group), t.k_index(qi, ki), 0))
-    row_spec = pl.BlockSpec((None, None, 1, bq), lambda bi, hi, qi, ki: (bi, hi, 0, qi))
+    row_spec = pl.BlockSpec((_SQ, _SQ, 1, bq), lambda bi, hi, qi, ki: (bi, hi, 0, qi))
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [qt, kt, vt, do_t, lse_row, delta_row]
     if t.segments:
-        in_specs = [pl.BlockSpec((None, bq, LANES), lambda bi, hi, qi, ki: (bi, qi, 0)),
-                    pl.BlockSpec((None, 1, bk), lambda bi, hi, qi, ki: (bi, 0, t.k_index(qi, ki))),
+        in_specs = [pl.BlockSpec((_SQ, bq, LANES), lambda bi, hi, qi, ki: (bi, qi, 0)),
+                    pl.BlockSpec((_SQ, 1, bk), lambda bi, hi, qi, ki: (bi, 0, t.k_index(qi, ki))),
                     *in_specs]
         args = [_seg_column(q_seg, sp), _seg_row(kv_seg, tp), *args]
     dq = pl.pallas_call(
@@ -451,7 +453,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, dp), jnp.float32)],
-        compiler_params=_compiler_params(("parallel", "parallel", "parallel", "arbitrary")),
+        compiler_params=_compiler_params((_PARALLEL,) * 3 + (_ARBITRARY,)),
         interpret=interpret,
         name="flash_attention_tpu_dq",
     )(*args)

@@ -38,7 +38,8 @@ def test_help_lists_every_flag(repo_root):
     out = subprocess.run(recipe(repo_root, "--help"), capture_output=True, text=True, env=env(), timeout=120)
     assert out.returncode == 0, out.stderr
     for flag in ("--mesh", "--strategy", "--model", "--steps", "--batch", "--seq", "--lr", "--data",
-                 "--ckpt-dir", "--resume", "--simulate-devices"):
+                 "--ckpt-dir", "--resume", "--simulate-devices", "--attention-impl", "--norm-impl",
+                 "--loss-impl"):
         assert flag in out.stdout, flag
 
 
