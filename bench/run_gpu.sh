@@ -26,7 +26,7 @@ JAX_PLATFORMS=cpu timeout 90 "$PY" bench/gpu_checks.py --out "$OUT" 2>&1 | tail 
 
 step "3. the Triton attention tests, compiled rather than interpreted (when pytest is present)"
 if "$PY" -c "import pytest" 2>/dev/null; then
-  timeout 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_triton.py 2>&1 | tail -5 | tee -a "$LOG"
+  timeout 90 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_attention_triton.py 2>&1 | tail -5 | tee -a "$LOG"
 else
   echo "pytest not installed: skipped" | tee -a "$LOG"
 fi

@@ -19,7 +19,8 @@ from mlsys_jax.kernels.attention_reference import (
     attention_reference,
     attention_reference_with_lse,
 )
-from mlsys_jax.kernels.configs import AttentionBlocks, default_blocks
+from mlsys_jax.kernels.autotune import resolve_blocks
+from mlsys_jax.kernels.configs import AttentionBlocks
 from mlsys_jax.kernels.dispatch import Backend, Registry
 
 __all__ = ["flash_attention", "REGISTRY", "AttentionOptions", "pallas_vjp", "attention_reference",
@@ -169,9 +170,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     choice = choose(q, k, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
                     implementation=implementation)
     if blocks is None:
-        from mlsys_jax.kernels.autotune import cached_blocks
-        blocks = cached_blocks("flash_attention", choice.backend.name, AttentionBlocks, q, k) \
-            or default_blocks(AttentionBlocks)
+        blocks = resolve_blocks("flash_attention", choice.backend.name, AttentionBlocks, q, k)
     opts = AttentionOptions(causal=causal, sm_scale=q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
                             window=sliding_window, blocks=blocks)
     return choice(q, k, v, q_seg, kv_seg, opts)

@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from mlsys_jax.kernels.configs import device_kind
+from mlsys_jax.kernels.configs import default_blocks, device_kind
 
 CACHE_ENV = "MLSYS_JAX_AUTOTUNE_CACHE"
 
@@ -82,6 +82,12 @@ def cached_blocks(op: str, backend: str, kind: type, *arrays: Any, path: Path | 
         return kind(**entry["blocks"])
     except (TypeError, ValueError, KeyError):
         return None
+
+
+def resolve_blocks(op: str, backend: str, kind: type, *arrays: Any, default: Any = None):
+    """The config a kernel called with ``blocks=None`` uses: the tuned winner for this device,
+    shape class and dtype, else ``default``, else the device kind's default."""
+    return cached_blocks(op, backend, kind, *arrays) or default or default_blocks(kind)
 
 
 @dataclasses.dataclass(frozen=True)

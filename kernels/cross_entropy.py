@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from mlsys_jax.kernels import cross_entropy_pallas as _pallas
-from mlsys_jax.kernels.configs import LossBlocks, default_blocks
+from mlsys_jax.kernels.autotune import resolve_blocks
+from mlsys_jax.kernels.configs import LossBlocks
 from mlsys_jax.kernels.dispatch import Backend, Registry
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "LINEAR_CROSS_ENTROPY",
@@ -397,9 +398,8 @@ def linear_cross_entropy(hidden: jax.Array, weight: jax.Array, labels: jax.Array
     choice = choose(hidden, weight, implementation=implementation, vocab_axis=axis)
     name = choice.backend.name
     if blocks is None:
-        from mlsys_jax.kernels.autotune import cached_blocks
-        blocks = cached_blocks("linear_cross_entropy", name, LossBlocks, hidden, weight) \
-            or (CHUNKED_BLOCKS if name == "chunked" else default_blocks(LossBlocks))
+        blocks = resolve_blocks("linear_cross_entropy", name, LossBlocks, hidden, weight,
+                                default=CHUNKED_BLOCKS if name == "chunked" else None)
     opts = LossOptions(ignore_index=ignore_index, z_loss=float(z_loss), vocab_axis=axis, blocks=blocks)
     h2d = hidden.reshape(-1, hidden.shape[-1])
     loss = choice(h2d, weight, labels.reshape(-1).astype(jnp.int32), opts)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from mlsys_jax.kernels import norms_pallas
-from mlsys_jax.kernels.configs import NormBlocks, default_blocks
+from mlsys_jax.kernels.autotune import resolve_blocks
+from mlsys_jax.kernels.configs import NormBlocks
 from mlsys_jax.kernels.dispatch import Backend, Choice, Registry
 from mlsys_jax.kernels.norms_pallas import TPU, TRITON, NormKernelOptions
 
@@ -143,8 +144,7 @@ def choose(op: str, x: jax.Array, implementation: str | None = None) -> Choice:
 def _apply(op: str, x, weight, bias, eps, implementation, blocks) -> jax.Array:
     choice = choose(op, x, implementation)
     if blocks is None:
-        from mlsys_jax.kernels.autotune import cached_blocks
-        blocks = cached_blocks(op, choice.backend.name, NormBlocks, x) or default_blocks(NormBlocks)
+        blocks = resolve_blocks(op, choice.backend.name, NormBlocks, x)
     rows = x.reshape(-1, x.shape[-1])
     return choice(rows, weight, bias, eps=eps, blocks=blocks).reshape(x.shape)
 

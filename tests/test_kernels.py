@@ -163,3 +163,24 @@ def test_a_damaged_autotune_cache_is_reported_and_ignored(tmp_path):
         warnings.simplefilter("always")
         assert cached_blocks("rms_norm", "toy", NormBlocks, jnp.zeros((2, 2)), path=path) is None
     assert any("delete it and tune again" in str(w.message) for w in seen)
+
+
+def test_tuning_a_kernel_caches_a_config_its_plain_calls_then_use(tmp_path, monkeypatch):
+    from mlsys_jax.kernels import norms, tuning
+    from mlsys_jax.kernels.autotune import CACHE_ENV, resolve_blocks
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "tune.json"))
+    x = jax.random.normal(jax.random.key(0), (24, 128))
+    w = jnp.ones((128,))
+    candidates = [NormBlocks(block_rows=8), NormBlocks(block_rows=16)]
+    best, trials = tuning.tune_rms_norm(x, w, implementation="pallas_triton", candidates=candidates)
+    assert best in candidates and all(t.seconds is not None for t in trials)
+    assert resolve_blocks("rms_norm", "pallas_triton", NormBlocks, x) == best
+    np.testing.assert_allclose(norms.rms_norm(x, w, implementation="pallas_triton"),
+                               norms.rms_norm(x, w, implementation="xla"), rtol=1e-5, atol=1e-5)
+
+
+def test_every_platform_has_tuning_candidates_that_are_valid_configs():
+    from mlsys_jax.kernels import tuning
+    for platform in ("cpu", "gpu", "tpu"):
+        for make in (tuning.attention_candidates, tuning.norm_candidates, tuning.loss_candidates):
+            assert len(set(make(platform))) >= 2
