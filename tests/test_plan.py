@@ -98,7 +98,7 @@ def error_of(fn):
 
 def test_dimension_not_divisible(devices):
     msg = error_of(lambda: plan_for("tp", tensor=8).placements(SPECS))
-    for part in ("layers/wk", "(2, 64, 4, 8)", "'kv_heads'", "size 4", "('tensor',)", "8", "Fix",
+    for part in ("layers/wk", "(2, 64, 4, 16)", "'kv_heads'", "size 4", "('tensor',)", "8", "Fix",
                  "rules.override(params={'kv_heads': None})"):
         assert part in msg, (part, msg)
 
