@@ -230,7 +230,8 @@ def markdown(rows: list[Row]) -> str:
     lines = ["| kernel | contender | case | metric | value | ms | vs XLA | vs cuDNN | note |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r.kernel} | {r.contender} | {r.case} | {r.metric} | {fmt(r.value)} | {fmt(r.ms, 3)} "
+        ms = "—" if r.metric == "peak MiB" else fmt(r.ms, 3)
+        lines.append(f"| {r.kernel} | {r.contender} | {r.case} | {r.metric} | {fmt(r.value)} | {ms} "
                      f"| {fmt(r.vs_xla)}x | {fmt(r.vs_cudnn)}x | {r.note} |".replace("not measuredx", "—"))
     return "\n".join(lines)
 
