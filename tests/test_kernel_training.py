@@ -63,3 +63,12 @@ def test_the_fused_loss_alone_matches_the_logits_path(xla_run):
     losses, _, gathered = train_three_steps(XLA.replace(loss_impl="fused"))
     np.testing.assert_allclose(losses, xla_run[0], rtol=2e-5)
     assert gathered <= xla_run[2]
+
+
+def test_the_run_can_say_which_kernel_each_operation_uses():
+    from mlsys_jax.models.kernel_ops import kernel_choices
+    assert kernel_choices(XLA, 8, 16) == {}
+    said = kernel_choices(XLA.replace(attention_impl="pallas", norm_impl="pallas", loss_impl="fused"), 8, 16)
+    assert said == {"attention": "pallas_triton (interpret mode)",
+                    "rms_norm": "pallas_triton (interpret mode)", "loss": "chunked"}
+    assert kernel_choices(XLA.replace(attention_impl="auto"), 8, 16)["attention"] == "xla"

@@ -119,3 +119,11 @@ def test_a_finished_run_resumes_to_nothing_and_no_resume_refuses_to_overwrite(re
     other = subprocess.run(recipe(repo_root, *quick, "--ckpt-dir", str(tmp_path), "--seq", "32"),
                            capture_output=True, text=True, env=env(), timeout=600)
     assert other.returncode != 0 and "seq: saved 64, now 32" in other.stderr
+
+
+def test_a_nonsensical_interval_is_refused_before_any_work():
+    from mlsys_jax.train.loop import RunConfig
+    with pytest.raises(ValueError, match="--eval-every must be at least 1, got 0. Fix"):
+        RunConfig(eval_every=0)
+    with pytest.raises(ValueError, match="--sample-tokens cannot be negative"):
+        RunConfig(sample_tokens=-1)

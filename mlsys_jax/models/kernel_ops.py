@@ -89,3 +89,25 @@ def next_token_loss(x: jax.Array, head: jax.Array, targets: jax.Array, mask: jax
             vocab_axes=sharding.mesh_axes(vocab),
         )
     return jnp.sum(losses), jnp.sum(mask.astype(jnp.float32))
+
+
+def kernel_choices(cfg: Any, batch: int, seq: int) -> dict[str, str]:
+    """Which backend each hot operation of a Llama config runs here, and why others were passed
+    over (empty for the plain XLA layers)."""
+    from mlsys_jax.kernels import attention as attention_kernels, cross_entropy, norms
+
+    dt = jnp.dtype(cfg.dtype)
+    out: dict[str, str] = {}
+    if cfg.attention_impl not in ATTENTION:
+        q = jax.ShapeDtypeStruct((batch, seq, cfg.n_heads, cfg.head_dim), dt)
+        k = jax.ShapeDtypeStruct((batch, seq, cfg.n_kv_heads, cfg.head_dim), dt)
+        out["attention"] = attention_kernels.choose(
+            q, k, causal=True, implementation=_backend(cfg.attention_impl, "auto")).describe()
+    if cfg.norm_impl != "xla":
+        x = jax.ShapeDtypeStruct((batch, seq, cfg.d_model), dt)
+        out["rms_norm"] = norms.choose("rms_norm", x, cfg.norm_impl).describe()
+    if cfg.loss_impl != "xla":
+        h = jax.ShapeDtypeStruct((batch * seq, cfg.d_model), dt)
+        w = jax.ShapeDtypeStruct((cfg.d_model, cfg.vocab_size), dt)
+        out["loss"] = cross_entropy.choose(h, w, implementation=_backend(cfg.loss_impl, "fused")).describe()
+    return out

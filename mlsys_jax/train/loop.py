@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mlsys_jax import distributed
 from mlsys_jax.mesh import make_mesh, simulate_cpu_devices
-from mlsys_jax.models import get_config, llama
+from mlsys_jax.models import get_config, kernel_ops, llama
 from mlsys_jax.parallel import Plan, PlanError, resolve_mesh, rules
 from mlsys_jax.train import data as data_lib
 from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError, check_compatible
@@ -100,6 +100,17 @@ class RunConfig:
     """Multi-process: this process's index."""
     progress: bool = True
     """Show a live progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch", "seq", "microbatches", "ckpt_every", "keep", "eval_every",
+                     "eval_batches"):
+            if getattr(self, name) < 1:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be at least 1, got {getattr(self, name)}. Fix: pass "
+                                 f"{flag} 1 or more (evaluation and checkpoints also run at the end).")
+        for name in ("warmup", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
@@ -196,6 +207,8 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
     compiled = step_fn.fn.lower(state, step_fn.abstract_batch(cfg.batch, cfg.seq)).compile()
     compile_s = time.perf_counter() - t0
     say(f"compiled the train step in {compile_s:.1f} s; {flops / 1e6:,.1f} MFLOP per token")
+    for op, choice in kernel_ops.kernel_choices(model_cfg, cfg.batch, cfg.seq).items():
+        say(f"{op} kernel: {choice}")
     log = JsonlWriter(ckpt.directory / "metrics.jsonl", enabled=primary)
     log.write({"event": "start", "step": start, "strategy": plan.rules.name, "mesh": cfg.mesh,
                "devices": plan.num_devices, "processes": jax.process_count(),
