@@ -28,10 +28,10 @@ def batches(n=3, batch=8, seq=16):
     return out
 
 
-def train_three_steps(cfg):
+def train_three_steps(cfg, plan=None):
     model = llama.language_model(cfg)
     opt = train.adamw(OPT_CFG, model.specs)
-    plan = mj.Plan(mj.make_mesh(fsdp=4, tensor=2), mj.rules("fsdp_tp"))
+    plan = plan or mj.Plan(mj.make_mesh(fsdp=4, tensor=2), mj.rules("fsdp_tp"))
     state = train.init_state(plan, model.specs, opt, seed=0)
     step = train.make_train_step(model, plan, opt, lr_schedule=train.schedule(OPT_CFG))
     losses = []
@@ -57,6 +57,23 @@ def test_three_fsdp_tp_steps_with_all_kernels_match_the_xla_model(xla_run):
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(want_state.params)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-3, atol=1e-4)
     assert gathered <= want_gathered
+
+
+OTHER_PLANS = {
+    "fsdp+sequence_parallel": (dict(fsdp=4, sequence=2), mj.rules("fsdp", sequence_parallel=True)),
+    # 4 kv heads on 8 tensor shards: each shard slices the one K/V head its query heads read.
+    "tp": (dict(tensor=8), mj.rules("tp").override(params={"kv_heads": None}, activations={"kv_heads": None})),
+    "dp_fsdp_tp": (dict(data=2, fsdp=2, tensor=2), mj.rules("dp_fsdp_tp")),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(OTHER_PLANS))
+def test_kernels_give_the_same_losses_under_other_plans(xla_run, name):
+    sizes, rules = OTHER_PLANS[name]
+    plan = mj.Plan(mj.make_mesh(**sizes), rules)
+    losses, _, _ = train_three_steps(KERNELS.replace(loss_impl="chunked"), plan)
+    np.testing.assert_allclose(losses, xla_run[0], rtol=2e-5)
 
 
 def test_the_fused_loss_alone_matches_the_logits_path(xla_run):
