@@ -22,6 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from mlsys_jax.kernels.attention import register_pallas
 from mlsys_jax.kernels.attention_reference import AttentionOptions, visible
+from mlsys_jax.kernels.lowering import tpu_interpret, tpu_params
 
 __all__ = ["forward", "backward", "check", "block_visible", "kv_block_range", "q_block_range",
            "kv_block_index", "q_block_index"]
@@ -181,18 +182,6 @@ def _tiling(opts: AttentionOptions, segments: bool, seq_q: int, seq_k: int, bloc
                    padded_keys=padded_k != seq_k)
 
 
-def _interpret(opts: AttentionOptions):
-    if not opts.interpret:
-        return False
-    params = getattr(pltpu, "InterpretParams", None)
-    return params() if params is not None else True
-
-
-def _compiler_params(semantics: tuple):
-    params = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-    return params(dimension_semantics=semantics)
-
-
 def _lanes(x: jax.Array, n: int) -> jax.Array:
     """A lane-replicated (rows, 128) tile as (rows, n): tiled when n is a multiple of 128 (always
     on TPU), cut when smaller (interpreter only)."""
@@ -305,8 +294,8 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
                    jax.ShapeDtypeStruct((b, h, nq * bq, LANES), jnp.float32)],
         scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                         pltpu.VMEM((bq, dp), jnp.float32)],
-        compiler_params=_compiler_params((_PARALLEL,) * 3 + (_ARBITRARY,)),
-        interpret=_interpret(opts),
+        compiler_params=tpu_params((_PARALLEL,) * 3 + (_ARBITRARY,)),
+        interpret=tpu_interpret(opts.interpret),
         name="flash_attention_tpu_fwd",
     )(*args)
     return _seq_major(o, s, d), lse[:, :, :s, 0]
@@ -402,7 +391,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     delta_row = jnp.pad(delta, ((0, 0), (0, 0), (0, sp - s)))[:, :, None, :]
     qt, do_t = _heads_major(q, sp, dp), _heads_major(do, sp, dp)
     kt, vt = _heads_major(k, tp, dp), _heads_major(v, tp, dp)
-    interpret = _interpret(opts)
+    interpret = tpu_interpret(opts.interpret)
 
     # dK, dV: grid (batch, kv_heads, k_blocks, group_heads, q_blocks).
     def q_map(bi, ki, kb, g, qi):
@@ -429,7 +418,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         out_specs=[kv_spec, kv_spec],
         out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
         scratch_shapes=[pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)],
-        compiler_params=_compiler_params((_PARALLEL,) * 3 + (_ARBITRARY,) * 2),
+        compiler_params=tpu_params((_PARALLEL,) * 3 + (_ARBITRARY,) * 2),
         interpret=interpret,
         name="flash_attention_tpu_dkv",
     )(*args)
@@ -453,7 +442,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, dp), jnp.float32)],
-        compiler_params=_compiler_params((_PARALLEL,) * 3 + (_ARBITRARY,)),
+        compiler_params=tpu_params((_PARALLEL,) * 3 + (_ARBITRARY,)),
         interpret=interpret,
         name="flash_attention_tpu_dq",
     )(*args)

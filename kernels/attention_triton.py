@@ -25,11 +25,7 @@ from jax.experimental import pallas as pl
 
 from mlsys_jax.kernels.attention import FLOAT_DTYPES, register_pallas
 from mlsys_jax.kernels.attention_reference import AttentionOptions, visible
-
-try:  # the Triton lowering's parameters; absent from a jax without GPU Pallas support
-    from jax.experimental.pallas import triton as _plgpu
-except ImportError:  # pragma: no cover
-    _plgpu = None
+from mlsys_jax.kernels.lowering import triton_params
 
 __all__ = ["forward", "backward", "check", "key_block_range", "query_block_range", "effective_block"]
 
@@ -163,14 +159,6 @@ def _scores(q, k, first_q, first_k, seq_k, opts, q_seg, kv_seg) -> jax.Array:
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
-def _compiler_params(opts: AttentionOptions):
-    params = None if _plgpu is None else getattr(_plgpu, "CompilerParams", None)
-    params = params or getattr(_plgpu, "TritonCompilerParams", None)
-    if params is None:  # pragma: no cover
-        return None
-    return params(num_warps=opts.blocks.num_warps, num_stages=opts.blocks.num_stages)
-
-
 def _pad_seq(x: jax.Array | None, axis: int, size: int, value=0) -> jax.Array | None:
     if x is None or x.shape[axis] == size:
         return x
@@ -254,7 +242,7 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
                    pl.BlockSpec((_SQ, _SQ, block_q), lambda i, bi, h: (bi, h, i))],
         out_shape=[jax.ShapeDtypeStruct((b, pad_q, heads, head_dim), q.dtype),
                    jax.ShapeDtypeStruct((b, heads, pad_q), jnp.float32)],
-        compiler_params=_compiler_params(opts),
+        compiler_params=triton_params(opts.blocks.num_warps, opts.blocks.num_stages),
         interpret=opts.interpret,
         name="flash_attention_fwd_triton",
     )(*args)
@@ -366,7 +354,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         in_specs=in_specs,
         out_specs=[kv_block, kv_block],
         out_shape=[jax.ShapeDtypeStruct(k_p.shape, k.dtype), jax.ShapeDtypeStruct(v_p.shape, v.dtype)],
-        compiler_params=_compiler_params(opts),
+        compiler_params=triton_params(opts.blocks.num_warps, opts.blocks.num_stages),
         interpret=opts.interpret,
         name="flash_attention_dkdv_triton",
     )(q_p, k_p, v_p, do_p, lse_p, delta_p, *seg_args)
@@ -385,7 +373,7 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
         in_specs=in_specs,
         out_specs=q_block,
         out_shape=jax.ShapeDtypeStruct(q_p.shape, q.dtype),
-        compiler_params=_compiler_params(opts),
+        compiler_params=triton_params(opts.blocks.num_warps, opts.blocks.num_stages),
         interpret=opts.interpret,
         name="flash_attention_dq_triton",
     )(q_p, k_p, v_p, do_p, lse_p, delta_p, *seg_args)

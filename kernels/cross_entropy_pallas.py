@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mlsys_jax.kernels.lowering import tpu_interpret, tpu_params, triton_params
+
 __all__ = ["triton_stats", "triton_grads", "tpu_stats", "tpu_grads", "triton_block_d",
            "MIN_BLOCK_TOKENS", "MIN_BLOCK_VOCAB"]
 
@@ -116,12 +118,6 @@ def _dot(a, b, contract: tuple[int, int]) -> jax.Array:
 
 
 # --- Triton ------------------------------------------------------------------------------------
-
-def _triton_params(num_warps: int, num_stages: int):
-    from jax.experimental.pallas import triton as plgpu
-    params = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
-    return params(num_warps=num_warps, num_stages=num_stages)
-
 
 def _triton_logits(h_ref, w_ref, rows, col0, bv: int, bd: int, nd: int, bt: int) -> jax.Array:
     """fp32 logits of token rows ``rows`` (a slice of h_ref) and columns col0:col0+bv, summed
@@ -217,7 +213,7 @@ def triton_stats(h, w, labels, *, block_tokens: int, block_vocab: int, num_warps
                   pl.BlockSpec(wp.shape, lambda i: (0, 0)),
                   pl.BlockSpec((bt,), lambda i: (i,))],
         out_specs=(pl.BlockSpec((bt,), lambda i: (i,)),) * 2,
-        compiler_params=_triton_params(num_warps, num_stages),
+        compiler_params=triton_params(num_warps, num_stages),
         interpret=interpret,
         name="linear_cross_entropy_stats",
     )(hp, wp, lp)
@@ -234,7 +230,7 @@ def triton_grads(h, w, labels, lse, coef, g_label, *, block_tokens: int, block_v
     bt, bv, bd, np_ = g["bt"], g["bv"], g["bd"], g["nt"] * g["bt"]
     # Padded tokens get coef = g_label = 0, so they add nothing to dw.
     rows = [_pad_to(x.astype(jnp.float32), 0, np_) for x in (lse, coef, g_label)]
-    params = _triton_params(num_warps, num_stages)
+    params = triton_params(num_warps, num_stages)
     dh_kernel = functools.partial(_triton_dh_kernel, vocab=vocab, bt=bt, bv=bv, bd=bd,
                                   nv=g["nv"], nd=g["nd"])
     row_block = pl.BlockSpec((bt,), lambda i, k: (i,))
@@ -265,19 +261,6 @@ def triton_grads(h, w, labels, lse, coef, g_label, *, block_tokens: int, block_v
 
 
 # --- TPU ---------------------------------------------------------------------------------------
-
-def _tpu_params(semantics: tuple[str, ...]):
-    from jax.experimental.pallas import tpu as pltpu
-    params = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-    return params(dimension_semantics=semantics)
-
-
-def _tpu_interpret(interpret: bool) -> Any:
-    if not interpret:
-        return False
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
-
 
 def _tpu_stats_kernel(h_ref, w_ref, lab_ref, lse_ref, ll_ref, m_sc, s_sc, ll_sc, *, vocab, bv, nv):
     j = pl.program_id(1)
@@ -366,8 +349,8 @@ def tpu_stats(h, w, labels, *, block_tokens: int, block_vocab: int, interpret: b
                   col],
         out_specs=(col, col),
         scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32) for _ in range(3)],
-        compiler_params=_tpu_params(("parallel", "arbitrary")),
-        interpret=_tpu_interpret(interpret),
+        compiler_params=tpu_params(("parallel", "arbitrary")),
+        interpret=tpu_interpret(interpret),
         name="linear_cross_entropy_stats",
     )(hp, wp, lp)
     return lse[:n, 0], ll[:n, 0]
@@ -393,8 +376,8 @@ def tpu_grads(h, w, labels, lse, coef, g_label, *, block_tokens: int, block_voca
                   col, col, col, col],
         out_specs=pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
         scratch_shapes=[pltpu.VMEM((bt, d), jnp.float32)],
-        compiler_params=_tpu_params(("parallel", "arbitrary")),
-        interpret=_tpu_interpret(interpret), name="linear_cross_entropy_dh",
+        compiler_params=tpu_params(("parallel", "arbitrary")),
+        interpret=tpu_interpret(interpret), name="linear_cross_entropy_dh",
     )(hp, wp, lp, *rows)
 
     col_t = pl.BlockSpec((bt, 1), lambda j, i: (i, 0))
@@ -407,7 +390,7 @@ def tpu_grads(h, w, labels, lse, coef, g_label, *, block_tokens: int, block_voca
                   col_t, col_t, col_t, col_t],
         out_specs=pl.BlockSpec((d, bv), lambda j, i: (0, j)),
         scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
-        compiler_params=_tpu_params(("parallel", "arbitrary")),
-        interpret=_tpu_interpret(interpret), name="linear_cross_entropy_dw",
+        compiler_params=tpu_params(("parallel", "arbitrary")),
+        interpret=tpu_interpret(interpret), name="linear_cross_entropy_dw",
     )(hp, wp, lp, *rows)
     return dh[:n], dw[:, :vocab]

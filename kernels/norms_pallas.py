@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from mlsys_jax.kernels.configs import NormBlocks
+from mlsys_jax.kernels.lowering import tpu_interpret, tpu_params, triton_params
 
 TRITON = "triton"
 TPU = "tpu"
@@ -202,23 +203,13 @@ def _pad(a: jax.Array, rows: int, cols: int) -> jax.Array:
 
 
 def _interpret_arg(opts: NormKernelOptions):
-    if not opts.interpret:
-        return False
-    if opts.lowering == TPU:
-        from jax.experimental.pallas import tpu as pltpu
-        if hasattr(pltpu, "InterpretParams"):
-            return pltpu.InterpretParams()
-    return True
+    return tpu_interpret(opts.interpret) if opts.lowering == TPU else opts.interpret
 
 
 def _compiler_params(opts: NormKernelOptions, semantics: tuple[str, ...]):
     if opts.lowering == TRITON:
-        from jax.experimental.pallas import triton as pltr
-        params = getattr(pltr, "CompilerParams", None) or getattr(pltr, "TritonCompilerParams")
-        return params(num_warps=opts.blocks.num_warps)
-    from jax.experimental.pallas import tpu as pltpu
-    params = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
-    return params(dimension_semantics=semantics)
+        return triton_params(num_warps=opts.blocks.num_warps)
+    return tpu_params(semantics)
 
 
 def _row_vector(v: jax.Array, width: int) -> jax.Array:
