@@ -8,6 +8,7 @@ differentiated by JAX; ``cudnn`` is JAX's binding of cuDNN's fused kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -61,7 +62,6 @@ def pallas_vjp(forward: Forward, backward: Backward) -> Callable[..., jax.Array]
 
 def _run_pallas(attend: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
     def run(q, k, v, q_seg, kv_seg, opts, *, interpret: bool = False):
-        import dataclasses
         return attend(q, k, v, q_seg, kv_seg, dataclasses.replace(opts, interpret=interpret))
     return run
 
