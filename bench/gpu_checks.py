@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 import mlsys_jax  # noqa: E402,F401
 from mlsys_jax.kernels import cross_entropy, norms  # noqa: E402
-from mlsys_jax.kernels.attention import REGISTRY as ATTENTION, flash_attention  # noqa: E402
+from mlsys_jax.kernels.attention import FLASH_ATTENTION as ATTENTION, flash_attention  # noqa: E402
 from mlsys_jax.kernels.dispatch import KernelUnavailable, current_platform  # noqa: E402
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 3e-2, "float16": 1e-2}

@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import mlsys_jax  # noqa: E402,F401  (mounts kernels/ as mlsys_jax.kernels from a source tree)
 from mlsys_jax.kernels import cross_entropy, norms  # noqa: E402
-from mlsys_jax.kernels.attention import REGISTRY as ATTENTION, flash_attention  # noqa: E402
+from mlsys_jax.kernels.attention import FLASH_ATTENTION as ATTENTION, flash_attention  # noqa: E402
 from mlsys_jax.kernels.autotune import time_call  # noqa: E402
 from mlsys_jax.kernels.dispatch import KernelUnavailable, current_platform  # noqa: E402
 

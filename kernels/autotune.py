@@ -2,7 +2,7 @@
 
 Winners live in one JSON file keyed by device kind, operation, backend, shape class and dtype;
 kernels called with ``blocks=None`` read it (``cached_blocks``) before falling back to the
-per-device defaults. A shape class rounds every dimension up to a power of two, so one tuning
+backend's defaults for the device kind. A shape class rounds every dimension up to a power of two, so one tuning
 serves nearby shapes. The file is written atomically; a damaged file is reported, not trusted.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import jax
 
-from mlsys_jax.kernels.configs import default_blocks, device_kind
+from mlsys_jax.kernels.blocks import device_kind
 
 CACHE_ENV = "MLSYS_JAX_AUTOTUNE_CACHE"
 
@@ -84,10 +84,19 @@ def cached_blocks(op: str, backend: str, kind: type, *arrays: Any, path: Path | 
         return None
 
 
-def resolve_blocks(op: str, backend: str, kind: type, *arrays: Any, default: Any = None):
+def resolve_blocks(op: str, backend: Any, *arrays: Any) -> Any:
     """The config a kernel called with ``blocks=None`` uses: the tuned winner for this device,
-    shape class and dtype, else ``default``, else the device kind's default."""
-    return cached_blocks(op, backend, kind, *arrays) or default or default_blocks(kind)
+    shape class and dtype, else the backend's default for the device kind. None for a backend
+    without tiles (the references), which never reads the cache."""
+    if backend.blocks is None:
+        return None
+    return cached_blocks(op, backend.name, backend.blocks, *arrays) or backend.default_blocks()
+
+
+def default_blocks(registry: Any, backend: str, device: str | None = None) -> Any:
+    """The default block config of an operation's backend on a device kind, e.g.
+    ``default_blocks(FLASH_ATTENTION, "pallas_triton", "NVIDIA H200")``."""
+    return registry.backends[backend].default_blocks(device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Backends of one operation, and the choice among them.
 
-Every operation (attention, rms_norm, ...) has a registry of backends in the order the platform
-prefers them. ``implementation=None`` walks that order and takes the first backend that can serve
+Every operation (attention, rms_norm, ...) has a registry: an explicit table of its backends and
+each platform's order of preference among them. ``implementation=None`` walks that order and takes the first backend that can serve
 the arguments; each one that cannot says why, and the reasons travel with the choice so a user
 can see them (``explain``). Naming a backend runs exactly that backend or raises its reason.
 Pallas backends also run on CPU in interpret mode when asked for by name, which is how they are
@@ -11,10 +11,12 @@ tested without an accelerator.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
+
+from mlsys_jax.kernels.blocks import default_for
 
 # Names that pick among several backends rather than naming one.
 AUTO = None
@@ -32,7 +34,9 @@ class Backend:
     ``platforms`` are where it compiles natively; ``interpretable`` backends also run on CPU
     through Pallas's interpreter. ``check(**args)`` returns why it cannot serve the arguments,
     or None. ``run`` is the differentiable function; it receives ``interpret=`` when
-    ``interpretable``.
+    ``interpretable``. A backend with tiles names its config type (``blocks``), its defaults per
+    device kind (``defaults``, see ``blocks.default_for``) and ``candidates(platform)``, the
+    configs autotuning tries there.
     """
 
     name: str
@@ -40,10 +44,19 @@ class Backend:
     run: Callable[..., Any]
     check: Callable[..., str | None] = lambda **_: None
     interpretable: bool = False
+    blocks: type | None = None
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    candidates: Callable[[str], Sequence[Any]] | None = None
 
     @property
     def is_pallas(self) -> bool:
         return self.name.startswith("pallas")
+
+    def default_blocks(self, device: str | None = None) -> Any:
+        """This backend's block config for a device kind (None for a backend without tiles)."""
+        if self.blocks is None:
+            return None
+        return default_for(self.defaults, self.blocks, device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +86,28 @@ def current_platform() -> str:
 
 
 class Registry:
-    """The backends of one operation and each platform's order of preference."""
+    """The backends of one operation and each platform's order of preference.
 
-    def __init__(self, op: str, order: dict[str, tuple[str, ...]]):
+    Built from an explicit table of backends; every name in a platform's order must be one of
+    them. ``register`` adds a backend afterwards (a user's own, or a test's).
+    """
+
+    def __init__(self, op: str, order: dict[str, tuple[str, ...]], backends: Iterable[Backend] = ()):
         self.op = op
         self.order = order
         self.backends: dict[str, Backend] = {}
+        for backend in backends:
+            self.register(backend)
+        if self.backends:
+            self.check_order()
+
+    def check_order(self) -> None:
+        """Refuse a preference order that names a backend the table does not hold."""
+        for platform, names in self.order.items():
+            missing = [n for n in names if n not in self.backends]
+            if missing:
+                raise ValueError(f"{self.op}: the {platform} order names {missing}, which are not "
+                                 f"among its backends {list(self.backends)}")
 
     def register(self, backend: Backend) -> Backend:
         self.backends[backend.name] = backend

@@ -70,10 +70,13 @@ def _kv_for_local_heads(k: jax.Array, v: jax.Array, heads: int, kv_heads: int, h
 
 
 def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, q_spec: P,
-                            kv_spec: P, segment_ids: jax.Array | None = None, **kwargs: Any) -> jax.Array:
+                            kv_spec: P, segment_ids: jax.Array | None = None,
+                            q_offset: jax.Array | None = None, kv_lengths: jax.Array | None = None,
+                            **kwargs: Any) -> jax.Array:
     """``flash_attention`` per (batch, heads) shard. ``q_spec``/``kv_spec`` place (batch, seq,
     heads, head_dim); the sequence and head_dim are kept whole inside. K/V heads that are not
-    split like the query heads are sliced locally to the groups each shard needs."""
+    split like the query heads are sliced locally to the groups each shard needs. Segment ids
+    (batch, seq), query offsets and key-value lengths (batch,) follow the batch split."""
     qb, _, qh, _ = _padded(q_spec, 4)
     kh = _padded(kv_spec, 4)[2]
     batch, q_heads, kv_heads = mesh_axes(qb), mesh_axes(qh), mesh_axes(kh)
@@ -86,15 +89,17 @@ def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: A
 
     q_in = P(_entry(batch), None, _entry(q_heads), None)
     kv_in = P(_entry(batch), None, _entry(kv_heads), None)
-    seg_in = P(_entry(batch), None)
+    extras = {name: (x, P(_entry(batch), None) if name == "segment_ids" else P(_entry(batch)))
+              for name, x in (("segment_ids", segment_ids), ("q_offset", q_offset),
+                              ("kv_lengths", kv_lengths)) if x is not None}
 
-    def local(q, k, v, *seg):
+    def local(q, k, v, *rest):
         if slice_kv:
             k, v = _kv_for_local_heads(k, v, q.shape[2] * shards, k.shape[2], q_heads, shards)
-        return flash_attention(q, k, v, segment_ids=seg[0] if seg else None, **kwargs)
+        return flash_attention(q, k, v, **dict(zip(extras, rest)), **kwargs)
 
-    args = (q, k, v) + ((segment_ids,) if segment_ids is not None else ())
-    specs = (q_in, kv_in, kv_in) + ((seg_in,) if segment_ids is not None else ())
+    args = (q, k, v) + tuple(x for x, _ in extras.values())
+    specs = (q_in, kv_in, kv_in) + tuple(spec for _, spec in extras.values())
     return _shard_map(local, mesh, specs, q_in)(*args)
 
 

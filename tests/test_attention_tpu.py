@@ -12,14 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlsys_jax.kernels import attention_tpu
-from mlsys_jax.kernels.attention import flash_attention
-from mlsys_jax.kernels.attention_reference import (
-    AttentionOptions,
-    attention_reference_with_lse,
-    visible,
-)
-from mlsys_jax.kernels.configs import AttentionBlocks
+from mlsys_jax.kernels.attention import AttentionBlocks, AttentionOptions, flash_attention
+from mlsys_jax.kernels.attention import tpu as attention_tpu
+from mlsys_jax.kernels.attention.reference import attention_reference_with_lse, visible
 from mlsys_jax.kernels.dispatch import KernelUnavailable
 
 SMALL = AttentionBlocks(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32)
@@ -60,8 +55,8 @@ def _assert_matches_reference(q, k, v, do, blocks, **mask):
         assert got.dtype == want.dtype == q.dtype, name
         _close(got, want, tol, name)
 
-    _, lse = attention_tpu.forward(q, k, v, q_seg, kv_seg, opts)
-    _, want_lse = attention_reference_with_lse(q, k, v, q_seg, kv_seg, opts)
+    _, lse = attention_tpu.forward(q, k, v, q_seg, kv_seg, None, None, opts)
+    _, want_lse = attention_reference_with_lse(q, k, v, q_seg, kv_seg, None, None, opts)
     assert lse.dtype == jnp.float32 and lse.shape == want_lse.shape
     np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
     finite = np.isfinite(np.asarray(want_lse))
@@ -93,7 +88,7 @@ def test_segments_with_a_query_that_sees_no_key_get_zeros_and_infinite_lse():
     out = _assert_matches_reference(q, k, v, do, SMALL, segment_ids=(q_seg, kv_seg))
     assert np.all(np.asarray(out[:, 32:], np.float32) == 0.0)
     opts = AttentionOptions(causal=False, sm_scale=64 ** -0.5, blocks=SMALL, interpret=True)
-    _, lse = attention_tpu.forward(q, k, v, q_seg, kv_seg, opts)
+    _, lse = attention_tpu.forward(q, k, v, q_seg, kv_seg, None, None, opts)
     assert np.all(np.isposinf(np.asarray(lse[:, :, 32:])))
     assert np.all(np.isfinite(np.asarray(lse[:, :, :32])))
 
@@ -201,7 +196,7 @@ def test_blocks_must_be_lane_multiples_on_tpu():
     opts = AttentionOptions(causal=False, sm_scale=0.125, blocks=AttentionBlocks(block_q=64),
                             interpret=False)
     with pytest.raises(ValueError, match="block_q=64 must be a multiple of 128"):
-        attention_tpu.forward(q, k, v, None, None, opts)
+        attention_tpu.forward(q, k, v, None, None, None, None, opts)
 
 
 def test_blocks_must_be_sublane_multiples_in_the_interpreter():
@@ -209,7 +204,7 @@ def test_blocks_must_be_sublane_multiples_in_the_interpreter():
     opts = AttentionOptions(causal=False, sm_scale=0.125, blocks=AttentionBlocks(block_k=20),
                             interpret=True)
     with pytest.raises(ValueError, match="block_k=20 must be a multiple of 8"):
-        attention_tpu.forward(q, k, v, None, None, opts)
+        attention_tpu.forward(q, k, v, None, None, None, None, opts)
 
 
 @pytest.mark.parametrize("causal, window, segments", [(True, None, True), (False, 100, False)])
@@ -226,7 +221,7 @@ def test_kernels_lower_to_mosaic_for_tpu(causal, window, segments):
     kv_seg = jax.ShapeDtypeStruct((2, 260), jnp.int32) if segments else None
 
     def loss(q, k, v, q_seg, kv_seg):
-        return jnp.sum(attend(q, k, v, q_seg, kv_seg, opts).astype(jnp.float32))
+        return jnp.sum(attend(q, k, v, q_seg, kv_seg, None, None, opts).astype(jnp.float32))
 
     try:
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv, q_seg, kv_seg) \
@@ -239,6 +234,6 @@ def test_kernels_lower_to_mosaic_for_tpu(causal, window, segments):
 
 
 def test_registered_for_tpu_and_interpretable():
-    from mlsys_jax.kernels.attention import REGISTRY
-    backend = REGISTRY.backends["pallas_tpu"]
+    from mlsys_jax.kernels.attention import FLASH_ATTENTION
+    backend = FLASH_ATTENTION.backends["pallas_tpu"]
     assert backend.platforms == ("tpu",) and backend.interpretable

@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlsys_jax.kernels import attention_triton as triton_attention
-from mlsys_jax.kernels.attention import REGISTRY, AttentionOptions, flash_attention
-from mlsys_jax.kernels.attention_reference import attention_reference_with_lse, visible
-from mlsys_jax.kernels.configs import AttentionBlocks
+from mlsys_jax.kernels.attention import FLASH_ATTENTION, AttentionBlocks, AttentionOptions, flash_attention
+from mlsys_jax.kernels.attention import triton as triton_attention
+from mlsys_jax.kernels.attention.reference import attention_reference_with_lse, visible
 from mlsys_jax.kernels.dispatch import KernelUnavailable
 
 # Small tiles so every case spans several blocks and ends on a partial one.
@@ -98,8 +97,8 @@ def _forward(name):
     """The kernel's and the reference's (o, lse) for one case."""
     q, k, v, _, seg_pair, opts, _ = _case(name)
     q_seg, kv_seg = seg_pair if seg_pair else (None, None)
-    got = jax.jit(lambda q, k, v: triton_attention.forward(q, k, v, q_seg, kv_seg, opts))(q, k, v)
-    want = attention_reference_with_lse(q, k, v, q_seg, kv_seg, opts)
+    got = jax.jit(lambda q, k, v: triton_attention.forward(q, k, v, q_seg, kv_seg, None, None, opts))(q, k, v)
+    want = attention_reference_with_lse(q, k, v, q_seg, kv_seg, None, None, opts)
     return got, want
 
 
@@ -169,8 +168,8 @@ def test_kernels_lower_through_triton(dtype, causal, window, segments, kv_heads)
 
     def forward_backward(q, k, v, segs, do):
         q_seg, kv_seg = segs if segs else (None, None)
-        o, lse = triton_attention.forward(q, k, v, q_seg, kv_seg, opts)
-        return o, lse, triton_attention.backward(q, k, v, q_seg, kv_seg, o, lse, do, opts)
+        o, lse = triton_attention.forward(q, k, v, q_seg, kv_seg, None, None, opts)
+        return o, lse, triton_attention.backward(q, k, v, q_seg, kv_seg, None, None, o, lse, do, opts)
 
     exported = jax.export.export(
         jax.jit(forward_backward), platforms=["cuda"],
@@ -256,12 +255,12 @@ def test_check_names_an_unservable_dtype():
 
 def test_named_backend_on_gpu_raises_with_the_reason():
     with pytest.raises(KernelUnavailable, match="pallas_triton.*head_dim.*24"):
-        REGISTRY.choose("pallas_triton", platform="gpu", **_args(head_dim=24))
-    assert REGISTRY.choose("pallas_triton", platform="gpu", **_args()).interpret is False
+        FLASH_ATTENTION.choose("pallas_triton", platform="gpu", **_args(head_dim=24))
+    assert FLASH_ATTENTION.choose("pallas_triton", platform="gpu", **_args()).interpret is False
 
 
 def test_named_backend_runs_interpreted_on_cpu():
-    choice = REGISTRY.choose("pallas_triton", platform="cpu", **_args())
+    choice = FLASH_ATTENTION.choose("pallas_triton", platform="cpu", **_args())
     assert choice.backend.name == "pallas_triton" and choice.interpret is True
 
 

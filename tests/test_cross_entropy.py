@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from mlsys_jax.kernels.configs import LossBlocks
 from mlsys_jax.kernels.cross_entropy import (
     LINEAR_CROSS_ENTROPY,
+    LossBlocks,
     choose,
     linear_cross_entropy,
 )

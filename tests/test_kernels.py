@@ -11,7 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlsys_jax.kernels import AttentionBlocks, KernelUnavailable, NormBlocks, default_blocks, flash_attention
+from mlsys_jax.kernels import (
+    FLASH_ATTENTION,
+    LAYER_NORM,
+    LINEAR_CROSS_ENTROPY,
+    RMS_NORM,
+    AttentionBlocks,
+    KernelUnavailable,
+    LossBlocks,
+    NormBlocks,
+    default_blocks,
+    flash_attention,
+)
 from mlsys_jax.kernels.attention import choose
 from mlsys_jax.kernels.autotune import autotune, cache_key, cached_blocks, shape_class
 from mlsys_jax.kernels.dispatch import Backend, Registry
@@ -59,6 +70,59 @@ def test_segment_ids_keep_documents_apart_and_an_unseen_query_gets_zeros():
     assert np.isfinite(grads).all() and not grads[:, 7:].any()
 
 
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 3), (False, 4), (False, None)])
+def test_query_offsets_and_key_lengths_mask_where_each_query_really_is(causal, window):
+    keys = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(keys[0], (3, 5, 4, 8))       # a chunk of 5 queries per row
+    k = jax.random.normal(keys[1], (3, 12, 2, 8))      # against 12 cached keys
+    v = jax.random.normal(keys[2], (3, 12, 2, 8))
+    offsets, lengths = np.array([7, 0, 3]), np.array([12, 5, 2])
+    got = flash_attention(q, k, v, causal=causal, sliding_window=window, q_offset=jnp.array(offsets),
+                          kv_lengths=jnp.array(lengths), implementation="xla")
+    for b in range(3):
+        i = offsets[b] + np.arange(5)[:, None]           # where each query really is
+        j = np.arange(12)[None, :]
+        mask = np.broadcast_to(j < lengths[b], (5, 12)).copy()
+        if causal:
+            mask &= j <= i
+        if window:
+            mask &= (i - j < window) & ((j - i < window) | causal)
+        np.testing.assert_allclose(got[b:b + 1], textbook(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask),
+                                   rtol=1e-5, atol=1e-5)
+    grads = jax.grad(lambda q, k: flash_attention(
+        q, k, v, causal=causal, sliding_window=window, q_offset=jnp.array(offsets),
+        kv_lengths=jnp.array(lengths), implementation="xla").sum(), argnums=(0, 1))(q, k)
+    assert all(np.isfinite(g).all() for g in grads)
+    assert not grads[1][2, 2:].any()  # keys past a row's length get no gradient
+
+
+def test_a_chunk_at_its_offset_sees_what_its_rows_of_the_whole_sequence_see():
+    q, k, v = qkv(b=2, s=12)
+    whole = flash_attention(q, k, v, causal=True, implementation="xla")
+    chunk = flash_attention(q[:, 8:], k, v, causal=True, q_offset=8, implementation="xla")
+    np.testing.assert_allclose(chunk, whole[:, 8:], rtol=1e-6, atol=1e-6)
+    # One decoded token against a cache whose tail is not written yet.
+    garbage = k.at[:, 10:].set(1e3)
+    token = flash_attention(q[:, 9:10], garbage, v, causal=True, q_offset=jnp.array([9, 9]),
+                            kv_lengths=jnp.array([10, 10]), implementation="xla")
+    np.testing.assert_allclose(token, whole[:, 9:10], rtol=1e-6, atol=1e-6)
+
+
+def test_offsets_and_lengths_need_one_int_per_row():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"q_offset must be an int or one int per batch row, shape \(2,\)"):
+        flash_attention(q, k, v, q_offset=jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="kv_lengths must be"):
+        flash_attention(q, k, v, kv_lengths=jnp.zeros((2,), jnp.float32))
+
+
+def test_cudnn_is_passed_over_for_query_offsets_with_its_reason():
+    pick = FLASH_ATTENTION.choose(None, platform="gpu", dtype=jnp.bfloat16, head_dim=64, seq_q=1,
+                                  seq_k=128, heads=4, kv_heads=2, causal=True, segments=False,
+                                  window=None, offsets=True, lengths=True)
+    assert "query offsets" in dict(pick.passed_over)["cudnn"]
+
+
 def test_automatic_choice_on_cpu_is_the_reference_and_says_so():
     q, k, _ = qkv()
     assert choose(q, k, causal=True).backend.name == "xla"
@@ -77,8 +141,7 @@ def test_cudnn_is_passed_over_with_a_reason_for_what_it_cannot_serve():
     choice = choose(q, k, segment_ids=jnp.zeros(q.shape[:2], jnp.int32))
     assert choice.backend.name == "xla"
     gpu = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    from mlsys_jax.kernels.attention import REGISTRY
-    pick = REGISTRY.choose(None, platform="gpu", dtype=gpu.dtype, head_dim=8, seq_q=12, seq_k=12,
+    pick = FLASH_ATTENTION.choose(None, platform="gpu", dtype=gpu.dtype, head_dim=8, seq_q=12, seq_k=12,
                            heads=4, kv_heads=2, causal=True, segments=False, window=None)
     reasons = dict(pick.passed_over)
     assert "bf16 or fp16" in reasons["cudnn"]
@@ -127,9 +190,21 @@ def test_bad_attention_inputs_get_one_clear_error(change, match):
 def test_block_configs_refuse_nonsense_and_default_per_device_kind():
     with pytest.raises(ValueError, match="AttentionBlocks.block_q must be a positive int"):
         AttentionBlocks(block_q=0)
-    assert default_blocks(AttentionBlocks, "NVIDIA H200").num_warps == 8
-    assert default_blocks(AttentionBlocks, "TPU v5p").block_q == 512
-    assert default_blocks(NormBlocks, "some new chip") == NormBlocks()
+    # Each backend keeps its own defaults beside its kernels.
+    assert default_blocks(FLASH_ATTENTION, "pallas_triton", "NVIDIA H200").num_warps == 8
+    assert default_blocks(FLASH_ATTENTION, "pallas_tpu", "TPU v5p").block_q == 512
+    assert default_blocks(RMS_NORM, "pallas_triton", "some new chip") == NormBlocks()
+    assert default_blocks(LINEAR_CROSS_ENTROPY, "chunked", "some new chip") == LossBlocks(1024, 2048)
+    assert default_blocks(FLASH_ATTENTION, "xla", "cpu") is None  # the reference has no tiles
+
+
+def test_backend_tables_are_explicit_and_their_orders_name_only_their_backends():
+    for registry in (FLASH_ATTENTION, RMS_NORM, LAYER_NORM, LINEAR_CROSS_ENTROPY):
+        for names in registry.order.values():
+            assert set(names) <= set(registry.names()), registry.op
+    with pytest.raises(ValueError, match=r"the gpu order names \['pallas_mosaic_gpu'\]"):
+        Registry("toy", {"gpu": ("ref", "pallas_mosaic_gpu")},
+                 backends=[Backend("ref", ("gpu",), lambda x: x)])
 
 
 def test_autotune_times_candidates_caches_the_winner_and_kernels_read_it(tmp_path):
@@ -174,13 +249,18 @@ def test_tuning_a_kernel_caches_a_config_its_plain_calls_then_use(tmp_path, monk
     candidates = [NormBlocks(block_rows=8), NormBlocks(block_rows=16)]
     best, trials = tuning.tune_rms_norm(x, w, implementation="pallas_triton", candidates=candidates)
     assert best in candidates and all(t.seconds is not None for t in trials)
-    assert resolve_blocks("rms_norm", "pallas_triton", NormBlocks, x) == best
+    assert resolve_blocks("rms_norm", RMS_NORM.backends["pallas_triton"], x) == best
     np.testing.assert_allclose(norms.rms_norm(x, w, implementation="pallas_triton"),
                                norms.rms_norm(x, w, implementation="xla"), rtol=1e-5, atol=1e-5)
 
 
-def test_every_platform_has_tuning_candidates_that_are_valid_configs():
+def test_every_tiled_backend_has_tuning_candidates_that_are_valid_configs():
     from mlsys_jax.kernels import tuning
-    for platform in ("cpu", "gpu", "tpu"):
-        for make in (tuning.attention_candidates, tuning.norm_candidates, tuning.loss_candidates):
-            assert len(set(make(platform))) >= 2
+    for registry in (FLASH_ATTENTION, RMS_NORM, LAYER_NORM, LINEAR_CROSS_ENTROPY):
+        for backend in registry.backends.values():
+            if backend.blocks is None:
+                continue
+            for platform in (*backend.platforms, "cpu"):
+                found = tuning.candidates_of(backend, platform)
+                assert len(set(found)) >= 2, (registry.op, backend.name, platform)
+                assert all(isinstance(c, backend.blocks) for c in found)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlsys_jax.kernels import norms, norms_pallas
-from mlsys_jax.kernels.configs import NormBlocks
+from mlsys_jax.kernels import norms
+from mlsys_jax.kernels.norms import kernel as norms_pallas
+from mlsys_jax.kernels.norms import NormBlocks
 from mlsys_jax.kernels.dispatch import KernelUnavailable
 
 BLOCKS = NormBlocks(block_rows=8)

@@ -23,9 +23,15 @@ def wheel(repo_root, tmp_path_factory):
     return path
 
 
-def test_wheel_maps_kernels_and_meshes_under_the_package(wheel):
+def test_wheel_maps_kernels_and_meshes_under_the_package(wheel, repo_root):
     names = zipfile.ZipFile(wheel).namelist()
     assert "mlsys_jax/kernels/__init__.py" in names
+    # Every subpackage of the source tree ships, kernel families included.
+    for root, installed in (("mlsys_jax", "mlsys_jax"), ("kernels", "mlsys_jax/kernels")):
+        for init in (repo_root / root).rglob("__init__.py"):
+            relative = init.relative_to(repo_root / root).as_posix()
+            assert f"{installed}/{relative}" in names, relative
+    assert "mlsys_jax/kernels/attention/triton.py" in names
     assert "mlsys_jax/meshes/__init__.py" in names
     for preset in ("cpu-8", "gpu-h100x8", "gpu-h200x8", "tpu-v5p-64", "tpu-v5e-256", "tpu-v5e-2x256"):
         assert f"mlsys_jax/meshes/{preset}.toml" in names
@@ -41,8 +47,9 @@ def test_presets_load_by_name_from_an_installed_wheel(wheel, tmp_path):
     assert install.returncode == 0, install.stderr[-3000:]
     code = textwrap.dedent(
         f"""
-        import mlsys_jax, mlsys_jax.kernels
+        import mlsys_jax, mlsys_jax.kernels, mlsys_jax.kernels.attention
         assert mlsys_jax.__file__.startswith({str(target)!r}), mlsys_jax.__file__
+        assert mlsys_jax.kernels.attention.__file__.startswith({str(target)!r})
         assert mlsys_jax.kernels.__file__.startswith({str(target)!r})
         preset = mlsys_jax.load_preset("tpu-v5e-2x256")
         print(preset.num_devices, sorted(mlsys_jax.preset_names()))

@@ -23,11 +23,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mlsys_jax.kernels.attention import FLOAT_DTYPES, register_pallas
-from mlsys_jax.kernels.attention_reference import AttentionOptions, visible
+from mlsys_jax.kernels.attention.options import FLOAT_DTYPES, AttentionBlocks, AttentionOptions
+from mlsys_jax.kernels.attention.reference import visible
+from mlsys_jax.kernels.attention.vjp import pallas_backend
 from mlsys_jax.kernels.lowering import triton_params
 
-__all__ = ["forward", "backward", "check", "key_block_range", "query_block_range", "effective_block"]
+__all__ = ["forward", "backward", "check", "key_block_range", "query_block_range", "effective_block",
+           "DEFAULTS", "candidates", "BACKEND"]
 
 # A dimension a BlockSpec drops from the kernel's view (``pl.squeezed`` where the API has it).
 _SQ = getattr(pl, "squeezed", None)
@@ -100,8 +102,10 @@ def _power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def check(*, dtype, head_dim: int, **_) -> str | None:
+def check(*, dtype, head_dim: int, offsets: bool = False, lengths: bool = False, **_) -> str | None:
     """Why the Triton kernels cannot serve these arguments, or None."""
+    if offsets or lengths:
+        return "the Triton kernels take no query offsets or key-value lengths yet"
     if jnp.dtype(dtype) not in FLOAT_DTYPES:
         return f"the Triton kernels take float32, bfloat16 or float16, not {jnp.dtype(dtype).name}"
     if not _power_of_two(head_dim) or not _MIN_DIM <= head_dim <= _MAX_HEAD_DIM:
@@ -210,7 +214,8 @@ def _forward_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, s
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-            kv_seg: jax.Array | None, opts: AttentionOptions) -> tuple[jax.Array, jax.Array]:
+            kv_seg: jax.Array | None, q_offset: jax.Array | None, kv_lengths: jax.Array | None,
+            opts: AttentionOptions) -> tuple[jax.Array, jax.Array]:
     """Attention output (B, S, H, D) in q's dtype and log-sum-exp (B, H, S) fp32."""
     b, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -317,7 +322,8 @@ def _dq_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, seq_q:
 
 
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-             kv_seg: jax.Array | None, o: jax.Array, lse: jax.Array, do: jax.Array,
+             kv_seg: jax.Array | None, q_offset: jax.Array | None, kv_lengths: jax.Array | None,
+             o: jax.Array, lse: jax.Array, do: jax.Array,
              opts: AttentionOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
     """dq, dk, dv of the attention output with cotangent ``do``, in the inputs' dtypes."""
     b, seq_q, heads, head_dim = q.shape
@@ -380,4 +386,28 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     return dq[:, :seq_q], dk[:, :seq_k], dv[:, :seq_k]
 
 
-register_pallas("pallas_triton", ("gpu",), forward, backward, check)
+# --- block sizes and the backend ----------------------------------------------------------------
+
+#: Default tiles per device kind (substring of ``jax.Device.device_kind``); "cpu" is the
+#: interpreter, where every block is a loop step, so blocks are few.
+DEFAULTS = {
+    "H200": AttentionBlocks(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8,
+                            num_stages=3),
+    "H100": AttentionBlocks(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8,
+                            num_stages=3),
+    "A100": AttentionBlocks(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4,
+                            num_stages=2),
+    "cpu": AttentionBlocks(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32),
+}
+
+
+def candidates(platform: str) -> list[AttentionBlocks]:
+    """Tiles autotuning tries: on a GPU, forward 64/128 with half-size backward tiles and a few
+    warp/stage counts; interpreted, two small sizes (only to exercise the machinery)."""
+    if platform == "gpu":
+        return [AttentionBlocks(bq, bk, bq // 2, bk // 2, w, st) for bq in (64, 128)
+                for bk in (64, 128) for w in (4, 8) for st in (2, 3)]
+    return [AttentionBlocks(bq, bk, bq, bk) for bq in (16, 32) for bk in (16, 32)]
+
+
+BACKEND = pallas_backend("pallas_triton", ("gpu",), forward, backward, check, DEFAULTS, candidates)

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mlsys_jax.kernels.attention import register_pallas
-from mlsys_jax.kernels.attention_reference import AttentionOptions, visible
+from mlsys_jax.kernels.attention.options import AttentionBlocks, AttentionOptions
+from mlsys_jax.kernels.attention.reference import visible
+from mlsys_jax.kernels.attention.vjp import pallas_backend
 from mlsys_jax.kernels.lowering import tpu_interpret, tpu_params
 
 __all__ = ["forward", "backward", "check", "block_visible", "kv_block_range", "q_block_range",
-           "kv_block_index", "q_block_index"]
+           "kv_block_index", "q_block_index", "DEFAULTS", "candidates", "BACKEND"]
 
 LANES = 128  # the minor (lane) width of a TPU vreg: last block dims are multiples of it
 SUBLANES = 8  # the second-minor (sublane) width
@@ -256,9 +257,10 @@ def _forward_kernel(*refs, t: _Tiling):
         lse_ref[...] = jnp.where(empty, jnp.inf, m_sc[...] + jnp.log(l_safe))
 
 
-@functools.partial(jax.jit, static_argnums=(5,))
+@functools.partial(jax.jit, static_argnums=(7,))
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-            kv_seg: jax.Array | None, opts: AttentionOptions) -> tuple[jax.Array, jax.Array]:
+            kv_seg: jax.Array | None, q_offset: jax.Array | None, kv_lengths: jax.Array | None,
+            opts: AttentionOptions) -> tuple[jax.Array, jax.Array]:
     """Attention output (B, S, H, D) in q's dtype and log-sum-exp (B, H, S) in fp32.
 
     Jitted per ``opts``, so eager calls compile the kernel once per configuration.
@@ -370,9 +372,10 @@ def _dq_kernel(*refs, t: _Tiling):
         dq_ref[...] = (dq_sc[...] * t.sm_scale).astype(dq_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(8,))
+@functools.partial(jax.jit, static_argnums=(10,))
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-             kv_seg: jax.Array | None, o: jax.Array, lse: jax.Array, do: jax.Array,
+             kv_seg: jax.Array | None, q_offset: jax.Array | None, kv_lengths: jax.Array | None,
+             o: jax.Array, lse: jax.Array, do: jax.Array,
              opts: AttentionOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients (dq, dk, dv) in the input dtypes, recomputing probabilities from ``lse``."""
     b, s, h, d = q.shape
@@ -452,13 +455,15 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
 # --- what the backend serves --------------------------------------------------------------------
 
 def check(*, dtype, head_dim, seq_q, seq_k, heads, kv_heads, causal, segments, window,
-          **_) -> str | None:
+          offsets: bool = False, lengths: bool = False, **_) -> str | None:
     """Why ``pallas_tpu`` cannot serve these arguments, or None.
 
     head_dim of any size is zero-padded to a multiple of 128 lanes, and sequences to whole
     blocks, so only the dtype limits it: float16 is rejected, not upcast (TPUs compute in bf16).
     """
     del head_dim, seq_q, seq_k, heads, kv_heads, causal, segments, window
+    if offsets or lengths:
+        return "the TPU kernels take no query offsets or key-value lengths yet"
     dtype = jnp.dtype(dtype)
     if dtype == jnp.dtype(jnp.float16):
         return ("TPUs have no float16 arithmetic; cast q, k, v to bfloat16 (or pass "
@@ -468,4 +473,20 @@ def check(*, dtype, head_dim, seq_q, seq_k, heads, kv_heads, causal, segments, w
     return None
 
 
-register_pallas("pallas_tpu", ("tpu",), forward, backward, check)
+# --- block sizes and the backend ----------------------------------------------------------------
+
+#: Default tiles per device kind; "cpu" is the TPU interpreter (blocks a multiple of 8 there).
+DEFAULTS = {
+    "TPU": AttentionBlocks(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=256),
+    "cpu": AttentionBlocks(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32),
+}
+
+
+def candidates(platform: str) -> list[AttentionBlocks]:
+    """Tiles autotuning tries: 256-1024 (multiples of the 128 lanes) on a TPU, two small sizes
+    interpreted."""
+    sizes = (256, 512, 1024) if platform == "tpu" else (16, 32)
+    return [AttentionBlocks(bq, bk, bq, bk) for bq in sizes for bk in sizes]
+
+
+BACKEND = pallas_backend("pallas_tpu", ("tpu",), forward, backward, check, DEFAULTS, candidates)

@@ -1,40 +1,36 @@
-"""Scaled dot-product attention in plain jnp: the specification every attention backend meets.
+"""Scaled dot-product attention in plain jnp: the specification every attention backend meets,
+and the ``xla`` backend (JAX differentiates it).
 
     o_i = sum_j softmax_j(s_ij) v_j,   s_ij = sm_scale * q_i . k_j   over keys j visible to query i
 
 Shapes follow ``jax.nn.dot_product_attention``: q (batch, seq_q, heads, head_dim), k and v
 (batch, seq_k, kv_heads, head_dim) with kv_heads dividing heads; query head h reads K/V head
-h // (heads // kv_heads), so grouped- and multi-query attention never repeat K/V. A query with no
-visible key returns zeros, and its log-sum-exp is +inf (so exp(s - lse) is 0 in any backward).
+h // (heads // kv_heads), so grouped- and multi-query attention never repeat K/V.
+
+Positions: key j sits at position j; query i of row b at ``q_offset[b] + i`` (0 + i without
+offsets), so a chunk of queries that continues a sequence, or one decoded token, is masked
+where it really is. Keys at positions ``>= kv_lengths[b]`` are hidden (a cache's unwritten
+tail). A query with no visible key returns zeros, and its log-sum-exp is +inf (so exp(s - lse)
+is 0 in any backward).
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 
-from mlsys_jax.kernels.configs import AttentionBlocks
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionOptions:
-    """Everything static about one attention call, handed to a backend's forward and backward."""
-
-    causal: bool
-    sm_scale: float
-    window: int | None = None
-    blocks: AttentionBlocks = AttentionBlocks()
-    interpret: bool = False
+from mlsys_jax.kernels.attention.options import AttentionOptions
+from mlsys_jax.kernels.dispatch import Backend
 
 
 def visible(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool, window: int | None,
-            q_seg: jax.Array | None = None, kv_seg: jax.Array | None = None) -> jax.Array:
+            q_seg: jax.Array | None = None, kv_seg: jax.Array | None = None,
+            kv_len: jax.Array | None = None) -> jax.Array:
     """Whether key position ``k_pos`` is visible to query position ``q_pos`` (broadcasting).
 
     Causal: k <= q. Sliding window w: q - k < w (and k - q < w when not causal). Segment ids:
-    the two positions belong to the same document. Kernels call this on their tiles.
+    the two positions belong to the same document. ``kv_len``: k < kv_len. Kernels call this
+    on their tiles.
     """
     ok = jnp.ones(jnp.broadcast_shapes(q_pos.shape, k_pos.shape), bool)
     if causal:
@@ -45,22 +41,34 @@ def visible(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool, window: int | N
             ok &= k_pos - q_pos < window
     if q_seg is not None:
         ok &= q_seg == kv_seg
+    if kv_len is not None:
+        ok &= k_pos < kv_len
     return ok
 
 
 def attention_reference_with_lse(q: jax.Array, k: jax.Array, v: jax.Array,
                                  q_seg: jax.Array | None, kv_seg: jax.Array | None,
+                                 q_offset: jax.Array | None, kv_lengths: jax.Array | None,
                                  opts: AttentionOptions) -> tuple[jax.Array, jax.Array]:
-    """Output (batch, seq_q, heads, head_dim) in q's dtype and log-sum-exp (batch, heads, seq_q) fp32."""
+    """Output (batch, seq_q, heads, head_dim) in q's dtype and log-sum-exp (batch, heads, seq_q) fp32.
+
+    ``q_offset`` and ``kv_lengths`` are (batch,) ints or None.
+    """
     b, s, h, d = q.shape
     t, kv = k.shape[1], k.shape[2]
     qg = q.reshape(b, s, kv, h // kv, d)
     scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
     scores = scores * opts.sm_scale
+    # Positions broadcast against scores (b, kv, group, s, t); without offsets or lengths the
+    # mask is one (s, t) pattern shared by every row.
+    q_pos = jnp.arange(s)[:, None]
+    if q_offset is not None:
+        q_pos = q_offset[:, None, None, None, None] + q_pos
+    kv_len = None if kv_lengths is None else kv_lengths[:, None, None, None, None]
     qs = None if q_seg is None else q_seg[:, None, None, :, None]
     ks = None if kv_seg is None else kv_seg[:, None, None, None, :]
-    mask = visible(jnp.arange(s)[:, None], jnp.arange(t)[None, :], causal=opts.causal,
-                   window=opts.window, q_seg=qs, kv_seg=ks)
+    mask = visible(q_pos, jnp.arange(t)[None, :], causal=opts.causal, window=opts.window,
+                   q_seg=qs, kv_seg=ks, kv_len=kv_len)
     mask = jnp.broadcast_to(mask, scores.shape)
     scores = jnp.where(mask, scores, -jnp.inf)
     m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
@@ -74,6 +82,10 @@ def attention_reference_with_lse(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-                        kv_seg: jax.Array | None, opts: AttentionOptions) -> jax.Array:
+                        kv_seg: jax.Array | None, q_offset: jax.Array | None,
+                        kv_lengths: jax.Array | None, opts: AttentionOptions) -> jax.Array:
     """The reference output alone, differentiated by JAX's autodiff."""
-    return attention_reference_with_lse(q, k, v, q_seg, kv_seg, opts)[0]
+    return attention_reference_with_lse(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, opts)[0]
+
+
+BACKEND = Backend("xla", ("cpu", "gpu", "tpu"), attention_reference)

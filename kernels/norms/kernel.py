@@ -1,4 +1,5 @@
-"""Pallas kernels of RMSNorm and LayerNorm, forward and backward, for the Triton and TPU lowerings.
+"""Pallas kernels of RMSNorm and LayerNorm, forward and backward: one kernel body for the Triton
+and TPU lowerings, and the ``custom_vjp`` that makes them one differentiable norm.
 
 Rows are flattened to (N, D) and every tile holds whole feature rows, so the per-row statistics
 (mean, rstd) are computed in one pass. The forward saves them in fp32; the backward reuses them
@@ -29,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from mlsys_jax.kernels.configs import NormBlocks
 from mlsys_jax.kernels.lowering import tpu_interpret, tpu_params, triton_params
+from mlsys_jax.kernels.norms.options import NormBlocks
 
 TRITON = "triton"
 TPU = "tpu"
@@ -298,3 +299,36 @@ def norm_backward(x: jax.Array, weight: jax.Array, mean: jax.Array | None, rstd:
     dw = jnp.sum(outs[1][:, 0, :d], axis=0)
     db = None if opts.norm == "rms" else jnp.sum(outs[2][:, 0, :d], axis=0)
     return dx, dw, db
+
+
+# --- the differentiable norm ------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_norm(x, weight, bias, opts: NormKernelOptions):
+    return norm_forward(x, weight, bias, opts)[0]
+
+
+def _fused_norm_fwd(x, weight, bias, opts):
+    y, mean, rstd = norm_forward(x, weight, bias, opts)
+    return y, (x, weight, bias, mean, rstd)
+
+
+def _fused_norm_bwd(opts, res, dy):
+    x, weight, bias, mean, rstd = res
+    dx, dw, db = norm_backward(x, weight, mean, rstd, dy, opts)
+    return dx, dw.astype(weight.dtype), None if bias is None else db.astype(bias.dtype)
+
+
+_fused_norm.defvjp(_fused_norm_fwd, _fused_norm_bwd)
+
+
+def pallas_run(norm: str, lowering: str):
+    """A backend's ``run(x, weight, bias, *, eps, blocks, interpret)`` for x of any shape (..., D):
+    rows are flattened for the kernels and the result takes x's shape again."""
+    def run(x, weight, bias, *, eps: float, blocks: NormBlocks, interpret: bool = False):
+        check_blocks(blocks, lowering)
+        opts = NormKernelOptions(norm=norm, eps=float(eps), blocks=blocks, lowering=lowering,
+                                 interpret=interpret)
+        rows = x.reshape(-1, x.shape[-1])
+        return _fused_norm(rows, weight, None if norm == "rms" else bias, opts).reshape(x.shape)
+    return run
