@@ -15,7 +15,8 @@ class PlanConfig:
     """Show a model's placement and bytes per device on a mesh, without devices."""
 
     model: str = "7b"
-    """Model preset: tiny, small, 125m, 1b, 7b, 8b, 70b."""
+    """Model as family:preset (llama:7b) or a Llama preset: tiny, small, 125m, 1b, 7b, 8b, 70b.
+    Families outside the toolkit load from $MLSYS_JAX_PLUGINS or 'mlsys_jax.models' entry points."""
     mesh: str = "gpu-h100x8"
     """Mesh preset name or axis sizes such as 'fsdp=8,tensor=4'."""
     strategy: str | None = None
@@ -28,7 +29,7 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     """Print the plan table; returns whether parameters, gradients and optimizer state fit in
     the preset's HBM (activations are not counted)."""
     from mlsys_jax.mesh import abstract_mesh
-    from mlsys_jax.models import get_config, llama
+    from mlsys_jax.models import build_model
     from mlsys_jax.parallel import Plan, resolve_mesh, rules
     from mlsys_jax.train.optim import OptimConfig, adamw
     from mlsys_jax.train.report import human_bytes, make_console, memory_per_device, plan_table
@@ -38,7 +39,7 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     the_plan = Plan(abstract_mesh(preset if preset is not None else sizes),
                     rules(strategy, sequence_parallel=cfg.sequence_parallel),
                     device=preset.device if preset is not None else None)
-    model = llama.language_model(get_config(cfg.model), name=cfg.model)
+    model = build_model(cfg.model)
     optimizer = adamw(OptimConfig(), model.specs)
     console.print(plan_table(the_plan, model, optimizer, cfg.mesh))
     mem = memory_per_device(the_plan, model, optimizer)

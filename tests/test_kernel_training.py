@@ -105,9 +105,11 @@ def test_the_fused_loss_alone_matches_the_logits_path(xla_run):
 
 
 def test_the_run_can_say_which_kernel_each_operation_uses():
-    from mlsys_jax.models.kernel_ops import kernel_choices
-    assert kernel_choices(XLA, 8, 16) == {}
-    said = kernel_choices(XLA.replace(attention_impl="pallas", norm_impl="pallas", loss_impl="fused"), 8, 16)
-    assert said == {"attention": "pallas_triton (interpret mode)",
-                    "rms_norm": "pallas_triton (interpret mode)", "loss": "chunked"}
-    assert kernel_choices(XLA.replace(attention_impl="auto"), 8, 16)["attention"] == "xla"
+    def said(cfg):
+        return llama.language_model(cfg).kernel_choices(8, 16)
+
+    assert said(XLA) == {}
+    assert said(XLA.replace(attention_impl="pallas", norm_impl="pallas", loss_impl="fused")) == {
+        "attention": "pallas_triton (interpret mode)", "rms_norm": "pallas_triton (interpret mode)",
+        "loss": "chunked"}
+    assert said(XLA.replace(attention_impl="auto"))["attention"] == "xla"

@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mlsys_jax.kernels import flash_attention, rms_norm
+from mlsys_jax.kernels.cross_entropy import logits as logits_projection
 from mlsys_jax.models import CONFIGS, ConfigError, get_config, llama
-from mlsys_jax.models.layers import apply_rope, attention_cudnn, attention_xla, rms_norm, rope_angles
+from mlsys_jax.models.layers import apply_rope, rope_angles
 from mlsys_jax.params import count_params, init_params
 
 CFG = get_config("tiny", dtype="float32")
@@ -59,14 +61,15 @@ def test_grouped_query_attention_matches_repeated_kv(heads, kv_heads):
     q = jax.random.normal(kq, (2, 12, heads, 16))
     k = jax.random.normal(kk, (2, 12, kv_heads, 16))
     v = jax.random.normal(kv, (2, 12, kv_heads, 16))
-    np.testing.assert_allclose(attention_xla(q, k, v), reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    got = flash_attention(q, k, v, causal=True, implementation="xla")
+    np.testing.assert_allclose(got, reference_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_rms_norm_equation():
     x = jax.random.normal(jax.random.key(2), (3, 8)) * 5
     w = jnp.arange(1.0, 9.0)
     expected = x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + 1e-5) * w
-    np.testing.assert_allclose(rms_norm(x, w, 1e-5), expected, rtol=1e-5)
+    np.testing.assert_allclose(rms_norm(x, w, eps=1e-5, implementation="xla"), expected, rtol=1e-5)
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -122,9 +125,10 @@ def test_kv_heads_must_divide_heads():
 
 
 def test_cudnn_attention_refuses_a_cpu_with_a_fix():
+    from mlsys_jax.kernels import KernelUnavailable
     q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
-    with pytest.raises(ValueError, match="attention='xla'"):
-        attention_cudnn(q, q, q)
+    with pytest.raises(KernelUnavailable, match="cudnn.*runs on gpu, not cpu"):
+        flash_attention(q, q, q, causal=True, implementation="cudnn")
 
 
 @pytest.mark.parametrize("name, billions", [("1b", 1.24), ("7b", 6.74), ("8b", 8.03), ("70b", 70.55)])
@@ -166,8 +170,6 @@ def test_swiglu_equation():
 
 
 def test_logits_are_fp32_and_their_gradients_take_the_compute_dtype():
-    from mlsys_jax.models.layers import logits_projection
-
     x = jax.random.normal(jax.random.key(7), (2, 3, 16)).astype(jnp.bfloat16)
     w = jax.random.normal(jax.random.key(8), (16, 40)).astype(jnp.bfloat16)
     out = logits_projection(x, w)

@@ -1,6 +1,35 @@
-"""Pure-function models that name logical axes and know nothing of meshes."""
+"""The graph layer: the model interface (``base``), model families that name logical axes only,
+and the registry that finds a family and preset by name (``llama:7b``)."""
 
-from mlsys_jax.models import llama
-from mlsys_jax.models.config import CONFIGS, ConfigError, LlamaConfig, get_config
+from mlsys_jax.models import llama, registry
+from mlsys_jax.models.base import (
+    UNPLACED,
+    ConfigError,
+    LanguageModel,
+    Layout,
+    LogicalAxes,
+    decode_step,
+    forward,
+    init_cache,
+    loss_sums,
+    prefill,
+    run_layers,
+)
+from mlsys_jax.models.config import CONFIGS, LlamaConfig
+from mlsys_jax.models.registry import (
+    Family,
+    build_model,
+    canonical_name,
+    families,
+    get_config,
+    register_family,
+)
 
-__all__ = ["llama", "CONFIGS", "ConfigError", "LlamaConfig", "get_config"]
+registry.register_family(llama.FAMILY)
+
+__all__ = [
+    "llama", "registry", "UNPLACED", "ConfigError", "LanguageModel", "Layout", "LogicalAxes",
+    "decode_step", "forward", "init_cache", "loss_sums", "prefill", "run_layers", "CONFIGS",
+    "LlamaConfig", "Family", "build_model", "canonical_name", "families", "get_config",
+    "register_family",
+]

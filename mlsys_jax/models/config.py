@@ -5,16 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-REMAT_POLICIES = ("none", "full", "save_dots")
+from mlsys_jax.models.base import REMAT_POLICIES, ConfigError
+
 # "xla": plain jnp that XLA partitions itself; "pallas": the best Pallas kernel for the platform
 # (interpreted on CPU); a backend's name runs that backend; "auto"/"fused": the kernels' own choice.
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "pallas_triton", "pallas_tpu", "auto")
 NORM_IMPLS = ("xla", "pallas", "pallas_triton", "pallas_tpu")
 LOSS_IMPLS = ("xla", "fused", "chunked", "pallas_triton", "pallas_tpu")
-
-
-class ConfigError(ValueError):
-    """A model configuration that cannot describe a working model."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +87,3 @@ CONFIGS: dict[str, LlamaConfig] = {
         d_ff=28_672, rope_theta=500_000.0,
     ),
 }
-
-
-def get_config(name: str, **overrides: Any) -> LlamaConfig:
-    """A preset by name, with field overrides (``get_config("tiny", n_layers=4)``)."""
-    if name not in CONFIGS:
-        raise ConfigError(f"unknown model {name!r}; the presets are {list(CONFIGS)}")
-    return CONFIGS[name].replace(**overrides) if overrides else CONFIGS[name]

@@ -1,113 +1,108 @@
-"""The model's hot operations through ``mlsys_jax.kernels``, chosen by the config's ``*_impl``.
+"""A model's hot operations through the kernel API, chosen by name and placed by its layout.
 
-"xla" keeps the plain jnp layers that XLA partitions by itself. Any other choice runs a kernel;
-when the ``constrain`` hook is a plan (it has a ``mesh`` and an ``activation_spec``), the kernel
-runs per shard of the activations' placement, so switching kernels never changes the plan.
+Every implementation is the kernels' own: ``"xla"`` calls the kernel family's jnp reference as
+plain jnp, outside any ``shard_map``, so XLA partitions it as it would any model code; any other
+choice names a backend (or ``"pallas"``, ``"auto"``/``"fused"`` for the kernels' own pick) and,
+under a sharded layout, runs per shard of the activations' placement, with the plan's mesh and
+activation specs handed over explicitly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mlsys_jax.kernels import sharding
-from mlsys_jax.kernels.attention import flash_attention
-from mlsys_jax.kernels.cross_entropy import linear_cross_entropy
-from mlsys_jax.kernels.norms import rms_norm as fused_rms_norm
-from mlsys_jax.models.layers import ATTENTION, Constrain, rms_norm
+from mlsys_jax.kernels import attention as attention_kernels
+from mlsys_jax.kernels import cross_entropy, norms, sharding
+from mlsys_jax.models.base import Layout
 
 IGNORE = -1  # label of tokens the mask leaves out (never a vocabulary id)
-
-
-def _layout(constrain: Constrain) -> tuple[Any, Callable[..., Any]] | None:
-    mesh = getattr(constrain, "mesh", None)
-    spec = getattr(constrain, "activation_spec", None)
-    if mesh is None or spec is None:
-        return None
-    return mesh, spec
+Q_AXES = ("batch", "seq", "heads", "head_dim")
+KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
 
 
 def _backend(impl: str, auto: str) -> str | None:
     return None if impl == auto else impl
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, constrain: Constrain) -> jax.Array:
-    """Causal grouped-query attention of (batch, seq, heads, head_dim) q and (…, kv_heads, …) k, v."""
-    if impl in ATTENTION:
-        return ATTENTION[impl](q, k, v, causal=True)
-    implementation = _backend(impl, "auto")
-    layout = _layout(constrain)
-    if layout is None:
-        return flash_attention(q, k, v, causal=True, implementation=implementation)
-    mesh, spec = layout
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, layout: Layout, *,
+              q_offset: jax.Array | None = None, kv_lengths: jax.Array | None = None) -> jax.Array:
+    """Causal grouped-query attention of (batch, seq, heads, head_dim) q and (…, kv_heads, …)
+    k, v; with a cache, queries sit at ``q_offset`` (batch,) and keys past ``kv_lengths`` are
+    hidden."""
+    kwargs = dict(causal=True, q_offset=q_offset, kv_lengths=kv_lengths)
+    if impl == "xla" or not layout.sharded:
+        return attention_kernels.flash_attention(q, k, v, implementation=_backend(impl, "auto"), **kwargs)
     return sharding.sharded_flash_attention(
-        q, k, v, mesh=mesh, causal=True, implementation=implementation,
-        q_spec=spec(("batch", "seq", "heads", "head_dim"), q.shape, "attention queries"),
-        kv_spec=spec(("batch", "seq", "kv_heads", "head_dim"), k.shape, "attention keys"),
+        q, k, v, mesh=layout.mesh, implementation=_backend(impl, "auto"),
+        q_spec=layout.spec(Q_AXES, q.shape, "attention queries"),
+        kv_spec=layout.spec(KV_AXES, k.shape, "attention keys"), **kwargs,
     )
 
 
-def norm(x: jax.Array, weight: jax.Array, eps: float, impl: str, constrain: Constrain) -> jax.Array:
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, impl: str, layout: Layout) -> jax.Array:
     """RMSNorm of (batch, seq, embed) activations."""
-    if impl == "xla":
-        return rms_norm(x, weight, eps)
-
     def run(x: jax.Array, w: jax.Array) -> jax.Array:
-        return fused_rms_norm(x, w, eps=eps, implementation=impl)
+        return norms.rms_norm(x, w, eps=eps, implementation=impl)
 
-    layout = _layout(constrain)
-    if layout is None:
+    if impl == "xla" or not layout.sharded:
         return run(x, weight)
-    mesh, spec = layout
-    return sharding.sharded_rows(run, x, weight, mesh=mesh,
-                                 x_spec=spec(("batch", "seq", "embed"), x.shape, "norm input"))
+    return sharding.sharded_rows(run, x, weight, mesh=layout.mesh,
+                                 x_spec=layout.spec(("batch", "seq", "embed"), x.shape, "norm input"))
+
+
+def logits(x: jax.Array, head: jax.Array, layout: Layout) -> jax.Array:
+    """fp32 logits (batch, seq, vocab) of x @ head, placed by the layout (the kernels'
+    reference LM head: its backward works in x's dtype)."""
+    return layout.constrain(cross_entropy.logits(x, head), ("batch", "seq", "vocab"))
 
 
 def next_token_loss(x: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, impl: str,
-                    constrain: Constrain) -> tuple[jax.Array, jax.Array]:
-    """(sum, count) of cross-entropy of ``x @ head`` against targets where mask is set, through a
-    fused linear cross-entropy that never forms the (tokens, vocab) logits."""
+                    layout: Layout) -> tuple[jax.Array, jax.Array]:
+    """(sum, count) of cross-entropy of ``x @ head`` against targets where mask is set. "xla"
+    forms the whole logits (the reference, in its two pieces); any other choice is a fused
+    linear cross-entropy that never does."""
     labels = jnp.where(mask > 0, targets, IGNORE)
-    implementation = _backend(impl, "fused")
+    count = jnp.sum(mask.astype(jnp.float32))
+    if impl == "xla":
+        losses = cross_entropy.token_losses(logits(x, head, layout), labels,
+                                            cross_entropy.LossOptions(ignore_index=IGNORE))
+        return jnp.sum(losses), count
 
     def run(h: jax.Array, w: jax.Array, y: jax.Array, vocab_axis: Any = None) -> jax.Array:
-        return linear_cross_entropy(h, w, y, ignore_index=IGNORE, implementation=implementation,
-                                    vocab_axis=vocab_axis)
+        return cross_entropy.linear_cross_entropy(h, w, y, ignore_index=IGNORE, vocab_axis=vocab_axis,
+                                                  implementation=_backend(impl, "fused"))
 
-    layout = _layout(constrain)
-    if layout is None:
-        losses = run(x, head, labels)
-    else:
-        mesh, spec = layout
-        logits_spec = spec(("batch", "seq", "vocab"), (*labels.shape, head.shape[1]), "logits")
-        vocab = tuple(logits_spec)[2] if len(tuple(logits_spec)) > 2 else None
-        losses = sharding.sharded_token_loss(
-            run, x, head, labels, mesh=mesh, token_spec=spec(("batch", "seq"), labels.shape, "tokens"),
-            vocab_axes=sharding.mesh_axes(vocab),
-        )
-    return jnp.sum(losses), jnp.sum(mask.astype(jnp.float32))
+    if not layout.sharded:
+        return jnp.sum(run(x, head, labels)), count
+    logits_spec = layout.spec(("batch", "seq", "vocab"), (*labels.shape, head.shape[1]), "logits")
+    vocab = tuple(logits_spec)[2] if len(tuple(logits_spec)) > 2 else None
+    losses = sharding.sharded_token_loss(
+        run, x, head, labels, mesh=layout.mesh, vocab_axes=sharding.mesh_axes(vocab),
+        token_spec=layout.spec(("batch", "seq"), labels.shape, "tokens"),
+    )
+    return jnp.sum(losses), count
 
 
-def kernel_choices(cfg: Any, batch: int, seq: int) -> dict[str, str]:
-    """Which backend each hot operation of a Llama config runs here, and why others were passed
-    over (empty for the plain XLA layers)."""
-    from mlsys_jax.kernels import attention as attention_kernels, cross_entropy, norms
-
-    dt = jnp.dtype(cfg.dtype)
+def kernel_choices(dtype: Any, *, attention: tuple[str, tuple, tuple] | None = None,
+                   norm: tuple[str, tuple] | None = None,
+                   loss: tuple[str, tuple, tuple] | None = None) -> dict[str, str]:
+    """Which backend each hot operation runs here, and why others were passed over, for the
+    operations that run a kernel: ``attention=(impl, q_shape, k_shape)``, ``norm=(impl,
+    x_shape)``, ``loss=(impl, hidden_shape, head_shape)``. Plain "xla" operations are left out."""
+    dt = jnp.dtype(dtype)
     out: dict[str, str] = {}
-    if cfg.attention_impl not in ATTENTION:
-        q = jax.ShapeDtypeStruct((batch, seq, cfg.n_heads, cfg.head_dim), dt)
-        k = jax.ShapeDtypeStruct((batch, seq, cfg.n_kv_heads, cfg.head_dim), dt)
+    if attention is not None and attention[0] != "xla":
+        impl, q, k = attention
         out["attention"] = attention_kernels.choose(
-            q, k, causal=True, implementation=_backend(cfg.attention_impl, "auto")).describe()
-    if cfg.norm_impl != "xla":
-        x = jax.ShapeDtypeStruct((batch, seq, cfg.d_model), dt)
-        out["rms_norm"] = norms.choose("rms_norm", x, cfg.norm_impl).describe()
-    if cfg.loss_impl != "xla":
-        h = jax.ShapeDtypeStruct((batch * seq, cfg.d_model), dt)
-        w = jax.ShapeDtypeStruct((cfg.d_model, cfg.vocab_size), dt)
-        out["loss"] = cross_entropy.choose(h, w, implementation=_backend(cfg.loss_impl, "fused")).describe()
+            jax.ShapeDtypeStruct(q, dt), jax.ShapeDtypeStruct(k, dt), causal=True,
+            implementation=_backend(impl, "auto")).describe()
+    if norm is not None and norm[0] != "xla":
+        out["rms_norm"] = norms.choose("rms_norm", jax.ShapeDtypeStruct(norm[1], dt), norm[0]).describe()
+    if loss is not None and loss[0] != "xla":
+        impl, h, w = loss
+        out["loss"] = cross_entropy.choose(jax.ShapeDtypeStruct(h, dt), jax.ShapeDtypeStruct(w, dt),
+                                           implementation=_backend(impl, "fused")).describe()
     return out

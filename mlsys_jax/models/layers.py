@@ -1,46 +1,34 @@
-"""The building blocks of a Llama-family decoder as plain functions of arrays.
+"""Building blocks of decoder layers as plain functions of arrays, shared by families.
 
-Every function takes the activations' ``constrain(x, logical_axes)`` hook so a plan can place
-intermediate results; the functions themselves know nothing about devices.
+Rotary embeddings, the fused projections, the embedding lookup and the KV-cache write. The hot
+operations (attention, norms, the LM head and its loss) are not here: a model reaches them
+through ``kernel_ops``, whose only implementations are the kernels' own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 
-Constrain = Callable[[jax.Array, tuple[str | None, ...]], jax.Array]
-
-
-def no_constraint(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
-    del logical_axes
-    return x
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """y = x / sqrt(mean(x^2) + eps) * w, computed in fp32."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+from mlsys_jax.models.base import Constrain, no_constraint
 
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of position * theta^(-2i/d) for i < d/2; shape (seq, head_dim/2)."""
+    """cos and sin of position * theta^(-2i/d) for i < d/2: shape positions.shape + (head_dim/2,)
+    for positions (seq,) shared by every row or (batch, seq)."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate the two halves of each head's features (the "rotate-half" convention).
 
-    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim/2).
+    x: (batch, seq, heads, head_dim); cos, sin: (seq, head_dim/2) or (batch, seq, head_dim/2).
     """
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    c, s = cos[..., None, :], sin[..., None, :]  # broadcast over heads (and batch when shared)
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
@@ -50,7 +38,7 @@ def qkv_projection(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array
 
     One matmul means one input gradient: under tensor parallelism the backward pass sums it
     over the shards in a single all-reduce instead of three. Query head i sits in K/V group
-    i // (heads / kv_heads), the grouping ``attention_xla`` expects.
+    i // (heads / kv_heads), the grouping ``flash_attention`` expects.
     """
     d, heads, hd = wq.shape
     kv = wk.shape[1]
@@ -94,56 +82,16 @@ def _embedding_bwd(res: tuple, g: jax.Array) -> tuple[jax.Array, None]:
 embedding_lookup.defvjp(_embedding_fwd, _embedding_bwd)
 
 
-@jax.custom_vjp
-def logits_projection(x: jax.Array, w: jax.Array) -> jax.Array:
-    """logits = x W in fp32 (softmax over a large vocabulary wants the precision), while the
-    backward pass works in x's dtype like every other matmul, so W's gradient is reduced
-    across devices in the compute dtype."""
-    return jnp.einsum("bsd,dv->bsv", x, w, preferred_element_type=jnp.float32)
+def cache_write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+    """``cache`` (batch, max_len, ...) with row b's positions [start[b], start[b] + seq) replaced
+    by ``new`` (batch, seq, ...).
 
-
-def _logits_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return logits_projection(x, w), (x, w)
-
-
-def _logits_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x, w = res
-    g = g.astype(x.dtype)
-    return jnp.einsum("bsv,dv->bsd", g, w), jnp.einsum("bsd,bsv->dv", x, g)
-
-
-logits_projection.defvjp(_logits_fwd, _logits_bwd)
-
-
-def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True) -> jax.Array:
-    """softmax(q k^T / sqrt(d) + mask) v with grouped-query heads, K/V never repeated.
-
-    q: (batch, seq, heads, d); k, v: (batch, seq_kv, kv_heads, d), kv_heads dividing heads.
-    Scores and softmax run in fp32.
+    Written as a gather and a select over the whole cache rather than a scatter: every row keeps
+    its place on its own device, however the batch is split.
     """
-    b, s, h, d = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, s, kv, h // kv, d)
-    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (d ** -0.5)
-    if causal:
-        t = k.shape[1]
-        mask = jnp.arange(s)[:, None] + (t - s) >= jnp.arange(t)[None, :]
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, s, h, d).astype(q.dtype)
-
-
-def attention_cudnn(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True) -> jax.Array:
-    """The same attention through cuDNN's fused kernel (GPU only)."""
-    platform = jax.devices()[0].platform
-    if platform != "gpu":
-        raise ValueError(
-            f"attention='cudnn' runs only on NVIDIA GPUs, but JAX's devices are {platform!r}. "
-            "Fix: use attention='xla' on this machine."
-        )
-    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-
-
-ATTENTION = {"xla": attention_xla, "cudnn": attention_cudnn}
+    max_len, seq = cache.shape[1], new.shape[1]
+    index = jnp.arange(max_len)[None, :] - jnp.reshape(start, (-1, 1))      # (batch, max_len)
+    inside = (index >= 0) & (index < seq)
+    tail = (1,) * (cache.ndim - 2)
+    taken = jnp.take_along_axis(new, jnp.clip(index, 0, seq - 1).reshape(*index.shape, *tail), axis=1)
+    return jnp.where(inside.reshape(*inside.shape, *tail), taken.astype(cache.dtype), cache)

@@ -1,37 +1,38 @@
-"""A Llama-family decoder as pure functions: parameter specs, the forward pass, FLOPs per token.
+"""A Llama-family decoder as pure functions: parameter specs, the pieces of its forward pass.
 
-    h_0     = E[tokens]
-    a_l     = h_{l-1} + Attn(RMSNorm(h_{l-1}))       (RoPE on q and k, grouped-query heads)
-    h_l     = a_l + W_down(silu(W_gate x) * W_up x),  x = RMSNorm(a_l)
-    logits  = RMSNorm(h_L) W_head                     (W_head = E^T when embeddings are tied)
+    h_0     = E[tokens]                                                      embed
+    a_l     = h_{l-1} + Attn(RMSNorm(h_{l-1}))   (RoPE on q and k at each    block, layer l
+    h_l     = a_l + W_down(silu(W_gate x) * W_up x),  x = RMSNorm(a_l)        token's position)
+    logits  = RMSNorm(h_L) W_head                (W_head = E^T when tied)    head
 
-Layers are stacked on a leading ``layers`` axis and run with ``lax.scan``, so compile time does
-not grow with depth. Weights and activations name logical axes only; a plan maps them to a mesh.
+Layers are stacked on a leading ``layers`` axis; ``models.base`` scans them. With a KV cache a
+block writes its keys and values at the tokens' positions and attends over the cache. Weights
+and activations name logical axes only; a plan maps them to a mesh.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mlsys_jax.models import kernel_ops
-from mlsys_jax.models.config import LlamaConfig
-from mlsys_jax.models.layers import (
-    Constrain,
-    apply_rope,
-    embedding_lookup,
-    logits_projection,
-    no_constraint,
-    qkv_projection,
-    rope_angles,
-    swiglu,
-)
-from mlsys_jax.params import ParamSpec, fan_in, normal, ones
-from mlsys_jax.train.model import LanguageModel
+from mlsys_jax.models import base, kernel_ops
+from mlsys_jax.models.base import UNPLACED, LanguageModel, Layout, LogicalAxes
+from mlsys_jax.models.config import CONFIGS, LlamaConfig
+from mlsys_jax.models.layers import apply_rope, cache_write, embedding_lookup, qkv_projection, rope_angles, swiglu
+from mlsys_jax.models.registry import Family
+from mlsys_jax.params import ParamSpec, fan_in, normal, ones, zeros
 
 Params = dict[str, Any]
+
+AXES = LogicalAxes(
+    params=("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers"),
+    activations=("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
+                 "cache_seq", "layers"),
+)
+CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
 
 def param_specs(cfg: LlamaConfig) -> Params:
@@ -65,65 +66,68 @@ def param_specs(cfg: LlamaConfig) -> Params:
     return specs
 
 
-def _block(cfg: LlamaConfig, constrain: Constrain, cos: jax.Array, sin: jax.Array):
-    dt = jnp.dtype(cfg.dtype)
-
-    def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        return kernel_ops.attention(q, k, v, cfg.attention_impl, constrain)
-
-    def rms_norm(x: jax.Array, w: jax.Array) -> jax.Array:
-        return kernel_ops.norm(x, w, cfg.norm_eps, cfg.norm_impl, constrain)
-
-    def block(x: jax.Array, w: Params) -> tuple[jax.Array, None]:
-        w = jax.tree_util.tree_map(lambda a: a.astype(dt), w)
-        y = rms_norm(x, w["attn_norm"])
-        q, k, v = qkv_projection(y, w["wq"], w["wk"], w["wv"])
-        q = constrain(q, ("batch", "seq", "heads", "head_dim"))
-        k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
-        v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        o = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        o = constrain(o, ("batch", "seq", "heads", "head_dim"))
-        x = constrain(x + jnp.einsum("bshk,hkd->bsd", o, w["wo"]), ("batch", "seq", "embed"))
-        y = rms_norm(x, w["mlp_norm"])
-        x = x + swiglu(y, w["w_gate"], w["w_up"], w["w_down"], constrain)
-        return constrain(x, ("batch", "seq", "embed")), None
-
-    if cfg.remat == "full":
-        return jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
-    if cfg.remat == "save_dots":
-        return jax.checkpoint(block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    return block
+def cache_specs(cfg: LlamaConfig, batch: int, max_len: int) -> Params:
+    """Keys and values of every layer for ``batch`` rows of ``max_len`` positions, in the
+    compute dtype."""
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    spec = ParamSpec(shape, CACHE_AXES, zeros, jnp.dtype(cfg.dtype))
+    return {"k": spec, "v": spec}
 
 
-def hidden_states(params: Params, tokens: jax.Array, cfg: LlamaConfig,
-                  constrain: Constrain = no_constraint) -> jax.Array:
-    """The final normalized residual stream, (batch, seq, d_model) in the compute dtype."""
-    dt = jnp.dtype(cfg.dtype)
-    table = constrain(params["embed"].astype(dt), ("vocab", None))  # whole rows, for the lookup
-    x = constrain(embedding_lookup(table, tokens), ("batch", "seq", "embed"))
-    cos, sin = rope_angles(jnp.arange(tokens.shape[1]), cfg.head_dim, cfg.rope_theta)
-    x, _ = jax.lax.scan(_block(cfg, constrain, cos, sin), x, params["layers"])
-    return kernel_ops.norm(x, params["final_norm"].astype(dt), cfg.norm_eps, cfg.norm_impl, constrain)
+def _norm(cfg: LlamaConfig, x: jax.Array, w: jax.Array, layout: Layout) -> jax.Array:
+    return kernel_ops.rms_norm(x, w, cfg.norm_eps, cfg.norm_impl, layout)
 
 
-def _head(params: Params, cfg: LlamaConfig, dtype: Any) -> jax.Array:
+def embed(cfg: LlamaConfig, params: Params, tokens: jax.Array, positions: jax.Array,
+          layout: Layout = UNPLACED) -> jax.Array:
+    """h_0 = E[tokens], (batch, seq, d_model) in the compute dtype (positions enter at RoPE)."""
+    del positions
+    table = layout.constrain(params["embed"].astype(cfg.dtype), ("vocab", None))  # whole rows
+    return layout.constrain(embedding_lookup(table, tokens), ("batch", "seq", "embed"))
+
+
+def block(cfg: LlamaConfig, w: Params, x: jax.Array, positions: jax.Array, cache: Params | None = None,
+          layout: Layout = UNPLACED) -> tuple[jax.Array, Params | None]:
+    """One layer: attention then SwiGLU, each on the RMSNorm of the residual stream. With a
+    cache, the new keys and values are written at ``positions`` and the queries attend over it."""
+    w = jax.tree_util.tree_map(lambda a: a.astype(cfg.dtype), w)
+    c = layout.constrain
+    q, k, v = qkv_projection(_norm(cfg, x, w["attn_norm"], layout), w["wq"], w["wk"], w["wv"])
+    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    q = apply_rope(c(q, ("batch", "seq", "heads", "head_dim")), cos, sin)
+    k = apply_rope(c(k, ("batch", "seq", "kv_heads", "head_dim")), cos, sin)
+    v = c(v, ("batch", "seq", "kv_heads", "head_dim"))
+    if cache is None:
+        o = kernel_ops.attention(q, k, v, cfg.attention_impl, layout)
+    else:
+        start = jnp.broadcast_to(positions[..., 0], (x.shape[0],)).astype(jnp.int32)
+        cache = {name: c(cache_write(cache[name], new, start), CACHE_AXES[1:])
+                 for name, new in (("k", k), ("v", v))}
+        o = kernel_ops.attention(q, cache["k"], cache["v"], cfg.attention_impl, layout,
+                                 q_offset=start, kv_lengths=start + x.shape[1])
+    o = c(o, ("batch", "seq", "heads", "head_dim"))
+    x = c(x + jnp.einsum("bshk,hkd->bsd", o, w["wo"]), ("batch", "seq", "embed"))
+    x = x + swiglu(_norm(cfg, x, w["mlp_norm"], layout), w["w_gate"], w["w_up"], w["w_down"], c)
+    return c(x, ("batch", "seq", "embed")), cache
+
+
+def _head_weight(cfg: LlamaConfig, params: Params, dtype: Any) -> jax.Array:
     return (params["embed"].T if cfg.tie_embeddings else params["head"]).astype(dtype)
 
 
-def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig,
-            constrain: Constrain = no_constraint) -> jax.Array:
-    """Next-token logits in fp32, (batch, seq, vocab), for int tokens of shape (batch, seq)."""
-    x = hidden_states(params, tokens, cfg, constrain)
-    logits = logits_projection(x, _head(params, cfg, x.dtype))
-    return constrain(logits, ("batch", "seq", "vocab"))
+def head(cfg: LlamaConfig, params: Params, x: jax.Array, layout: Layout = UNPLACED) -> jax.Array:
+    """logits = RMSNorm(h_L) W_head in fp32, (batch, seq, vocab)."""
+    x = _norm(cfg, x, params["final_norm"].astype(x.dtype), layout)
+    return kernel_ops.logits(x, _head_weight(cfg, params, x.dtype), layout)
 
 
-def loss_sums(params: Params, tokens: jax.Array, targets: jax.Array, mask: jax.Array, cfg: LlamaConfig,
-              constrain: Constrain = no_constraint) -> tuple[jax.Array, jax.Array]:
-    """(sum, count) of next-token cross-entropy through the fused loss: the logits of
-    ``forward`` are never formed whole."""
-    x = hidden_states(params, tokens, cfg, constrain)
-    return kernel_ops.next_token_loss(x, _head(params, cfg, x.dtype), targets, mask, cfg.loss_impl, constrain)
+def loss(cfg: LlamaConfig, params: Params, x: jax.Array, targets: jax.Array, mask: jax.Array,
+         layout: Layout = UNPLACED) -> tuple[jax.Array, jax.Array]:
+    """(sum, count) of next-token cross-entropy of the head's logits; a fused ``loss_impl``
+    never forms them whole."""
+    x = _norm(cfg, x, params["final_norm"].astype(x.dtype), layout)
+    return kernel_ops.next_token_loss(x, _head_weight(cfg, params, x.dtype), targets, mask,
+                                      cfg.loss_impl, layout)
 
 
 def matmul_params(cfg: LlamaConfig) -> int:
@@ -140,17 +144,32 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     return 6 * matmul_params(cfg) + attention
 
 
-def language_model(cfg: LlamaConfig, name: str = "llama") -> LanguageModel:
-    """This model in the form the runtime trains and samples."""
-    return LanguageModel(
-        name=name,
-        specs=param_specs(cfg),
-        apply=lambda params, tokens, constrain: forward(params, tokens, cfg, constrain),
-        flops_per_token=lambda seq_len: flops_per_token(cfg, seq_len),
-        vocab_size=cfg.vocab_size,
-        config=cfg,
-        compute_dtype=jnp.dtype(cfg.dtype),
-        loss=None if cfg.loss_impl == "xla" else (
-            lambda params, tokens, targets, mask, constrain:
-                loss_sums(params, tokens, targets, mask, cfg, constrain)),
+def kernel_choices(cfg: LlamaConfig, batch: int, seq: int) -> dict[str, str]:
+    """Which backend each hot operation of this config runs here (empty for plain XLA)."""
+    return kernel_ops.kernel_choices(
+        cfg.dtype,
+        attention=(cfg.attention_impl, (batch, seq, cfg.n_heads, cfg.head_dim),
+                   (batch, seq, cfg.n_kv_heads, cfg.head_dim)),
+        norm=(cfg.norm_impl, (batch, seq, cfg.d_model)),
+        loss=(cfg.loss_impl, (batch * seq, cfg.d_model), (cfg.d_model, cfg.vocab_size)),
     )
+
+
+def language_model(cfg: LlamaConfig, name: str = "llama") -> LanguageModel:
+    """This model in the form the runtime trains, stages and decodes."""
+    bind = functools.partial
+    return LanguageModel(
+        name=name, specs=param_specs(cfg), embed=bind(embed, cfg), block=bind(block, cfg),
+        head=bind(head, cfg), loss=bind(loss, cfg), cache_specs=bind(cache_specs, cfg),
+        flops_per_token=bind(flops_per_token, cfg), vocab_size=cfg.vocab_size,
+        num_layers=cfg.n_layers, axes=AXES, config=cfg, compute_dtype=jnp.dtype(cfg.dtype),
+        remat=cfg.remat, kernel_choices=bind(kernel_choices, cfg),
+    )
+
+
+def forward(params: Params, tokens: jax.Array, cfg: LlamaConfig, layout: Layout = UNPLACED) -> jax.Array:
+    """Next-token logits in fp32, (batch, seq, vocab), for int tokens of shape (batch, seq)."""
+    return base.forward(language_model(cfg), params, tokens, layout)
+
+
+FAMILY = Family("llama", LlamaConfig, CONFIGS, AXES, language_model)

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from mlsys_jax.meshes import AXIS_NAMES, Device
+from mlsys_jax.models.base import Layout
+from mlsys_jax.models.registry import declared_axes
 from mlsys_jax.params import init_params, is_spec, spec_leaves
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.rules import MeshAxes, Rules
@@ -70,6 +72,20 @@ class Plan:
     rules: Rules
     device: Device | None = None
 
+    def __post_init__(self) -> None:
+        for kind in ("param", "activation"):
+            declared = declared_axes(kind)
+            for name, target in self.rules.table(kind):
+                if name not in declared:
+                    close = difflib.get_close_matches(name, sorted(declared), n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    raise PlanError(
+                        f"the {self.rules.name!r} {kind} rule {name!r} -> {_fmt(target)} names a "
+                        f"logical axis no registered model family declares, so it would place "
+                        f"nothing.{hint} Fix: correct the name, or register the family whose "
+                        f"{kind}s name it (mlsys_jax.models.register_family)."
+                    )
+
     # ---- resolution -----------------------------------------------------------------------
     @property
     def axis_sizes(self) -> dict[str, int]:
@@ -80,20 +96,26 @@ class Plan:
         return math.prod(self.axis_sizes.values())
 
     def _lookup(self, name: str, kind: str, what: str, path: str, shape: Any) -> MeshAxes:
+        """The mesh axes the rules give logical axis ``name``: a rule's target, else None (whole)
+        for an axis some registered model family declares; any other name is refused here."""
         table = self.rules.table(kind)
         targets = []
         for logical, target in table:
             if logical == name and _as_tuple(target) not in [_as_tuple(t) for t in targets]:
                 targets.append(target)
         if not targets:
-            known = sorted({k for k, _ in table})
+            declared = declared_axes(kind)
+            if name in declared:
+                return None
+            known = sorted({k for k, _ in table} | declared)
             close = difflib.get_close_matches(name, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise PlanError(
-                f"{what} '{path}' of shape {shape} names logical axis {name!r}, which the "
-                f"{self.rules.name!r} {kind} rules do not map.{hint} Known {kind} axes: {known}. "
-                f"Fix: correct the name, or add a rule, e.g. "
-                f"rules.override({kind}s={{{name!r}: None}}) to replicate it."
+                f"{what} '{path}' of shape {shape} names logical axis {name!r}, which no registered "
+                f"model family declares and the {self.rules.name!r} {kind} rules do not map.{hint} "
+                f"Known {kind} axes: {known}. Fix: correct the name, declare it in the model "
+                f"family's logical axes, or add a rule, e.g. "
+                f"rules.override({kind}s={{{name!r}: None}}) to keep it whole."
             )
         if len(targets) > 1:
             raise PlanError(
@@ -234,11 +256,11 @@ class Plan:
         spec = self.activation_spec(logical_axes, x.shape, name)
         return jax.lax.with_sharding_constraint(x, self.sharding(spec))
 
-    def __call__(self, x: jax.Array, logical_axes: Sequence[str | None],
-                 name: str = "<activation>") -> jax.Array:
-        """A plan is the model's ``constrain`` hook; kernels also read its ``mesh`` and
-        ``activation_spec`` to run per shard."""
-        return self.constrain(x, logical_axes, name)
+    @property
+    def layout(self) -> Layout:
+        """What a model's pieces are handed: this plan's activation constraint, and its mesh and
+        activation specs for kernels that run per shard."""
+        return Layout(constrain=self.constrain, mesh=self.mesh, spec=self.activation_spec)
 
     def replicated(self) -> NamedSharding:
         return self.sharding(PartitionSpec())

@@ -3,6 +3,11 @@
 Parameters and activations get separate tables because the same name means different things in
 each: under FSDP a weight's ``embed`` dim is sharded over ``fsdp`` while the activations'
 ``embed`` dim stays whole and their ``batch`` dim takes ``fsdp``.
+
+A preset maps only the axes it shards, using the toolkit's conventional names (``batch``,
+``seq``, ``embed``, ``heads``, ``kv_heads``, ``mlp``, ``vocab``, ...). Any other logical axis a
+registered model family declares stays whole; a name that neither the rules map nor any family
+declares is refused by the plan (``Plan.resolve``), with the nearest known name.
 """
 
 from __future__ import annotations
@@ -13,14 +18,6 @@ from typing import Union
 
 MeshAxes = Union[str, tuple[str, ...], None]
 RulePairs = tuple[tuple[str, MeshAxes], ...]
-
-#: Logical axes the toolkit's models give their weights.
-PARAM_AXES: tuple[str, ...] = ("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers")
-#: Logical axes the toolkit's models give their activations.
-ACTIVATION_AXES: tuple[str, ...] = (
-    "batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
-)
-
 
 def _pairs(rules: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]]) -> RulePairs:
     items = rules.items() if isinstance(rules, Mapping) else rules
@@ -90,30 +87,18 @@ class Rules:
         return used
 
 
-def _table(default_axes: tuple[str, ...], **mapped: MeshAxes) -> dict[str, MeshAxes]:
-    table: dict[str, MeshAxes] = {name: None for name in default_axes}
-    table.update(mapped)
-    return table
-
-
 _TP = dict(vocab="tensor", heads="tensor", kv_heads="tensor", mlp="tensor")
-
-
-def _rules(name: str, params: dict[str, MeshAxes], activations: dict[str, MeshAxes]) -> Rules:
-    return Rules(_table(PARAM_AXES, **params), _table(ACTIVATION_AXES, **activations), name=name)
 
 
 #: Rule presets, one per strategy. Each names only the mesh axes in ``STRATEGY_AXES``.
 RULE_PRESETS: dict[str, Rules] = {
-    "dp": _rules("dp", {}, {"batch": "data"}),
-    "fsdp": _rules("fsdp", {"embed": "fsdp"}, {"batch": "fsdp"}),
-    "tp": _rules("tp", dict(_TP), dict(_TP)),
-    "dp_tp": _rules("dp_tp", dict(_TP), {"batch": "data", **_TP}),
-    "dp_fsdp": _rules("dp_fsdp", {"embed": "fsdp"}, {"batch": ("data", "fsdp")}),
-    "fsdp_tp": _rules("fsdp_tp", {"embed": "fsdp", **_TP}, {"batch": "fsdp", **_TP}),
-    "dp_fsdp_tp": _rules(
-        "dp_fsdp_tp", {"embed": "fsdp", **_TP}, {"batch": ("data", "fsdp"), **_TP}
-    ),
+    "dp": Rules({}, {"batch": "data"}, "dp"),
+    "fsdp": Rules({"embed": "fsdp"}, {"batch": "fsdp"}, "fsdp"),
+    "tp": Rules(_TP, _TP, "tp"),
+    "dp_tp": Rules(_TP, {"batch": "data", **_TP}, "dp_tp"),
+    "dp_fsdp": Rules({"embed": "fsdp"}, {"batch": ("data", "fsdp")}, "dp_fsdp"),
+    "fsdp_tp": Rules({"embed": "fsdp", **_TP}, {"batch": "fsdp", **_TP}, "fsdp_tp"),
+    "dp_fsdp_tp": Rules({"embed": "fsdp", **_TP}, {"batch": ("data", "fsdp"), **_TP}, "dp_fsdp_tp"),
 }
 
 #: The mesh axes each strategy spreads work over, outermost first.

@@ -14,20 +14,20 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mlsys_jax import distributed
 from mlsys_jax.mesh import make_mesh, simulate_cpu_devices
-from mlsys_jax.models import get_config, kernel_ops, llama
+from mlsys_jax.models import registry
+from mlsys_jax.models.base import ConfigError
 from mlsys_jax.parallel import Plan, PlanError, resolve_mesh, rules
+from mlsys_jax.serve.generate import generate
 from mlsys_jax.train import data as data_lib
 from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError, check_compatible
 from mlsys_jax.train.metrics import JsonlWriter, model_flops_utilization
 from mlsys_jax.train.optim import OptimConfig, adamw, schedule
 from mlsys_jax.train.report import make_console, plan_table
-from mlsys_jax.train.sample import generate
 from mlsys_jax.train.state import abstract_state, init_state
 from mlsys_jax.train.step import check_batch, make_eval_step, make_train_step
 
@@ -43,7 +43,7 @@ class RunConfig:
     strategy: str | None = None
     """Rule preset: dp, fsdp, tp, dp_tp, dp_fsdp, fsdp_tp, dp_fsdp_tp (default: the preset's)."""
     model: str = "small"
-    """Model preset: tiny, small, 125m, 1b, 7b, 8b, 70b."""
+    """Model as family:preset (llama:7b) or a Llama preset: tiny, small, 125m, 1b, 7b, 8b, 70b."""
     steps: int = 300
     """Optimizer steps to train in all (a resumed run continues up to this)."""
     batch: int = 16
@@ -124,9 +124,30 @@ class RunResult:
     metrics_path: Path
 
 
+#: Run flags that set a field of the model's config, where its family's config has that field.
+MODEL_FLAGS = ("dtype", "remat", "attention_impl", "norm_impl", "loss_impl")
+
+
+def model_overrides(cfg: RunConfig) -> dict[str, Any]:
+    """The model config fields the run's flags set. A flag the family's config has no field for
+    is refused when it is not left at its default."""
+    family, _ = registry.parse_model(cfg.model)
+    fields = {f.name for f in dataclasses.fields(family.config)}
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    out = {}
+    for name in MODEL_FLAGS:
+        value = getattr(cfg, name)
+        if name in fields:
+            out[name] = value
+        elif value != defaults[name]:
+            raise ConfigError(f"--{name.replace('_', '-')} does not apply to model {cfg.model!r}: the "
+                              f"{family.name!r} family's config has no {name!r} field. Fix: drop the flag.")
+    return out
+
+
 def run_meta(cfg: RunConfig) -> dict[str, Any]:
     """The settings a checkpoint must agree with to be resumed (what shapes the state and data)."""
-    model = dataclasses.asdict(get_config(cfg.model))
+    model = dataclasses.asdict(registry.get_config(cfg.model))
     return {"model": cfg.model, "model_config": model, "batch": cfg.batch, "seq": cfg.seq,
             "seed": cfg.seed, "data": cfg.data, "microbatches": cfg.microbatches}
 
@@ -165,15 +186,13 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
     mesh = make_mesh(preset if preset is not None else sizes)
     plan = Plan(mesh, rules(strategy, sequence_parallel=cfg.sequence_parallel),
                 device=preset.device if preset is not None else None)
-    model_cfg = get_config(cfg.model, dtype=cfg.dtype, remat=cfg.remat, attention_impl=cfg.attention_impl,
-                           norm_impl=cfg.norm_impl, loss_impl=cfg.loss_impl)
+    model = registry.build_model(cfg.model, **model_overrides(cfg))
     tokenizer = data_lib.ByteTokenizer()
-    if model_cfg.vocab_size < tokenizer.vocab_size:
+    if model.vocab_size < tokenizer.vocab_size:
         raise PlanError(
-            f"model {cfg.model!r} has vocab_size {model_cfg.vocab_size}, smaller than the byte "
+            f"model {cfg.model!r} has vocab_size {model.vocab_size}, smaller than the byte "
             f"tokenizer's {tokenizer.vocab_size}. Fix: pick a model with a larger vocabulary."
         )
-    model = llama.language_model(model_cfg, name=cfg.model)
     opt_cfg = OptimConfig(lr=cfg.lr, warmup_steps=cfg.warmup, total_steps=cfg.steps)
     optimizer = adamw(opt_cfg, model.specs)
     check_batch(plan, cfg.batch, cfg.microbatches)
@@ -207,7 +226,7 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
     compiled = step_fn.fn.lower(state, step_fn.abstract_batch(cfg.batch, cfg.seq)).compile()
     compile_s = time.perf_counter() - t0
     say(f"compiled the train step in {compile_s:.1f} s; {flops / 1e6:,.1f} MFLOP per token")
-    for op, choice in kernel_ops.kernel_choices(model_cfg, cfg.batch, cfg.seq).items():
+    for op, choice in model.kernel_choices(cfg.batch, cfg.seq).items():
         say(f"{op} kernel: {choice}")
     log = JsonlWriter(ckpt.directory / "metrics.jsonl", enabled=primary)
     log.write({"event": "start", "step": start, "strategy": plan.rules.name, "mesh": cfg.mesh,

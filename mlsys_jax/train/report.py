@@ -13,8 +13,8 @@ import optax
 from rich.console import Console
 from rich.table import Table
 
+from mlsys_jax.models.base import LanguageModel
 from mlsys_jax.parallel.plan import Plan
-from mlsys_jax.train.model import LanguageModel
 from mlsys_jax.train.state import abstract_state
 
 

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mlsys_jax.models.base import LanguageModel, loss_sums
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.plan import Plan
-from mlsys_jax.train.model import LanguageModel, next_token_loss_sums
 from mlsys_jax.train.state import TrainState, abstract_state, state_shardings
 
 BATCH_KEYS = ("inputs", "targets", "mask")
@@ -98,11 +98,11 @@ def make_train_step(
     tokens_sh = plan.activation_sharding(("batch", "seq"))
     batch_sh = {k: tokens_sh for k in BATCH_KEYS}
 
-    def loss_sums(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    def batch_loss(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         compute = cast_for_compute(model, params, state_sh.params)
-        return next_token_loss_sums(model, compute, batch, plan)
+        return loss_sums(model, compute, batch, plan.layout)
 
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+    grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
         check_batch(plan, batch["inputs"].shape[0], microbatches)
@@ -154,7 +154,7 @@ def make_eval_step(model: LanguageModel, plan: Plan, optimizer: optax.GradientTr
     tokens_sh = plan.activation_sharding(("batch", "seq"))
 
     def evaluate(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        return next_token_loss_sums(model, cast_for_compute(model, params, param_sh), batch, plan)
+        return loss_sums(model, cast_for_compute(model, params, param_sh), batch, plan.layout)
 
     return jax.jit(
         evaluate,
