@@ -52,10 +52,30 @@ CASES = {
     "bf16_gqa4_causal": (1, 40, 40, 8, 2, 64, True, None, None, jnp.bfloat16),
     "fp16_mha_window_segments_d128": (1, 40, 40, 8, 8, 128, False, 12, "self", jnp.float16),
     "bf16_mqa8_causal_window_segments": (1, 40, 40, 8, 1, 64, True, 16, "self", jnp.bfloat16),
+    # Rows placed by query offsets and cut by key-value lengths (see ROWS); head_dims 80 and 96
+    # are zero-padded to a 128 tile inside the kernels.
+    "gqa2_causal_chunks_continuing_rows": (3, 24, 64, 4, 2, 64, True, None, None, jnp.float32),
+    "mqa4_causal_window_decode_against_cache": (3, 1, 72, 4, 1, 64, True, 16, None, jnp.float32),
+    "bf16_gqa2_lengths_with_an_empty_row": (3, 40, 48, 4, 2, 64, False, None, None, jnp.bfloat16),
+    "d80_window_offsets": (2, 40, 40, 4, 2, 80, False, 12, None, jnp.float32),
+    "bf16_d96_causal_offsets_lengths_segments": (2, 40, 40, 4, 4, 96, True, None, "self", jnp.bfloat16),
+}
+
+# Per-row (q_offset, kv_lengths) of the cases above that have them; query i of row b sits at
+# position q_offset[b] + i and sees no key at position >= kv_lengths[b].
+ROWS = {
+    # A 24-query chunk continuing a 40-token sequence, the first chunk of a prompt, a middle chunk.
+    "gqa2_causal_chunks_continuing_rows": ([40, 0, 17], [64, 24, 41]),
+    # One decoded token per row against a 72-slot cache; the last row's cache is empty.
+    "mqa4_causal_window_decode_against_cache": ([70, 30, 0], [71, 31, 0]),
+    "bf16_gqa2_lengths_with_an_empty_row": (None, [48, 0, 13]),
+    "d80_window_offsets": ([0, 9], None),
+    "bf16_d96_causal_offsets_lengths_segments": ([0, 6], [40, 33]),
 }
 
 
 def _case(name):
+    """Inputs, segment ids, per-row (q_offset, kv_lengths), options and tolerance of one case."""
     batch, seq_q, seq_k, heads, kv_heads, head_dim, causal, window, segments, dtype = CASES[name]
     q, k, v, do = _inputs(batch, seq_q, seq_k, heads, kv_heads, head_dim, dtype)
     if segments == "self":
@@ -66,27 +86,30 @@ def _case(name):
         seg_pair = (_segments(batch, seq_q, [9, 18]), _segments(batch, seq_k, [30]))
     else:
         seg_pair = None
+    rows = tuple(None if x is None else jnp.asarray(x, jnp.int32) for x in ROWS.get(name, (None, None)))
     opts = AttentionOptions(causal=causal, sm_scale=head_dim ** -0.5, window=window, blocks=BLOCKS,
                             interpret=True)
-    return q, k, v, do, seg_pair, opts, TOL[dtype]
+    return q, k, v, do, seg_pair, rows, opts, TOL[dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def _with_grads(name, impl):
+    """The output and dq, dk, dv of one case through ``flash_attention`` with ``implementation=impl``."""
+    q, k, v, do, seg_pair, (q_offset, kv_lengths), opts, _ = _case(name)
+
+    def run(q, k, v, do):
+        o, pull = jax.vjp(lambda q, k, v: flash_attention(
+            q, k, v, causal=opts.causal, sliding_window=opts.window, segment_ids=seg_pair,
+            q_offset=q_offset, kv_lengths=kv_lengths, implementation=impl, blocks=BLOCKS), q, k, v)
+        return (o, *pull(do))
+
+    return jax.jit(run)(q, k, v, do)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_output_and_gradients_match_reference(name):
-    q, k, v, do, seg_pair, opts, tol = _case(name)
-
-    def attend(impl):
-        return lambda q, k, v: flash_attention(
-            q, k, v, causal=opts.causal, sliding_window=opts.window, segment_ids=seg_pair,
-            implementation=impl, blocks=BLOCKS)
-
-    def with_grads(impl):
-        def run(q, k, v, do):
-            o, pull = jax.vjp(attend(impl), q, k, v)
-            return (o, *pull(do))
-        return jax.jit(run)
-
-    got, want = with_grads("pallas_triton")(q, k, v, do), with_grads("xla")(q, k, v, do)
+    got, want = _with_grads(name, "pallas_triton"), _with_grads(name, "xla")
+    tol = TOL[CASES[name][-1]]
     for label, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
         assert x.shape == ref.shape and x.dtype == ref.dtype, (label, x.shape, x.dtype, ref.dtype)
         _assert_close(x, ref, tol, label)
@@ -95,15 +118,17 @@ def test_output_and_gradients_match_reference(name):
 @functools.lru_cache(maxsize=None)
 def _forward(name):
     """The kernel's and the reference's (o, lse) for one case."""
-    q, k, v, _, seg_pair, opts, _ = _case(name)
+    q, k, v, _, seg_pair, rows, opts, _ = _case(name)
     q_seg, kv_seg = seg_pair if seg_pair else (None, None)
-    got = jax.jit(lambda q, k, v: triton_attention.forward(q, k, v, q_seg, kv_seg, None, None, opts))(q, k, v)
-    want = attention_reference_with_lse(q, k, v, q_seg, kv_seg, None, None, opts)
+    got = jax.jit(lambda q, k, v, rows: triton_attention.forward(q, k, v, q_seg, kv_seg, *rows, opts))(q, k, v, rows)
+    want = attention_reference_with_lse(q, k, v, q_seg, kv_seg, *rows, opts)
     return got, want
 
 
 @pytest.mark.parametrize("name", ["mqa8_cross_segments_with_empty_document",
-                                  "causal_window_queries_past_keys", "bf16_mqa8_causal_window_segments"])
+                                  "causal_window_queries_past_keys", "bf16_mqa8_causal_window_segments",
+                                  "mqa4_causal_window_decode_against_cache", "bf16_gqa2_lengths_with_an_empty_row",
+                                  "d80_window_offsets", "bf16_d96_causal_offsets_lengths_segments"])
 def test_forward_output_and_lse_match_reference(name):
     (o, lse), (o_ref, lse_ref) = _forward(name)
     tol = TOL[CASES[name][-1]]
@@ -125,6 +150,24 @@ def test_queries_past_the_window_of_every_key_get_zeros():
     (o, lse), _ = _forward("causal_window_queries_past_keys")  # 24 keys, window 8: queries >= 31
     assert np.all(np.asarray(o[:, 31:]) == 0) and np.all(np.isposinf(np.asarray(lse[:, :, 31:])))
     assert np.all(np.isfinite(np.asarray(lse[:, :, :31])))
+
+
+@pytest.mark.parametrize("name,row", [("mqa4_causal_window_decode_against_cache", 2),
+                                      ("bf16_gqa2_lengths_with_an_empty_row", 1)])
+def test_a_row_without_visible_keys_gets_zeros_and_zero_gradients(name, row):
+    (_, lse), _ = _forward(name)
+    o, dq, dk, dv = _with_grads(name, "pallas_triton")
+    for label, x in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert not np.asarray(x[row], np.float32).any(), label
+    assert np.all(np.isposinf(np.asarray(lse[row])))
+
+
+@pytest.mark.parametrize("name", ["gqa2_causal_chunks_continuing_rows", "bf16_gqa2_lengths_with_an_empty_row"])
+def test_keys_past_a_row_length_get_no_gradient(name):
+    _, _, dk, dv = _with_grads(name, "pallas_triton")
+    for row, length in enumerate(ROWS[name][1]):
+        for label, x in (("dk", dk), ("dv", dv)):
+            assert not np.asarray(x[row, length:], np.float32).any(), (label, row)
 
 
 def test_kv_heads_reach_the_kernels_unrepeated():
@@ -153,41 +196,50 @@ def test_kv_heads_reach_the_kernels_unrepeated():
     assert not any(len(s) == 4 and s[1] in (40, 48) and s[2] == 8 for s in shapes)
 
 
-@pytest.mark.parametrize("dtype,causal,window,segments,kv_heads", [
-    (jnp.bfloat16, True, None, False, 2),
-    (jnp.float32, False, 37, True, 3),
+@pytest.mark.parametrize("dtype,causal,window,segments,kv_heads,head_dim,offsets,lengths", [
+    (jnp.bfloat16, True, None, False, 2, 64, False, False),
+    (jnp.float32, False, 37, True, 3, 64, False, False),
+    (jnp.bfloat16, True, 64, True, 2, 80, True, True),
+    (jnp.float32, False, None, False, 6, 96, False, True),
+    (jnp.float16, True, None, False, 1, 128, True, False),
 ])
-def test_kernels_lower_through_triton(dtype, causal, window, segments, kv_heads):
+def test_kernels_lower_through_triton(dtype, causal, window, segments, kv_heads, head_dim, offsets, lengths):
     """Lowering for CUDA runs Pallas's Triton lowering without a GPU: the kernels must pass it."""
-    q = jax.ShapeDtypeStruct((2, 300, 6, 64), dtype)
-    k = jax.ShapeDtypeStruct((2, 200, kv_heads, 64), dtype)
+    q = jax.ShapeDtypeStruct((2, 300, 6, head_dim), dtype)
+    k = jax.ShapeDtypeStruct((2, 200, kv_heads, head_dim), dtype)
     segs = (jax.ShapeDtypeStruct((2, 300), jnp.int32), jax.ShapeDtypeStruct((2, 200), jnp.int32)) \
         if segments else None
+    row = jax.ShapeDtypeStruct((2,), jnp.int32)
+    rows = (row if offsets else None, row if lengths else None)
     opts = AttentionOptions(causal=causal, sm_scale=0.125, window=window,
                             blocks=AttentionBlocks(block_q=128, block_k=64, num_warps=8, num_stages=3))
 
-    def forward_backward(q, k, v, segs, do):
+    def forward_backward(q, k, v, segs, rows, do):
         q_seg, kv_seg = segs if segs else (None, None)
-        o, lse = triton_attention.forward(q, k, v, q_seg, kv_seg, None, None, opts)
-        return o, lse, triton_attention.backward(q, k, v, q_seg, kv_seg, None, None, o, lse, do, opts)
+        o, lse = triton_attention.forward(q, k, v, q_seg, kv_seg, *rows, opts)
+        return o, lse, triton_attention.backward(q, k, v, q_seg, kv_seg, *rows, o, lse, do, opts)
 
     exported = jax.export.export(
         jax.jit(forward_backward), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
-    )(q, k, k, segs, q)
+    )(q, k, k, segs, rows, q)
     assert exported.mlir_module().count("xla.gpu.triton(") == 3  # forward, dK/dV, dQ
 
 
 # --- block skipping -----------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _visibility(causal, window, size=64):
+def _visibility(causal, window, size=128):
+    """Which key position (column) each query position (row) sees, before any key-value length."""
     return np.asarray(visible(jnp.arange(size)[:, None], jnp.arange(size)[None, :],
                               causal=causal, window=window))
 
 
-def _tile_visibility(seq_q, seq_k, block_q, block_k, causal, window):
-    mask = _visibility(causal, window)[:seq_q, :seq_k]
+def _tile_visibility(seq_q, seq_k, block_q, block_k, causal, window, q_offset=None, kv_len=None):
+    """Which (query block, key block) tiles hold a visible entry, queries starting at ``q_offset``."""
+    start = q_offset or 0
+    mask = _visibility(causal, window)[start:start + seq_q, :seq_k] & (np.arange(seq_k) < (
+        seq_k if kv_len is None else kv_len))
     nq, nk = -(-seq_q // block_q), -(-seq_k // block_k)
     return np.array([[mask[i * block_q:(i + 1) * block_q, j * block_k:(j + 1) * block_k].any()
                       for j in range(nk)] for i in range(nq)])
@@ -195,36 +247,43 @@ def _tile_visibility(seq_q, seq_k, block_q, block_k, causal, window):
 
 MASKS = [(c, w) for c in (False, True) for w in (None, 1, 5, 16, 40)]
 SHAPES = list(itertools.product((1, 16, 17, 40), (1, 15, 40, 64), ((16, 16), (16, 32), (32, 16))))
+# (q_offset, kv_len) per row: none, a chunk or token past the start, lengths cutting the keys
+# short (to nothing, mid-block, past the end), and both at once.
+ROW_BOUNDS = [(None, None), (3, None), (33, None), (80, None), (None, 0), (None, 9), (None, 70),
+              (24, 0), (24, 17), (50, 40), (87, 64)]
 
 
 @pytest.mark.parametrize("causal,window", MASKS)
 def test_block_ranges_visit_exactly_the_blocks_with_visible_entries(causal, window):
-    for seq_q, seq_k, (block_q, block_k) in SHAPES:
-        tiles = _tile_visibility(seq_q, seq_k, block_q, block_k, causal, window)
-        where = (seq_q, seq_k, block_q, block_k, causal, window)
+    for (seq_q, seq_k, (block_q, block_k)), (q_offset, kv_len) in itertools.product(SHAPES, ROW_BOUNDS):
+        tiles = _tile_visibility(seq_q, seq_k, block_q, block_k, causal, window, q_offset, kv_len)
+        where = (seq_q, seq_k, block_q, block_k, causal, window, q_offset, kv_len)
+        bounds = dict(causal=causal, window=window, q_offset=q_offset, kv_len=kv_len)
         for i, row in enumerate(tiles):
-            lo, hi = triton_attention.key_block_range(i, block_q, block_k, seq_q, seq_k,
-                                                      causal=causal, window=window)
+            lo, hi = triton_attention.key_block_range(i, block_q, block_k, seq_q, seq_k, **bounds)
             assert 0 <= lo <= hi <= len(row), (where, i, lo, hi)
             visited = (np.arange(len(row)) >= lo) & (np.arange(len(row)) < hi)
             np.testing.assert_array_equal(visited, row, err_msg=f"key blocks of query block {i}, {where}")
         for j, column in enumerate(tiles.T):
-            lo, hi = triton_attention.query_block_range(j, block_q, block_k, seq_q, seq_k,
-                                                        causal=causal, window=window)
+            lo, hi = triton_attention.query_block_range(j, block_q, block_k, seq_q, seq_k, **bounds)
             assert 0 <= lo <= hi <= len(column), (where, j, lo, hi)
             visited = (np.arange(len(column)) >= lo) & (np.arange(len(column)) < hi)
             np.testing.assert_array_equal(visited, column, err_msg=f"query blocks of key block {j}, {where}")
 
 
-@pytest.mark.parametrize("causal,window", [(True, None), (True, 20), (False, 20)])
-def test_block_ranges_agree_on_traced_block_indices(causal, window):
-    """Inside kernels the block index is a program id or loop counter, not a Python int."""
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 20), (False, 20), (False, None)])
+@pytest.mark.parametrize("q_offset,kv_len", [(None, None), (30, None), (None, 0), (30, 45)])
+def test_block_ranges_agree_on_traced_block_indices(causal, window, q_offset, kv_len):
+    """Inside kernels the block index is a program id or loop counter, and the offset and length
+    a row's scalars, not Python ints."""
+    traced_row = lambda x: None if x is None else jnp.int32(x)  # noqa: E731
     for block_range, seq_q, seq_k in ((triton_attention.key_block_range, 40, 100),
                                       (triton_attention.query_block_range, 100, 40)):
         ranges = functools.partial(block_range, block_q=16, block_k=16, seq_q=seq_q, seq_k=seq_k,
                                    causal=causal, window=window)
-        traced = jax.jit(jax.vmap(lambda b: jnp.stack(ranges(b))))(jnp.arange(7, dtype=jnp.int32))
-        np.testing.assert_array_equal(traced, [ranges(b) for b in range(7)])
+        traced = jax.jit(jax.vmap(lambda b: jnp.stack(ranges(
+            b, q_offset=traced_row(q_offset), kv_len=traced_row(kv_len)))))(jnp.arange(7, dtype=jnp.int32))
+        np.testing.assert_array_equal(traced, [ranges(b, q_offset=q_offset, kv_len=kv_len) for b in range(7)])
 
 
 # --- what the backend serves --------------------------------------------------------------------
@@ -236,16 +295,22 @@ def _args(**over):
     return args
 
 
-@pytest.mark.parametrize("head_dim", [16, 32, 64, 128, 256])
+@pytest.mark.parametrize("head_dim", [8, 16, 24, 64, 80, 96, 128, 200, 256])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_check_accepts_power_of_two_head_dims_and_float_dtypes(head_dim, dtype):
+def test_check_accepts_head_dims_that_are_multiples_of_8_and_float_dtypes(head_dim, dtype):
     assert triton_attention.check(**_args(head_dim=head_dim, dtype=dtype, segments=True, window=7)) is None
 
 
-@pytest.mark.parametrize("head_dim", [8, 24, 96, 512])
+def test_check_accepts_query_offsets_and_key_value_lengths():
+    assert triton_attention.check(**_args(offsets=True, lengths=True, window=7)) is None
+    pick = FLASH_ATTENTION.choose(None, platform="gpu", **_args(dtype=jnp.bfloat16, offsets=True, lengths=True))
+    assert pick.backend.name == "pallas_triton"  # cuDNN takes no query offsets
+
+
+@pytest.mark.parametrize("head_dim", [4, 20, 100, 264, 512])
 def test_check_names_an_unservable_head_dim(head_dim):
     why = triton_attention.check(**_args(head_dim=head_dim))
-    assert why is not None and "head_dim" in why and str(head_dim) in why
+    assert why is not None and "head_dim" in why and "multiple of 8 up to 256" in why and str(head_dim) in why
 
 
 def test_check_names_an_unservable_dtype():
@@ -254,8 +319,8 @@ def test_check_names_an_unservable_dtype():
 
 
 def test_named_backend_on_gpu_raises_with_the_reason():
-    with pytest.raises(KernelUnavailable, match="pallas_triton.*head_dim.*24"):
-        FLASH_ATTENTION.choose("pallas_triton", platform="gpu", **_args(head_dim=24))
+    with pytest.raises(KernelUnavailable, match="pallas_triton.*head_dim.*20"):
+        FLASH_ATTENTION.choose("pallas_triton", platform="gpu", **_args(head_dim=20))
     assert FLASH_ATTENTION.choose("pallas_triton", platform="gpu", **_args()).interpret is False
 
 
@@ -265,7 +330,7 @@ def test_named_backend_runs_interpreted_on_cpu():
 
 
 def test_flash_attention_refuses_head_dim_the_kernels_cannot_tile():
-    q, k, v, _ = _inputs(1, 16, 16, 2, 2, 24, jnp.float32)
+    q, k, v, _ = _inputs(1, 16, 16, 2, 2, 20, jnp.float32)
     with pytest.raises(KernelUnavailable, match="head_dim"):
         flash_attention(q, k, v, implementation="pallas_triton", blocks=BLOCKS)
 
