@@ -5,9 +5,11 @@ to whole blocks and head_dim to the 128-lane width, and slices the results back.
 walks key blocks innermost and keeps the online-softmax state in VMEM scratch; the backward
 recomputes probabilities from the log-sum-exp in a dK/dV kernel (query blocks of the whole
 head group innermost, so grouped-query gradients are summed in the kernel) and a dQ kernel.
-Tiles that causal or sliding-window masks hide entirely do no work and fetch no new block: both
-decisions come from ``block_visible`` and ``kv_block_index``/``q_block_index``. On CPU the
-kernels run in the TPU interpreter.
+Tiles that causal, sliding-window or key-value-length masks hide entirely do no work and fetch no
+new block: both decisions come from ``block_visible`` and ``kv_block_index``/``q_block_index``.
+Per-row query offsets and key-value lengths, when given, are prefetched into SMEM
+(``PrefetchScalarGridSpec``), where the index maps and kernels read them; without them the
+kernels use a plain grid. On CPU the kernels run in the TPU interpreter.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ def _round_up(n: int, m: int) -> int:
 # --- which tiles hold a visible entry -----------------------------------------------------------
 #
 # Causal and sliding-window masks depend only on d = query - key. A tile spans a contiguous range
-# of d, so it holds a visible entry exactly when that range meets the allowed one. The functions
-# below take Python ints or traced int32 scalars (grid indices inside kernels and index maps).
+# of d, so it holds a visible entry exactly when that range meets the allowed one. Query i of a
+# row sits at position q_offset + i, and a key-value length cuts the tile's keys at kv_len - 1.
+# The functions below take Python ints or traced int32 scalars (grid indices and prefetched
+# per-row scalars inside kernels and index maps); None for q_offset or kv_len means absent.
 
 def _allowed_offsets(causal: bool, window: int | None) -> tuple[int | None, int | None]:
     """Bounds (lo, hi) of the visible d = q - k, None where unbounded."""
@@ -54,42 +58,64 @@ def _allowed_offsets(causal: bool, window: int | None) -> tuple[int | None, int 
     return lo, hi
 
 
+def _shift(pos, offset):
+    """pos + offset, or pos untouched when there is no offset (the plain program stays as is)."""
+    return pos if offset is None else pos + offset
+
+
+def _last_key(k0, block_k: int, kv_len):
+    """The last key of the tile starting at key k0 that a length leaves visible."""
+    last = k0 + block_k - 1
+    return last if kv_len is None else jnp.minimum(last, kv_len - 1)
+
+
 def block_visible(q_block, k_block, *, block_q: int, block_k: int, causal: bool,
-                  window: int | None):
-    """Whether tile (q_block, k_block) holds a (query, key) pair visible under the causal and
-    window masks; segment ids and padding are not considered. A Python True when nothing masks."""
+                  window: int | None, q_offset=None, kv_len=None):
+    """Whether tile (q_block, k_block) holds a (query, key) pair visible under the causal, window
+    and length masks, queries shifted by ``q_offset``; segment ids and padding are not
+    considered. A Python True when nothing masks."""
     lo, hi = _allowed_offsets(causal, window)
-    q0, k0 = q_block * block_q, k_block * block_k
+    q0, k0 = _shift(q_block * block_q, q_offset), k_block * block_k
     ok = True
+    if kv_len is not None:  # the tile starts before the first hidden key
+        ok = ok & (k0 < kv_len)
     if lo is not None:  # the largest d in the tile reaches lo
         ok = ok & (q0 + block_q - 1 - k0 >= lo)
     if hi is not None:  # the smallest d in the tile stays under hi
-        ok = ok & (q0 - (k0 + block_k - 1) <= hi)
+        ok = ok & (q0 - _last_key(k0, block_k, kv_len) <= hi)
     return ok
 
 
 def kv_block_range(q_block, *, block_q: int, block_k: int, num_k_blocks: int, causal: bool,
-                   window: int | None):
+                   window: int | None, q_offset=None, kv_len=None):
     """(first, last) key block that query block ``q_block`` can see, clipped to the grid."""
     lo, hi = _allowed_offsets(causal, window)
-    q0 = q_block * block_q
+    q0 = _shift(q_block * block_q, q_offset)
     first = 0 if hi is None else _div(jnp.maximum(q0 - hi, 0), block_k)
     last = num_k_blocks - 1 if lo is None else _div(q0 + block_q - 1 - lo, block_k)
+    if kv_len is not None:
+        last = jnp.minimum(last, _div(kv_len - 1, block_k))
     return _clip(first, num_k_blocks), _clip(last, num_k_blocks)
 
 
 def q_block_range(k_block, *, block_q: int, block_k: int, num_q_blocks: int, causal: bool,
-                  window: int | None):
-    """(first, last) query block that can see key block ``k_block``, clipped to the grid."""
+                  window: int | None, q_offset=None, kv_len=None):
+    """(first, last) query block that can see key block ``k_block``, clipped to the grid; one
+    block when a length hides the whole key block."""
     lo, hi = _allowed_offsets(causal, window)
+    neg = None if q_offset is None else -q_offset  # query positions -> query indices
     k0 = k_block * block_k
-    first = 0 if lo is None else _div(jnp.maximum(k0 + lo, 0), block_q)
-    last = num_q_blocks - 1 if hi is None else _div(k0 + block_k - 1 + hi, block_q)
+    first = 0 if lo is None else _div(jnp.maximum(_shift(k0 + lo, neg), 0), block_q)
+    last = (num_q_blocks - 1 if hi is None
+            else _div(_shift(_last_key(k0, block_k, kv_len) + hi, neg), block_q))
+    if kv_len is not None:
+        last = jnp.where(k0 < kv_len, last, first)
     return _clip(first, num_q_blocks), _clip(last, num_q_blocks)
 
 
 def _div(a, b: int):
-    """a // b for a >= 0, as plain integer division (cheap in Mosaic's scalar unit)."""
+    """a // b as plain integer division (cheap in Mosaic's scalar unit). It rounds toward zero,
+    which differs from floor only for negative a, where both give a block the callers clip to 0."""
     return jax.lax.div(jnp.asarray(a, jnp.int32), jnp.int32(b))
 
 
@@ -98,21 +124,23 @@ def _clip(i, n: int):
 
 
 def kv_block_index(q_block, k_step, *, block_q: int, block_k: int, num_k_blocks: int,
-                   causal: bool, window: int | None):
+                   causal: bool, window: int | None, q_offset=None, kv_len=None):
     """The key block the K/V index map fetches at grid step ``k_step`` of query block
     ``q_block``: ``k_step`` moved into the visible range, so skipped steps repeat a neighbour's
     block, which the pipeline does not fetch again."""
     first, last = kv_block_range(q_block, block_q=block_q, block_k=block_k,
-                                 num_k_blocks=num_k_blocks, causal=causal, window=window)
+                                 num_k_blocks=num_k_blocks, causal=causal, window=window,
+                                 q_offset=q_offset, kv_len=kv_len)
     return _clip(jnp.minimum(jnp.maximum(k_step, first), last), num_k_blocks)
 
 
 def q_block_index(k_block, q_step, *, block_q: int, block_k: int, num_q_blocks: int,
-                  causal: bool, window: int | None):
+                  causal: bool, window: int | None, q_offset=None, kv_len=None):
     """The query block the Q/dO index maps of the dK/dV kernel fetch at step ``q_step`` of key
     block ``k_block`` (see ``kv_block_index``)."""
     first, last = q_block_range(k_block, block_q=block_q, block_k=block_k,
-                                num_q_blocks=num_q_blocks, causal=causal, window=window)
+                                num_q_blocks=num_q_blocks, causal=causal, window=window,
+                                q_offset=q_offset, kv_len=kv_len)
     return _clip(jnp.minimum(jnp.maximum(q_step, first), last), num_q_blocks)
 
 
@@ -132,31 +160,49 @@ class _Tiling:
     num_q_blocks: int
     num_k_blocks: int
     padded_keys: bool
+    offsets: bool = False  # per-row query offsets arrive as a prefetched scalar
+    lengths: bool = False  # per-row key-value lengths arrive as a prefetched scalar
 
     @property
     def masked(self) -> bool:
-        return self.causal or self.window is not None or self.segments or self.padded_keys
+        return (self.causal or self.window is not None or self.segments or self.padded_keys
+                or self.lengths)
 
-    def visible(self, q_block, k_block):
+    @property
+    def num_scalars(self) -> int:
+        """How many (B,) int32 arrays are prefetched into SMEM: offsets, then lengths."""
+        return int(self.offsets) + int(self.lengths)
+
+    def row(self, bi, scalars) -> tuple:
+        """(q_offset, kv_len) of batch row ``bi`` read from the prefetched SMEM refs (None for
+        each one absent), as the mask and index functions take them."""
+        refs = iter(scalars)
+        q_offset = next(refs)[bi] if self.offsets else None
+        kv_len = next(refs)[bi] if self.lengths else None
+        return q_offset, kv_len
+
+    def visible(self, q_block, k_block, row=(None, None)):
         return block_visible(q_block, k_block, block_q=self.block_q, block_k=self.block_k,
-                             causal=self.causal, window=self.window)
+                             causal=self.causal, window=self.window, q_offset=row[0],
+                             kv_len=row[1])
 
-    def k_index(self, q_block, k_step):
+    def k_index(self, q_block, k_step, row=(None, None)):
         return kv_block_index(q_block, k_step, block_q=self.block_q, block_k=self.block_k,
                               num_k_blocks=self.num_k_blocks, causal=self.causal,
-                              window=self.window)
+                              window=self.window, q_offset=row[0], kv_len=row[1])
 
-    def q_index(self, k_block, q_step):
+    def q_index(self, k_block, q_step, row=(None, None)):
         return q_block_index(k_block, q_step, block_q=self.block_q, block_k=self.block_k,
                              num_q_blocks=self.num_q_blocks, causal=self.causal,
-                             window=self.window)
+                             window=self.window, q_offset=row[0], kv_len=row[1])
 
-    def mask(self, q_block, k_block, shape, q_axis, q_seg=None, kv_seg=None):
+    def mask(self, q_block, k_block, shape, q_axis, q_seg=None, kv_seg=None, row=(None, None)):
         """Visibility of a (block_q, block_k) tile, or its transpose when ``q_axis`` is 1."""
-        q_pos = q_block * self.block_q + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
+        q0 = _shift(q_block * self.block_q, row[0])
+        q_pos = q0 + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
         k_pos = k_block * self.block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
         ok = visible(q_pos, k_pos, causal=self.causal, window=self.window, q_seg=q_seg,
-                     kv_seg=kv_seg)
+                     kv_seg=kv_seg, kv_len=row[1])
         if self.padded_keys:
             ok = ok & (k_pos < self.seq_k)
         return ok
@@ -175,12 +221,30 @@ def _block(name: str, block: int, n: int, interpret: bool) -> int:
 
 
 def _tiling(opts: AttentionOptions, segments: bool, seq_q: int, seq_k: int, block_q: int,
-            block_k: int) -> _Tiling:
+            block_k: int, q_offset: jax.Array | None, kv_lengths: jax.Array | None) -> _Tiling:
     padded_q, padded_k = _round_up(seq_q, block_q), _round_up(seq_k, block_k)
     return _Tiling(causal=opts.causal, window=opts.window, segments=segments,
                    sm_scale=float(opts.sm_scale), seq_k=seq_k, block_q=block_q, block_k=block_k,
                    num_q_blocks=padded_q // block_q, num_k_blocks=padded_k // block_k,
-                   padded_keys=padded_k != seq_k)
+                   padded_keys=padded_k != seq_k, offsets=q_offset is not None,
+                   lengths=kv_lengths is not None)
+
+
+def _scalars(q_offset: jax.Array | None, kv_lengths: jax.Array | None) -> list[jax.Array]:
+    """The per-row scalars to prefetch, in ``_Tiling.row``'s order."""
+    return [x.astype(jnp.int32) for x in (q_offset, kv_lengths) if x is not None]
+
+
+def _grid(t: _Tiling, grid, in_specs, out_specs, scratch_shapes) -> dict:
+    """``pallas_call``'s grid arguments. With per-row offsets or lengths they are prefetched into
+    SMEM, and index maps and kernels take their refs after the grid indices / before the blocks;
+    without them the call is a plain grid."""
+    if not t.num_scalars:
+        return dict(grid=grid, in_specs=in_specs, out_specs=out_specs,
+                    scratch_shapes=scratch_shapes)
+    return dict(grid_spec=pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=t.num_scalars, grid=grid, in_specs=in_specs, out_specs=out_specs,
+        scratch_shapes=scratch_shapes))
 
 
 def _lanes(x: jax.Array, n: int) -> jax.Array:
@@ -217,6 +281,7 @@ def _seg_row(seg: jax.Array, seq: int) -> jax.Array:
 # --- forward ------------------------------------------------------------------------------------
 
 def _forward_kernel(*refs, t: _Tiling):
+    row, refs = t.row(pl.program_id(0), refs[:t.num_scalars]), refs[t.num_scalars:]
     if t.segments:
         q_seg_ref, kv_seg_ref, *refs = refs
     q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
@@ -228,7 +293,7 @@ def _forward_kernel(*refs, t: _Tiling):
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    @pl.when(t.visible(qi, ki))  # then ki is also the block the K/V index map fetched
+    @pl.when(t.visible(qi, ki, row))  # then ki is also the block the K/V index map fetched
     def _step():
         kb = ki
         v = v_ref[...]
@@ -237,7 +302,7 @@ def _forward_kernel(*refs, t: _Tiling):
         if t.masked:
             segs = ((_lanes(q_seg_ref[...], t.block_k), kv_seg_ref[...]) if t.segments
                     else (None, None))
-            s = jnp.where(t.mask(qi, kb, s.shape, 0, *segs), s, -jnp.inf)
+            s = jnp.where(t.mask(qi, kb, s.shape, 0, *segs, row=row), s, -jnp.inf)
         m_prev = m_sc[...]  # (block_q, 128): the row max repeated across lanes
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)  # rows with nothing visible yet
@@ -270,42 +335,45 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     group = h // kvh
     t = _tiling(opts, q_seg is not None, s, tk,
                 _block("block_q", opts.blocks.block_q, s, opts.interpret),
-                _block("block_k", opts.blocks.block_k, tk, opts.interpret))
+                _block("block_k", opts.blocks.block_k, tk, opts.interpret), q_offset, kv_lengths)
     bq, bk, nq, nk = t.block_q, t.block_k, t.num_q_blocks, t.num_k_blocks
     dp = _round_up(d, LANES)
     qt = _heads_major(q, nq * bq, dp)
     kt, vt = _heads_major(k, nk * bk, dp), _heads_major(v, nk * bk, dp)
 
-    q_spec = pl.BlockSpec((_SQ, _SQ, bq, dp), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
-    kv_spec = pl.BlockSpec((_SQ, _SQ, bk, dp),
-                           lambda bi, hi, qi, ki: (bi, _div(hi, group), t.k_index(qi, ki), 0))
+    # Index maps take (batch, head, q block, k step) and then the prefetched refs, if any.
+    def k_map(bi, hi, qi, ki, *s):
+        return bi, _div(hi, group), t.k_index(qi, ki, t.row(bi, s)), 0
+
+    q_spec = pl.BlockSpec((_SQ, _SQ, bq, dp), lambda bi, hi, qi, ki, *_: (bi, hi, qi, 0))
+    kv_spec = pl.BlockSpec((_SQ, _SQ, bk, dp), k_map)
     in_specs, args = [q_spec, kv_spec, kv_spec], [qt, kt, vt]
     if t.segments:
-        in_specs = [pl.BlockSpec((_SQ, bq, LANES), lambda bi, hi, qi, ki: (bi, qi, 0)),
-                    pl.BlockSpec((_SQ, 1, bk), lambda bi, hi, qi, ki: (bi, 0, t.k_index(qi, ki))),
+        in_specs = [pl.BlockSpec((_SQ, bq, LANES), lambda bi, hi, qi, ki, *_: (bi, qi, 0)),
+                    pl.BlockSpec((_SQ, 1, bk), lambda *i: (i[0], 0, k_map(*i)[2])),
                     *in_specs]
         args = [_seg_column(q_seg, nq * bq), _seg_row(kv_seg, nk * bk), *args]
 
     o, lse = pl.pallas_call(
         functools.partial(_forward_kernel, t=t),
-        grid=(b, h, nq, nk),
-        in_specs=in_specs,
-        out_specs=[q_spec,
-                   pl.BlockSpec((_SQ, _SQ, bq, LANES), lambda bi, hi, qi, ki: (bi, hi, qi, 0))],
+        **_grid(t, (b, h, nq, nk), in_specs,
+                [q_spec, pl.BlockSpec((_SQ, _SQ, bq, LANES),
+                                      lambda bi, hi, qi, ki, *_: (bi, hi, qi, 0))],
+                [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+                 pltpu.VMEM((bq, dp), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, nq * bq, LANES), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
-                        pltpu.VMEM((bq, dp), jnp.float32)],
         compiler_params=tpu_params((_PARALLEL,) * 3 + (_ARBITRARY,)),
         interpret=tpu_interpret(opts.interpret),
         name="flash_attention_tpu_fwd",
-    )(*args)
+    )(*_scalars(q_offset, kv_lengths), *args)
     return _seq_major(o, s, d), lse[:, :, :s, 0]
 
 
 # --- backward -----------------------------------------------------------------------------------
 
 def _dkv_kernel(*refs, t: _Tiling, group: int):
+    row, refs = t.row(pl.program_id(0), refs[:t.num_scalars]), refs[t.num_scalars:]
     if t.segments:
         q_seg_ref, kv_seg_ref, *refs = refs
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
@@ -316,7 +384,7 @@ def _dkv_kernel(*refs, t: _Tiling, group: int):
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-    @pl.when(t.visible(qi, kb))  # then qi is also the block the Q/dO index maps fetched
+    @pl.when(t.visible(qi, kb, row))  # then qi is also the block the Q/dO index maps fetched
     def _step():
         qb = qi
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
@@ -325,7 +393,7 @@ def _dkv_kernel(*refs, t: _Tiling, group: int):
         if t.masked:
             segs = ((q_seg_ref[...], _lanes(kv_seg_ref[...], t.block_q)) if t.segments
                     else (None, None))
-            st = jnp.where(t.mask(qb, kb, st.shape, 1, *segs), st, -jnp.inf)
+            st = jnp.where(t.mask(qb, kb, st.shape, 1, *segs, row=row), st, -jnp.inf)
         pt = jnp.exp(st - lse_ref[...])  # lse = +inf (no visible key, or padding) gives 0
         dv_sc[...] += jax.lax.dot_general(pt.astype(do.dtype), do, _NN,
                                           preferred_element_type=jnp.float32)
@@ -341,6 +409,7 @@ def _dkv_kernel(*refs, t: _Tiling, group: int):
 
 
 def _dq_kernel(*refs, t: _Tiling):
+    row, refs = t.row(pl.program_id(0), refs[:t.num_scalars]), refs[t.num_scalars:]
     if t.segments:
         q_seg_ref, kv_seg_ref, *refs = refs
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc = refs
@@ -350,7 +419,7 @@ def _dq_kernel(*refs, t: _Tiling):
     def _init():
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
-    @pl.when(t.visible(qi, ki))  # then ki is also the block the K/V index map fetched
+    @pl.when(t.visible(qi, ki, row))  # then ki is also the block the K/V index map fetched
     def _step():
         kb = ki
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
@@ -358,7 +427,7 @@ def _dq_kernel(*refs, t: _Tiling):
         if t.masked:
             segs = ((_lanes(q_seg_ref[...], t.block_k), kv_seg_ref[...]) if t.segments
                     else (None, None))
-            s = jnp.where(t.mask(qi, kb, s.shape, 0, *segs), s, -jnp.inf)
+            s = jnp.where(t.mask(qi, kb, s.shape, 0, *segs, row=row), s, -jnp.inf)
         lse = jnp.expand_dims(lse_ref[0], -1)  # lane-dense row -> (block_q, 1) column
         delta = jnp.expand_dims(delta_ref[0], -1)
         p = jnp.exp(s - lse)
@@ -383,7 +452,8 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     group = h // kvh
     t = _tiling(opts, q_seg is not None, s, tk,
                 _block("block_q_bwd", opts.blocks.block_q_bwd, s, opts.interpret),
-                _block("block_k_bwd", opts.blocks.block_k_bwd, tk, opts.interpret))
+                _block("block_k_bwd", opts.blocks.block_k_bwd, tk, opts.interpret),
+                q_offset, kv_lengths)
     bq, bk, nq, nk = t.block_q, t.block_k, t.num_q_blocks, t.num_k_blocks
     sp, tp, dp = nq * bq, nk * bk, _round_up(d, LANES)
 
@@ -395,60 +465,58 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     qt, do_t = _heads_major(q, sp, dp), _heads_major(do, sp, dp)
     kt, vt = _heads_major(k, tp, dp), _heads_major(v, tp, dp)
     interpret = tpu_interpret(opts.interpret)
+    scalars = _scalars(q_offset, kv_lengths)
 
-    # dK, dV: grid (batch, kv_heads, k_blocks, group_heads, q_blocks).
-    def q_map(bi, ki, kb, g, qi):
-        return bi, ki * group + g, t.q_index(kb, qi), 0
+    # dK, dV: grid (batch, kv_heads, k_blocks, group_heads, q_blocks), then prefetched refs.
+    def q_map(bi, ki, kb, g, qi, *s):
+        return bi, ki * group + g, t.q_index(kb, qi, t.row(bi, s)), 0
 
-    def row_map(bi, ki, kb, g, qi):
-        return bi, ki * group + g, 0, t.q_index(kb, qi)
+    def row_map(*i):
+        bi, hi, qb, _ = q_map(*i)
+        return bi, hi, 0, qb
 
-    kv_spec = pl.BlockSpec((_SQ, _SQ, bk, dp), lambda bi, ki, kb, g, qi: (bi, ki, kb, 0))
+    kv_spec = pl.BlockSpec((_SQ, _SQ, bk, dp), lambda bi, ki, kb, g, qi, *_: (bi, ki, kb, 0))
     q_spec = pl.BlockSpec((_SQ, _SQ, bq, dp), q_map)
     row_spec = pl.BlockSpec((_SQ, _SQ, 1, bq), row_map)
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [qt, kt, vt, do_t, lse_row, delta_row]
     if t.segments:
-        in_specs = [pl.BlockSpec((_SQ, 1, bq),
-                                 lambda bi, ki, kb, g, qi: (bi, 0, t.q_index(kb, qi))),
-                    pl.BlockSpec((_SQ, bk, LANES), lambda bi, ki, kb, g, qi: (bi, kb, 0)),
+        in_specs = [pl.BlockSpec((_SQ, 1, bq), lambda *i: (i[0], 0, q_map(*i)[2])),
+                    pl.BlockSpec((_SQ, bk, LANES), lambda bi, ki, kb, g, qi, *_: (bi, kb, 0)),
                     *in_specs]
         args = [_seg_row(q_seg, sp), _seg_column(kv_seg, tp), *args]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, t=t, group=group),
-        grid=(b, kvh, nk, group, nq),
-        in_specs=in_specs,
-        out_specs=[kv_spec, kv_spec],
+        **_grid(t, (b, kvh, nk, group, nq), in_specs, [kv_spec, kv_spec],
+                [pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
-        scratch_shapes=[pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)],
         compiler_params=tpu_params((_PARALLEL,) * 3 + (_ARBITRARY,) * 2),
         interpret=interpret,
         name="flash_attention_tpu_dkv",
-    )(*args)
+    )(*scalars, *args)
 
-    # dQ: grid (batch, heads, q_blocks, k_blocks).
-    q_spec = pl.BlockSpec((_SQ, _SQ, bq, dp), lambda bi, hi, qi, ki: (bi, hi, qi, 0))
-    kv_spec = pl.BlockSpec((_SQ, _SQ, bk, dp),
-                           lambda bi, hi, qi, ki: (bi, _div(hi, group), t.k_index(qi, ki), 0))
-    row_spec = pl.BlockSpec((_SQ, _SQ, 1, bq), lambda bi, hi, qi, ki: (bi, hi, 0, qi))
+    # dQ: grid (batch, heads, q_blocks, k_blocks), then prefetched refs.
+    def k_map(bi, hi, qi, ki, *s):
+        return bi, _div(hi, group), t.k_index(qi, ki, t.row(bi, s)), 0
+
+    q_spec = pl.BlockSpec((_SQ, _SQ, bq, dp), lambda bi, hi, qi, ki, *_: (bi, hi, qi, 0))
+    kv_spec = pl.BlockSpec((_SQ, _SQ, bk, dp), k_map)
+    row_spec = pl.BlockSpec((_SQ, _SQ, 1, bq), lambda bi, hi, qi, ki, *_: (bi, hi, 0, qi))
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [qt, kt, vt, do_t, lse_row, delta_row]
     if t.segments:
-        in_specs = [pl.BlockSpec((_SQ, bq, LANES), lambda bi, hi, qi, ki: (bi, qi, 0)),
-                    pl.BlockSpec((_SQ, 1, bk), lambda bi, hi, qi, ki: (bi, 0, t.k_index(qi, ki))),
+        in_specs = [pl.BlockSpec((_SQ, bq, LANES), lambda bi, hi, qi, ki, *_: (bi, qi, 0)),
+                    pl.BlockSpec((_SQ, 1, bk), lambda *i: (i[0], 0, k_map(*i)[2])),
                     *in_specs]
         args = [_seg_column(q_seg, sp), _seg_row(kv_seg, tp), *args]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, t=t),
-        grid=(b, h, nq, nk),
-        in_specs=in_specs,
-        out_specs=q_spec,
+        **_grid(t, (b, h, nq, nk), in_specs, q_spec, [pltpu.VMEM((bq, dp), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(qt.shape, q.dtype),
-        scratch_shapes=[pltpu.VMEM((bq, dp), jnp.float32)],
         compiler_params=tpu_params((_PARALLEL,) * 3 + (_ARBITRARY,)),
         interpret=interpret,
         name="flash_attention_tpu_dq",
-    )(*args)
+    )(*scalars, *args)
     return _seq_major(dq, s, d), _seq_major(dk, tk, d), _seq_major(dv, tk, d)
 
 
@@ -458,12 +526,11 @@ def check(*, dtype, head_dim, seq_q, seq_k, heads, kv_heads, causal, segments, w
           offsets: bool = False, lengths: bool = False, **_) -> str | None:
     """Why ``pallas_tpu`` cannot serve these arguments, or None.
 
-    head_dim of any size is zero-padded to a multiple of 128 lanes, and sequences to whole
-    blocks, so only the dtype limits it: float16 is rejected, not upcast (TPUs compute in bf16).
+    head_dim of any size is zero-padded to a multiple of 128 lanes, sequences to whole blocks,
+    and per-row query offsets and key-value lengths are prefetched scalars, so only the dtype
+    limits it: float16 is rejected, not upcast (TPUs compute in bf16).
     """
-    del head_dim, seq_q, seq_k, heads, kv_heads, causal, segments, window
-    if offsets or lengths:
-        return "the TPU kernels take no query offsets or key-value lengths yet"
+    del head_dim, seq_q, seq_k, heads, kv_heads, causal, segments, window, offsets, lengths
     dtype = jnp.dtype(dtype)
     if dtype == jnp.dtype(jnp.float16):
         return ("TPUs have no float16 arithmetic; cast q, k, v to bfloat16 (or pass "
