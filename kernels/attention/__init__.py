@@ -82,12 +82,13 @@ def _per_row(name: str, x, batch: int) -> jax.Array | None:
         return None
     if isinstance(x, int):
         return jnp.full((batch,), x, jnp.int32)
-    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer) or jnp.shape(x) != (batch,):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer) or x.shape != (batch,):
         raise ValueError(
             f"flash_attention: {name} must be an int or one int per batch row, shape ({batch},); "
-            f"got {jnp.asarray(x).dtype} of shape {jnp.shape(x)}"
+            f"got {x.dtype} of shape {x.shape}"
         )
-    return jnp.asarray(x, jnp.int32)
+    return x.astype(jnp.int32)
 
 
 def choose(q, k, *, causal: bool = False, segment_ids=None, sliding_window: int | None = None,
