@@ -151,3 +151,15 @@ def test_greedy_tokens_with_the_cache_equal_a_full_rerun_where_the_choice_is_cle
     assert (gen.traces["prefill"], gen.traces["decode_loop"]) == (1, 1)
     gen.generate(params, [tokens[0, :18]], new_tokens=4, temperature=0.0)
     assert gen.traces["prefill"] == 2
+
+
+@pytest.mark.slow
+def test_decoding_through_the_pallas_kernels_per_shard_matches_the_plain_path(decoding):
+    model, plan, params, tokens, full = decoding
+    kernels = llama.language_model(model.config.replace(attention_impl="pallas", norm_impl="pallas"))
+    gen = Generator(kernels, plan)
+    prompts = np.where(np.arange(16)[None, :] < LENGTHS[:, None], tokens[:, :16], 0)
+    logits, cache = gen.prefill(params, prompts, gen.new_cache(4, 32), LENGTHS)
+    np.testing.assert_allclose(logits, full[np.arange(4), LENGTHS - 1], rtol=1e-4, atol=1e-4)
+    logits, _ = gen.decode_step(params, tokens[np.arange(4), LENGTHS], LENGTHS.astype(np.int32), cache)
+    np.testing.assert_allclose(logits, full[np.arange(4), LENGTHS], rtol=1e-4, atol=1e-4)
