@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) bench/strategies.py
 	$(PY) bench/kernels.py
 	$(PY) bench/loss_memory.py
+	$(PY) bench/sampling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

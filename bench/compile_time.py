@@ -33,9 +33,10 @@ jax.config.update("jax_enable_compilation_cache", False)  # measure real compile
 
 import mlsys_jax as mj  # noqa: E402
 from mlsys_jax import train  # noqa: E402
-from mlsys_jax.models import get_config, llama  # noqa: E402
+from mlsys_jax.models import build_model  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "compile_time.json"
+MODEL = "llama:tiny"  # at the width below
 STRATEGY = "dp_fsdp_tp"
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 DEPTHS = (2, 24)
@@ -55,9 +56,8 @@ def one_compile(n_layers: int, devices: list) -> dict[str, Any]:
     """Lower and compile a fresh train step with cold in-memory caches; also the trip counts
     of the compiled program's loops (the layer scan should run ``n_layers`` times)."""
     jax.clear_caches()
-    cfg = get_config("tiny", n_layers=n_layers, **WIDTH)
     plan = mj.Plan(mj.make_mesh(devices=devices, **MESH), mj.rules(STRATEGY))
-    model = llama.language_model(cfg)
+    model = build_model(MODEL, n_layers=n_layers, **WIDTH)
     opt = train.adamw(train.OptimConfig(), model.specs)
     step = train.make_train_step(model, plan, opt)
     t0 = time.perf_counter()

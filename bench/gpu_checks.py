@@ -97,6 +97,40 @@ def attention_checks(platform: str, big: bool) -> list[Check]:
                 ref = lambda q, k, v, kw=kw: flash_attention(q, k, v, implementation="xla", **kw)
                 out.append(compare("attention", backend, f"B{b} S{s} H{h}/{kv} D{d} {label}", dtype, fn, ref,
                                    (q, k, v), (0, 1, 2)))
+            out += decode_checks(backend, q, k, v)
+            out += head_dim_checks(backend, dtype, (b, s, h, kv))
+    return out
+
+
+def decode_checks(backend: str, q, k, v) -> list[Check]:
+    """Chunks of queries at per-row offsets against keys cut at per-row lengths, and one decoded
+    token per row: what prefill and decoding against a cache ask of a kernel."""
+    b, s = q.shape[:2]
+    out = []
+    for chunk in (16, 1):
+        offsets = jnp.array([s - chunk - 3 * i for i in range(b)], jnp.int32)
+        lengths = offsets + chunk
+        kw = dict(causal=True, q_offset=offsets, kv_lengths=lengths)
+        fn = lambda q, k, v, kw=kw, n=backend: flash_attention(q, k, v, implementation=n, **kw)
+        ref = lambda q, k, v, kw=kw: flash_attention(q, k, v, implementation="xla", **kw)
+        out.append(compare("attention", backend, f"B{b} {chunk} queries at offsets vs S{s} cache",
+                           q.dtype, fn, ref, (q[:, :chunk], k, v), (0, 1, 2)))
+    return out
+
+
+def head_dim_checks(backend: str, dtype, shape: tuple[int, int, int, int]) -> list[Check]:
+    """head_dims off the power-of-two tiles (80, 96), causal."""
+    b, s, h, kv = shape
+    out = []
+    for d in (80, 96):
+        keys = jax.random.split(jax.random.key(d), 3)
+        q = jax.random.normal(keys[0], (b, s, h, d), dtype)
+        k = jax.random.normal(keys[1], (b, s, kv, d), dtype)
+        v = jax.random.normal(keys[2], (b, s, kv, d), dtype)
+        fn = lambda q, k, v, n=backend: flash_attention(q, k, v, causal=True, implementation=n)
+        ref = lambda q, k, v: flash_attention(q, k, v, causal=True, implementation="xla")
+        out.append(compare("attention", backend, f"B{b} S{s} H{h}/{kv} D{d} causal", dtype, fn, ref,
+                           (q, k, v), (0, 1, 2)))
     return out
 
 

@@ -42,7 +42,7 @@ import optax  # noqa: E402
 import mlsys_jax as mj  # noqa: E402
 from mlsys_jax import comm, train  # noqa: E402
 from mlsys_jax.comm import Collective  # noqa: E402
-from mlsys_jax.models import get_config, llama  # noqa: E402
+from mlsys_jax.models import build_model  # noqa: E402
 from mlsys_jax.params import is_spec, spec_leaves  # noqa: E402
 
 OUT = ROOT / "bench" / "results" / "strategies.json"
@@ -59,7 +59,8 @@ STRATEGIES: dict[str, dict[str, int]] = {
     "dp_fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2},
 }
 
-#: ~5.2M parameters; heads, kv heads, d_ff and vocab all divide 8.
+#: ~5.2M parameters; heads, kv heads, d_ff and vocab all divide 8: a Llama preset resized.
+MODEL_NAME = "llama:tiny"
 MODEL = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=32,
              d_ff=1024)
 
@@ -332,7 +333,7 @@ def _as_collective(m: dict[str, Any], sizes: dict[str, int]) -> Collective:
 def run_strategy(name: str, axes: dict[str, int], devices: list, cfg: Any) -> dict[str, Any]:
     mesh = mj.make_mesh(devices=devices, **axes)
     plan = mj.Plan(mesh, mj.rules(name))
-    model = llama.language_model(cfg)
+    model = build_model(MODEL_NAME, **MODEL)
     opt = train.adamw(train.OptimConfig(), model.specs)
     t0 = time.perf_counter()
     step = train.make_train_step(model, plan, opt)
@@ -414,8 +415,8 @@ def table(results: dict[str, Any]) -> None:
 
 def main() -> None:
     devices = bench_devices()
-    cfg = get_config("tiny", **MODEL)
-    n_params = mj.count_params(llama.param_specs(cfg))
+    model = build_model(MODEL_NAME, **MODEL)
+    cfg, n_params = model.config, mj.count_params(model.specs)
     results = {}
     t0 = time.perf_counter()
     for name, axes in STRATEGIES.items():

@@ -32,9 +32,10 @@ def test_the_functional_api_example_runs_as_written(readme, devices):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
-    loss_line, spec_line = out.getvalue().strip().splitlines()
+    loss_line, spec_line, sampled_line = out.getvalue().strip().splitlines()
     assert 4.0 < float(loss_line.split()[1]) < 8.0
     assert spec_line in ("P(None, 'fsdp', 'tensor')", "PartitionSpec(None, 'fsdp', 'tensor')")
+    assert sampled_line == "(8,)"
 
 
 def test_the_error_shown_is_the_error_raised(readme, devices):

@@ -10,7 +10,7 @@ import pytest
 
 import mlsys_jax as mj
 from mlsys_jax import comm, train
-from mlsys_jax.models import get_config, llama
+from mlsys_jax.models import build_model
 
 # Ring traffic per device per step (bytes): as XLA:CPU compiled it, and under the accelerator
 # reading of ``mlsys_jax.comm`` (bf16 counted in bf16, all-reduce + slice as reduce-scatter).
@@ -38,7 +38,7 @@ def bench(repo_root):
 @pytest.mark.parametrize("strategy", list(FROZEN_TRAFFIC))
 def test_no_strategy_moves_more_than_before(devices, bench, strategy):
     assert bench.FROZEN_TRAFFIC == FROZEN_TRAFFIC  # the bench compares against the same figures
-    model = llama.language_model(get_config("tiny", **bench.MODEL))
+    model = build_model(bench.MODEL_NAME, **bench.MODEL)
     plan = mj.Plan(mj.make_mesh(**bench.STRATEGIES[strategy]), mj.rules(strategy))
     step = train.make_train_step(model, plan, train.adamw(train.OptimConfig(), model.specs))
     raw = list(comm.collectives(step.lower(bench.BATCH, bench.SEQ).compile().as_text()))
