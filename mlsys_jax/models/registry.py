@@ -11,7 +11,6 @@ needs no edit anywhere but its own file.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -21,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mlsys_jax.hints import did_you_mean
 from mlsys_jax.models.base import ConfigError, LanguageModel, LogicalAxes
 
 DEFAULT_FAMILY = "llama"
@@ -110,8 +110,7 @@ def get_family(name: str) -> Family:
     if name not in _FAMILIES:
         load_plugins()
     if name not in _FAMILIES:
-        close = difflib.get_close_matches(name, list(_FAMILIES), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(name, list(_FAMILIES))
         raise ConfigError(
             f"unknown model family {name!r}; the registered families are {sorted(_FAMILIES)}.{hint} "
             f"Fix: name one of those, or register yours (register_family in its module, imported "
@@ -125,8 +124,7 @@ def parse_model(name: str) -> tuple[Family, str]:
     family_name, _, preset = name.rpartition(":")
     family = get_family(family_name or DEFAULT_FAMILY)
     if preset not in family.presets:
-        close = difflib.get_close_matches(preset, list(family.presets), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(preset, list(family.presets))
         raise ConfigError(f"unknown model {name!r}: family {family.name!r} has the presets "
                           f"{list(family.presets)}.{hint}")
     return family, preset

@@ -10,7 +10,6 @@ sharded, and reports bytes per device.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+from mlsys_jax.hints import did_you_mean
 from mlsys_jax.meshes import AXIS_NAMES, Device
 from mlsys_jax.models.base import Layout
 from mlsys_jax.models.registry import declared_axes
@@ -77,8 +77,7 @@ class Plan:
             declared = declared_axes(kind)
             for name, target in self.rules.table(kind):
                 if name not in declared:
-                    close = difflib.get_close_matches(name, sorted(declared), n=1)
-                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    hint = did_you_mean(name, sorted(declared))
                     raise PlanError(
                         f"the {self.rules.name!r} {kind} rule {name!r} -> {_fmt(target)} names a "
                         f"logical axis no registered model family declares, so it would place "
@@ -108,8 +107,7 @@ class Plan:
             if name in declared:
                 return None
             known = sorted({k for k, _ in table} | declared)
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, known)
             raise PlanError(
                 f"{what} '{path}' of shape {shape} names logical axis {name!r}, which no registered "
                 f"model family declares and the {self.rules.name!r} {kind} rules do not map.{hint} "
@@ -160,8 +158,7 @@ class Plan:
                 if axis not in sizes:
                     if axis in AXIS_NAMES:
                         continue
-                    close = difflib.get_close_matches(axis, list(sizes), n=1)
-                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    hint = did_you_mean(axis, list(sizes))
                     raise PlanError(
                         f"the {kind} rule {name!r} -> {_fmt(target)} used by {what} '{path}' of "
                         f"shape {shape_t} names mesh axis {axis!r}, which the mesh "
