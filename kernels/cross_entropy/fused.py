@@ -34,8 +34,9 @@ Grads = Callable[..., tuple[jax.Array, jax.Array]]
 # --- the fused loss from two primitives ----------------------------------------------------------
 
 def fused_vjp(stats: Stats, grads: Grads) -> Callable[..., jax.Array]:
-    """A differentiable per-token loss ``loss(h, w, labels, opts)`` from the two primitives
-    ``stats(h, w, labels_local, opts)`` and ``grads(h, w, labels_local, lse, coef, g_label, opts)``.
+    """A differentiable per-token loss ``loss(h, w, labels, opts)`` (h (..., D), labels (...))
+    from the two primitives ``stats(h, w, labels_local, opts)`` and
+    ``grads(h, w, labels_local, lse, coef, g_label, opts)``, which see (tokens, D) and (tokens,).
 
     ``labels_local`` is the label's column in this vocabulary shard, or -1 when the token is
     ignored or its label lives in another shard.

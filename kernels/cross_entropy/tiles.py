@@ -1,5 +1,5 @@
-"""What the two Pallas lowerings of the fused linear cross-entropy share: tile sizes, padding,
-the per-tile math, and output shapes that keep shard_map's varying-axes types.
+"""What the two Pallas lowerings of the fused linear cross-entropy share: tile sizes, padding and
+the per-tile math.
 
 ``*_stats(h, w, labels)`` returns each token's log-sum-exp over this vocabulary shard and its
 label's logit (0 when the label is not in the shard); ``*_grads(h, w, labels, lse, coef, g_label)``
