@@ -70,14 +70,16 @@ def attention_reference_with_lse(q: jax.Array, k: jax.Array, v: jax.Array,
     mask = visible(q_pos, jnp.arange(t)[None, :], causal=opts.causal, window=opts.window,
                    q_seg=qs, kv_seg=ks, kv_len=kv_len)
     mask = jnp.broadcast_to(mask, scores.shape)
-    scores = jnp.where(mask, scores, -jnp.inf)
+    # Hidden scores take the lowest finite float, so exp(s - max) is 0 for them while a row with
+    # nothing visible stays finite (its probabilities are then zeroed, its lse set to +inf).
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     m = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.where(mask, jnp.exp(scores - m_safe), 0.0)
+    p = jnp.exp(scores - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    probs = p / jnp.where(l == 0, 1.0, l)
+    seen = jnp.any(mask, axis=-1, keepdims=True)
+    probs = jnp.where(seen, p / l, 0.0)
     out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    lse = jnp.where(l[..., 0] == 0, jnp.inf, m_safe[..., 0] + jnp.log(jnp.where(l[..., 0] == 0, 1.0, l[..., 0])))
+    lse = jnp.where(seen, m + jnp.log(l), jnp.inf)[..., 0]
     return out.reshape(b, s, h, d).astype(q.dtype), lse.reshape(b, h, s)
 
 
