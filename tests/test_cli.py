@@ -28,6 +28,14 @@ def test_70b_fits_a_v5p_64_slice_with_fsdp_and_tensor_parallelism():
     assert "layers/w_down" in text and "tensor, fsdp" in text
 
 
+def test_a_model_is_named_by_family_and_preset():
+    fits, text = run_plan(model="llama:70b", mesh="tpu-v5p-64", strategy="fsdp_tp")
+    bare_fits, bare_text = run_plan(model="70b", mesh="tpu-v5p-64", strategy="fsdp_tp")
+    assert fits == bare_fits
+    assert "plan: llama:70b under fsdp_tp" in text
+    assert text.split("\n", 1)[1] == bare_text.split("\n", 1)[1]  # the same table below the title
+
+
 def test_explicit_axis_sizes_have_no_hardware_to_check():
     fits, text = run_plan(model="1b", mesh="fsdp=16,tensor=4")
     assert fits and "fsdp_tp" in text and "no hardware given" in text
