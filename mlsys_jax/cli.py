@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 
 import tyro
 from rich.console import Console
@@ -56,17 +57,44 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     return fits
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a request cannot work as asked; each message names what was wrong
+    and how to fix it, so the user sees the message alone."""
+    from mlsys_jax.distributed import DistributedError
+    from mlsys_jax.kernels.dispatch import KernelUnavailable
+    from mlsys_jax.mesh import MeshError
+    from mlsys_jax.meshes import PresetError
+    from mlsys_jax.models.base import ConfigError
+    from mlsys_jax.parallel.errors import PlanError
+    from mlsys_jax.train.checkpoint import CheckpointError
+    from mlsys_jax.train.data import DataError
+    return (ConfigError, PlanError, MeshError, PresetError, KernelUnavailable, CheckpointError,
+            DataError, DistributedError)
+
+
+def explained(run: Callable[[], int]) -> int:
+    """``run()``'s exit status, or 2 with the one-line message of a user error (no traceback)."""
+    try:
+        return run()
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     from mlsys_jax.train.loop import RunConfig, train
 
-    cfg = tyro.extras.subcommand_cli_from_dict(
-        {"train": RunConfig, "plan": PlanConfig}, args=argv,
-        description="mlsys-jax: train across a device mesh, or plan one first.",
-    )
-    if isinstance(cfg, PlanConfig):
-        return 0 if plan(cfg) else 1
-    train(cfg)
-    return 0
+    def run() -> int:
+        cfg = tyro.extras.subcommand_cli_from_dict(
+            {"train": RunConfig, "plan": PlanConfig}, args=argv,
+            description="mlsys-jax: train across a device mesh, or plan one first.",
+        )
+        if isinstance(cfg, PlanConfig):
+            return 0 if plan(cfg) else 1
+        train(cfg)
+        return 0
+
+    return explained(run)
 
 
 if __name__ == "__main__":

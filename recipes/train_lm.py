@@ -10,14 +10,21 @@ command again: it resumes from the last complete checkpoint.
     python recipes/train_lm.py --mesh data=2,fsdp=4 --model tiny
 """
 
+import sys
+
 import tyro
 
+from mlsys_jax.cli import explained
 from mlsys_jax.train.loop import RunConfig, train
 
 
-def main() -> None:
-    train(tyro.cli(RunConfig, description=__doc__))
+def main() -> int:
+    def run() -> int:
+        train(tyro.cli(RunConfig, description=__doc__))
+        return 0
+
+    return explained(run)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

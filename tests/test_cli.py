@@ -49,3 +49,10 @@ def test_a_plan_that_cannot_work_is_refused():
 def test_main_returns_nonzero_when_it_does_not_fit(capsys):
     assert main(["plan", "--model", "70b", "--mesh", "gpu-h100x8"]) == 1
     assert main(["plan", "--model", "1b", "--mesh", "gpu-h100x8"]) == 0
+
+
+def test_a_bad_model_name_is_one_message_and_exit_status_2(capsys):
+    assert main(["plan", "--model", "llama:7bb"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model 'llama:7bb'") and "Did you mean '7b'" in err
+    assert "Traceback" not in err and err.count("\n") == 1

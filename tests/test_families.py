@@ -102,7 +102,17 @@ def test_mlsys_jax_plan_finds_a_family_named_in_the_plugins_variable(repo_root):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "toy:wide" in run.stdout and "layers/w_in" in run.stdout and "experts" in run.stdout
     missing = plan_command(repo_root, "--model", "toy:wide", MLSYS_JAX_PLUGINS="")
-    assert missing.returncode != 0 and "unknown model family 'toy'" in missing.stderr
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.startswith("error: unknown model family 'toy'")
+
+
+def test_a_plugin_that_fails_to_load_is_named(tmp_path, monkeypatch):
+    broken = tmp_path / "broken_family.py"
+    broken.write_text("def family(:\n")
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setenv(registry.PLUGINS_ENV, str(broken))
+    with pytest.raises(ConfigError, match=r"broken_family.py', which failed to load: SyntaxError.*Fix"):
+        get_config("nowhere:small")
 
 
 def test_an_installed_package_registers_its_family_through_an_entry_point(repo_root, tmp_path):

@@ -127,3 +127,11 @@ def test_a_nonsensical_interval_is_refused_before_any_work():
         RunConfig(eval_every=0)
     with pytest.raises(ValueError, match="--sample-tokens cannot be negative"):
         RunConfig(sample_tokens=-1)
+
+
+def test_a_model_no_family_knows_is_one_message_and_exit_status_2(repo_root, tmp_path):
+    run = subprocess.run(recipe(repo_root, "--model", "lama:small", "--ckpt-dir", str(tmp_path)),
+                         capture_output=True, text=True, env=env(), timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("error: unknown model family 'lama'") and "Did you mean 'llama'" in run.stderr
+    assert not any(tmp_path.iterdir())  # refused before anything was written

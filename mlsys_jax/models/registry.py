@@ -96,7 +96,12 @@ def _import(item: str) -> None:
         spec = importlib.util.spec_from_file_location(f"mlsys_jax_plugin_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:
+            del sys.modules[spec.name]
+            raise ConfigError(f"${PLUGINS_ENV} names {item!r}, which failed to load: "
+                              f"{type(err).__name__}: {err}. Fix: correct that file.") from err
         return
     try:
         importlib.import_module(item)

@@ -106,11 +106,11 @@ class RunConfig:
                      "eval_batches"):
             if getattr(self, name) < 1:
                 flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} must be at least 1, got {getattr(self, name)}. Fix: pass "
+                raise ConfigError(f"{flag} must be at least 1, got {getattr(self, name)}. Fix: pass "
                                  f"{flag} 1 or more (evaluation and checkpoints also run at the end).")
         for name in ("warmup", "sample_tokens"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(self, name)}")
+                raise ConfigError(f"--{name.replace('_', '-')} cannot be negative, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass
