@@ -75,6 +75,10 @@ def test_a_family_from_its_own_file_runs_through_a_plan_and_the_train_step(devic
     assert losses[-1] < losses[0]
     w_in = state.params["layers"]["w_in"]
     assert w_in.sharding.is_equivalent_to(plan.sharding(P(None, "tensor", "fsdp")), w_in.ndim)
+    # It decodes with the shared generator too, though its cache holds nothing.
+    from mlsys_jax.serve import generate
+    (sampled,) = generate(model, plan, state.params, [tokens[0, :3]], new_tokens=5, temperature=0.0)
+    assert sampled.shape == (5,) and (sampled < model.vocab_size).all()
 
 
 def test_a_rule_for_an_axis_no_family_declares_is_refused():

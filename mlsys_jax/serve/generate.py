@@ -20,6 +20,7 @@ import numpy as np
 from mlsys_jax.models import base
 from mlsys_jax.models.base import LanguageModel
 from mlsys_jax.parallel.plan import Plan
+from mlsys_jax.params import is_spec
 
 MIN_BUCKET = 16
 
@@ -56,7 +57,7 @@ class Generator:
         self._decode = jax.jit(self._decode_fn, in_shardings=(None, rep, rep, None),
                                donate_argnums=(3,))
         self._loop = jax.jit(self._loop_fn, in_shardings=(None, None, None, rep, rep, rep, rep),
-                             out_shardings=rep)
+                             out_shardings=rep, static_argnums=(7,))
 
     # ---- shapes and placement ----------------------------------------------------------------
     def rows(self, n: int) -> int:
@@ -68,7 +69,7 @@ class Generator:
         specs = self.model.cache_specs(rows, max_len)
         return jax.tree_util.tree_map(
             lambda s: self.plan.activation_sharding(s.logical_axes, s.shape, "kv cache"), specs,
-            is_leaf=lambda s: hasattr(s, "logical_axes"))
+            is_leaf=is_spec)
 
     def _zeros(self, rows: int, max_len: int) -> Any:
         cache = base.init_cache(self.model, rows, max_len)
@@ -92,12 +93,11 @@ class Generator:
         return base.decode_step(self.model, params, self._batch(tokens), self._batch(positions),
                                 cache, self._layout)
 
-    def _loop_fn(self, params, cache, logits, positions, key, steps, temperature):
+    def _loop_fn(self, params, cache, logits, positions, key, steps, temperature, max_len):
         """Sample from the prompts' last ``logits`` and record the token at ``positions``, then
         ``steps`` times: decode, sample, record. Returns (rows, max_len) tokens, each row's new
         ones at their positions."""
         self.traces["decode_loop"] += 1
-        max_len = jax.tree_util.tree_leaves(cache)[0].shape[2]
         slots = jnp.arange(max_len)[None, :]
 
         def record(out, token, position):
@@ -146,7 +146,7 @@ class Generator:
             lengths[i] = len(p)
         logits, cache = self.prefill(params, tokens, self.new_cache(rows, max_len), lengths)
         out = self._loop(params, cache, logits, lengths, jax.random.PRNGKey(seed), new_tokens - 1,
-                         np.float32(temperature))
+                         np.float32(temperature), max_len)
         out = np.asarray(out.addressable_data(0))  # replicated: every process holds it all
         return [out[i, len(p): len(p) + new_tokens] for i, p in enumerate(prompts)]
 
