@@ -142,13 +142,20 @@ def default_positions(tokens: jax.Array) -> jax.Array:
     return jnp.arange(tokens.shape[1], dtype=jnp.int32)
 
 
+def extend(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array,
+           cache: Cache, layout: Layout = UNPLACED) -> tuple[jax.Array, Cache]:
+    """Embed tokens at ``positions`` and run them through every layer; with a cache, against it,
+    writing their keys and values into it. Returns the final residual stream and the cache.
+    Positions are (seq,) for every row alike or (batch, seq), contiguous within a row."""
+    x = model.embed(params, tokens, positions, layout)
+    return run_layers(model, params[model.layers_key], x, positions, layout, cache)
+
+
 def hidden_states(model: LanguageModel, params: Params, tokens: jax.Array, layout: Layout = UNPLACED,
                   positions: jax.Array | None = None) -> jax.Array:
     """The residual stream after every layer (before the head's final norm)."""
     positions = default_positions(tokens) if positions is None else positions
-    x = model.embed(params, tokens, positions, layout)
-    x, _ = run_layers(model, params[model.layers_key], x, positions, layout)
-    return x
+    return extend(model, params, tokens, positions, None, layout)[0]
 
 
 def forward(model: LanguageModel, params: Params, tokens: jax.Array, layout: Layout = UNPLACED,
@@ -170,15 +177,6 @@ def loss_sums(model: LanguageModel, params: Params, batch: dict[str, jax.Array],
 def init_cache(model: LanguageModel, batch: int, max_len: int) -> Cache:
     """An empty (zero) KV cache for ``batch`` rows of up to ``max_len`` positions."""
     return init_params(model.cache_specs(batch, max_len), jax.random.key(0))
-
-
-def extend(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array,
-           cache: Cache, layout: Layout = UNPLACED) -> tuple[jax.Array, Cache]:
-    """Run new tokens at ``positions`` through every layer against the cache, writing their keys
-    and values into it; returns the final residual stream and the cache. Positions are (seq,)
-    for every row alike or (batch, seq), contiguous within a row."""
-    x = model.embed(params, tokens, positions, layout)
-    return run_layers(model, params[model.layers_key], x, positions, layout, cache)
 
 
 def _at(x: jax.Array, index: jax.Array) -> jax.Array:
