@@ -104,6 +104,12 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> MeshPreset:
     """Load a shipped preset by name (``"cpu-8"``, ``"gpu-h100x8"``, ...)."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise PresetError(
+            f"mesh preset name {name!r} is not a name: presets are the files shipped with the toolkit, "
+            f"{preset_names()}, named without a path. Fix: pick one of those, or give axis sizes such as "
+            "'data=2,fsdp=2,tensor=2'."
+        )
     path = importlib.resources.files(__name__) / f"{name}.toml"
     if not path.is_file():
         raise PresetError(

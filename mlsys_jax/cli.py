@@ -33,7 +33,8 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     from mlsys_jax.models import build_model
     from mlsys_jax.parallel import Plan, resolve_mesh, rules
     from mlsys_jax.train.optim import OptimConfig, adamw
-    from mlsys_jax.train.report import human_bytes, make_console, memory_per_device, plan_table
+    from mlsys_jax.parallel.memory import human_bytes, memory_per_device
+    from mlsys_jax.train.report import make_console, plan_table
 
     console = console or make_console()
     preset, sizes, strategy = resolve_mesh(cfg.mesh, cfg.strategy, cfg.sequence_parallel)
@@ -72,29 +73,57 @@ def user_errors() -> tuple[type[Exception], ...]:
             DataError, DistributedError)
 
 
-def explained(run: Callable[[], int]) -> int:
-    """``run()``'s exit status, or 2 with the one-line message of a user error (no traceback)."""
+def run_failures() -> tuple[type[Exception], ...]:
+    """The exceptions that mean a run started but could not go on (it diverged, the disk filled);
+    each message names the step, the cause, what was kept and how to resume."""
+    from mlsys_jax.train.checkpoint import CheckpointWriteError
+    from mlsys_jax.train.loop import TrainingDiverged
+    from mlsys_jax.train.metrics import MetricsWriteError
+    return (TrainingDiverged, CheckpointWriteError, MetricsWriteError)
+
+
+#: Exit statuses: a request that cannot work as asked, and a run that could not go on.
+USER_ERROR, RUN_FAILED = 2, 1
+
+
+def explained(run: Callable[[], int], argv: list[str] | None = None) -> int:
+    """``run()``'s exit status; a user error prints its one-line message and gives 2, a run that
+    could not go on prints its message and gives 1. ``--debug`` among the arguments shows the
+    traceback instead."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
         return run()
     except user_errors() as err:
+        if debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return USER_ERROR
+    except run_failures() as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return RUN_FAILED
+
+
+#: Flags are flat (--mesh, --lr) though the run's settings are grouped in sections.
+FLAT = (tyro.conf.OmitArgPrefixes,)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mlsys_jax.train.loop import RunConfig, train
+    from mlsys_jax.train.config import RunConfig
+    from mlsys_jax.train.run import train
 
     def run() -> int:
         cfg = tyro.extras.subcommand_cli_from_dict(
             {"train": RunConfig, "plan": PlanConfig}, args=argv,
-            description="mlsys-jax: train across a device mesh, or plan one first.",
+            description="mlsys-jax: train across a device mesh, or plan one first.", config=FLAT,
         )
         if isinstance(cfg, PlanConfig):
             return 0 if plan(cfg) else 1
         train(cfg)
         return 0
 
-    return explained(run)
+    return explained(run, argv)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
-"""Join several processes into one JAX job: cluster auto-detection or an explicit coordinator.
+"""Join several processes into one JAX job: a cluster launcher's job detected from its
+environment (SLURM, Open MPI, TPU pods, Kubernetes) or an explicit coordinator.
 
 On CPU the processes exchange collectives over gloo, which is how multi-host code runs on one
-machine: ``initialize("localhost:12355", num_processes=2, process_id=i)`` in each process.
+machine: ``initialize("localhost:12355", num_processes=2, process_id=i)`` in each process, or
+the same command in each process under a launcher's environment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -51,6 +54,61 @@ def initialize(
     if local_device_ids is not None:
         kwargs["local_device_ids"] = list(local_device_ids)
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """The job this process belongs to: who detected it, how many processes, which one this is."""
+
+    detector: str
+    num_processes: int
+    process_id: int
+
+    def describe(self, local_devices: int) -> str:
+        return (f"cluster: {self.detector}, processes: {self.num_processes}, this process: "
+                f"{self.process_id}, local devices: {local_devices}")
+
+
+#: What JAX's detectors are called in messages.
+DETECTOR_NAMES = {"SlurmCluster": "SLURM", "OmpiCluster": "Open MPI", "GkeTpuCluster": "TPU (GKE)",
+                  "GceTpuCluster": "TPU (GCE)", "K8sCluster": "Kubernetes", "Mpi4pyCluster": "MPI (mpi4py)"}
+
+
+def detect_cluster() -> Cluster | None:
+    """The launcher's job this process was started in, by JAX's own detectors (those that need no
+    opt-in), or None. Reads the environment only; JAX's backend is not started."""
+    try:
+        from jax._src import clusters  # JAX's detectors: not public API, so guarded
+    except ImportError:
+        return None
+    for env in clusters.ClusterEnv._cluster_types:
+        if getattr(env, "opt_in_only_method", False) or not env.is_env_present():
+            continue
+        try:
+            count, index = int(env.get_process_count()), int(env.get_process_id())
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise DistributedError(
+                f"a {DETECTOR_NAMES.get(env.__name__, env.__name__)} job was detected but its "
+                f"environment does not say how many processes there are or which one this is ({err}). "
+                "Fix: start the processes through the launcher (e.g. srun), or pass --cluster off."
+            ) from None
+        return Cluster(DETECTOR_NAMES.get(env.__name__, env.__name__), count, index)
+    return None
+
+
+def join(cluster: Cluster | None, coordinator_address: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None) -> Cluster | None:
+    """Join the job: the explicit settings when given, else a detected cluster of more than one
+    process (JAX reads the coordinator from the launcher's environment). Returns what was joined."""
+    if coordinator_address or num_processes or process_id is not None:
+        initialize(coordinator_address, num_processes, process_id)
+        return Cluster("explicit settings", int(num_processes or 1), int(process_id or 0))
+    if cluster is None or cluster.num_processes < 2:
+        return cluster
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not is_initialized():
+        jax.distributed.initialize(initialization_timeout=300)
+    return cluster
 
 
 def is_initialized() -> bool:

@@ -28,10 +28,16 @@ def parse_axis_sizes(text: str) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, eq, value = part.partition("=")
+        key = name.strip()
+        if key in sizes:
+            raise MeshError(
+                f"mesh axis {key!r} is given twice in {text!r} ({key}={sizes[key]} and "
+                f"{key}={value.strip()}). Fix: name each axis once."
+            )
         try:
             if not eq:
                 raise ValueError
-            sizes[name.strip()] = int(value)
+            sizes[key] = int(value)
         except ValueError:
             raise MeshError(
                 f"cannot read mesh axis {part!r} in {text!r}; write sizes as "

@@ -122,11 +122,11 @@ def test_a_finished_run_resumes_to_nothing_and_no_resume_refuses_to_overwrite(re
 
 
 def test_a_nonsensical_interval_is_refused_before_any_work():
-    from mlsys_jax.train.loop import RunConfig
+    from mlsys_jax.train.config import RunConfig
     with pytest.raises(ValueError, match="--eval-every must be at least 1, got 0. Fix"):
-        RunConfig(eval_every=0)
+        RunConfig.of(eval_every=0)
     with pytest.raises(ValueError, match="--sample-tokens cannot be negative"):
-        RunConfig(sample_tokens=-1)
+        RunConfig.of(sample_tokens=-1)
 
 
 def test_a_model_no_family_knows_is_one_message_and_exit_status_2(repo_root, tmp_path):

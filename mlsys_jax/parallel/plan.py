@@ -178,12 +178,13 @@ class Plan:
             shards = math.prod(sizes[a] for a in present)
             if shape_t is not None and shape_t[dim] % shards:
                 size = shape_t[dim]
-                fits = [d for d in range(1, shards + 1) if size % d == 0 and shards % d == 0]
+                fits = [d for d in range(2, shards) if size % d == 0 and shards % d == 0]
+                smaller = (f"use a mesh where those axes multiply to {max(fits)} (a divisor of both), "
+                           if fits else "")
                 raise PlanError(
                     f"cannot shard {what} '{path}' of shape {shape_t}: dim {dim} ({name!r}, size "
                     f"{size}) maps to mesh axes {tuple(present)} of total size {shards}, which "
-                    f"does not divide {size}. Fix: use a mesh where those axes multiply to a "
-                    f"divisor of {size} (e.g. {max(fits)}), change the {name!r} size to a "
+                    f"does not divide {size}. Fix: {smaller}change the {name!r} size to a "
                     f"multiple of {shards}, or replicate it with "
                     f"rules.override({kind}s={{{name!r}: None}})."
                 )

@@ -16,6 +16,10 @@ def model_flops_utilization(tokens_per_s: float, flops_per_token: float,
     return tokens_per_s * flops_per_token / (peak_flops_per_device * num_devices)
 
 
+class MetricsWriteError(RuntimeError):
+    """The metrics file could not be written (a full disk, a file size limit)."""
+
+
 class JsonlWriter:
     """Append one JSON object per line, flushed at once so a killed run keeps what it logged."""
 
@@ -29,8 +33,15 @@ class JsonlWriter:
         if not self.enabled:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(clean) + "\n")
+        except OSError as err:
+            what = f"step {record['step']}" if "step" in record else "the run"
+            raise MetricsWriteError(
+                f"writing the metrics of {what} to {self.path} failed: {err.strerror or err}. Fix: free "
+                "disk space or give a --ckpt-dir with room, then run the same command to resume."
+            ) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -2,6 +2,12 @@
 
 Gradients of the summed loss are accumulated over microbatches in fp32 and divided by the token
 count once, so any number of microbatches gives the same update as one big batch.
+
+With a non-finite guard the step checks its loss and gradient norm on device and applies the
+update only when both are finite, so the host can read metrics late and never train on NaNs:
+``"skip"`` drops a bad update and moves on; ``"stop"`` leaves the state as it was and, because the
+step also takes the number it expects the state to be at, every step dispatched after a bad one
+is a no-op too, so the state stays the last good one until the host notices.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mlsys_jax.models.base import LanguageModel, loss_sums
@@ -19,6 +26,7 @@ from mlsys_jax.parallel.plan import Plan
 from mlsys_jax.train.state import TrainState, abstract_state, state_shardings
 
 BATCH_KEYS = ("inputs", "targets", "mask")
+GUARDS = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +40,27 @@ class TrainStep:
     microbatches: int
     state_shardings: TrainState
     batch_shardings: dict[str, jax.sharding.NamedSharding]
+    guard: str | None = None
 
-    def __call__(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-        return self.fn(state, batch)
+    def __call__(self, state: TrainState, batch: dict[str, jax.Array],
+                 step_number: int | None = None) -> tuple[TrainState, dict]:
+        """One step; a guarded step also takes the step number the state should be at (any
+        negative number skips that check)."""
+        if self.guard is None:
+            return self.fn(state, batch)
+        return self.fn(state, batch, self.step_number(step_number))
+
+    @staticmethod
+    def step_number(n: int | None) -> np.ndarray:
+        return np.asarray(-1 if n is None else n, np.int32)
+
+    def abstract_args(self, batch_size: int, seq_len: int, state: Any) -> tuple[Any, ...]:
+        """The arguments to lower the step with: the state, the batch and, when guarded, the
+        step number."""
+        batch = self.abstract_batch(batch_size, seq_len)
+        if self.guard is None:
+            return state, batch
+        return state, batch, jax.ShapeDtypeStruct((), jnp.int32, sharding=self.plan.replicated())
 
     def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
         dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "mask": jnp.bool_}
@@ -46,7 +72,7 @@ class TrainStep:
     def lower(self, batch_size: int, seq_len: int) -> Any:
         """Lower without any arrays (ahead-of-time): for compile-time and memory studies."""
         state = abstract_state(self.plan, self.model.specs, self.optimizer)
-        return self.fn.lower(state, self.abstract_batch(batch_size, seq_len))
+        return self.fn.lower(*self.abstract_args(batch_size, seq_len, state))
 
 
 def cast_for_compute(model: LanguageModel, params: Any, shardings: Any) -> Any:
@@ -91,9 +117,13 @@ def make_train_step(
     microbatches: int = 1,
     lr_schedule: optax.Schedule | None = None,
     donate: bool = True,
+    guard: str | None = None,
 ) -> TrainStep:
     """Build the jitted step. Batches are dicts of (batch, seq) arrays: ``inputs`` and
-    ``targets`` (int32) and ``mask`` (bool, which target tokens count)."""
+    ``targets`` (int32) and ``mask`` (bool, which target tokens count). ``guard`` is None (apply
+    every update), ``"stop"`` or ``"skip"`` (see the module's docstring)."""
+    if guard is not None and guard not in GUARDS:
+        raise PlanError(f"guard={guard!r} is not one of {GUARDS} or None")
     state_sh = state_shardings(plan, model.specs, optimizer)
     tokens_sh = plan.activation_sharding(("batch", "seq"))
     batch_sh = {k: tokens_sh for k in BATCH_KEYS}
@@ -104,7 +134,7 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(batch_loss, has_aux=True)
 
-    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: dict[str, jax.Array], *number: jax.Array) -> tuple[TrainState, dict]:
         check_batch(plan, batch["inputs"].shape[0], microbatches)
         if microbatches == 1:
             (loss_sum, count), grads = grad_fn(state.params, batch)
@@ -137,15 +167,27 @@ def make_train_step(
         }
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state.step)
-        return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        if guard is None:
+            return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        in_order = (number[0] < 0) | (state.step == number[0])
+        apply = finite & in_order
+        keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
+        params = jax.tree_util.tree_map(keep, params, state.params)
+        opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+        advanced = apply if guard == "stop" else in_order
+        metrics["finite"] = finite
+        metrics["applied"] = apply
+        return TrainState(state.step + advanced.astype(state.step.dtype), params, opt_state, state.rng), metrics
 
+    number_sh = () if guard is None else (plan.replicated(),)
     fn = jax.jit(
         step,
-        in_shardings=(state_sh, batch_sh),
+        in_shardings=(state_sh, batch_sh, *number_sh),
         out_shardings=(state_sh, plan.replicated()),
         donate_argnums=(0,) if donate else (),
     )
-    return TrainStep(fn, plan, model, optimizer, microbatches, state_sh, batch_sh)
+    return TrainStep(fn, plan, model, optimizer, microbatches, state_sh, batch_sh, guard)
 
 
 def make_eval_step(model: LanguageModel, plan: Plan, optimizer: optax.GradientTransformation) -> Any:

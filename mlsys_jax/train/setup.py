@@ -1,0 +1,266 @@
+"""Everything a training run needs before its first step, in the order that keeps mistakes cheap:
+settings that cannot work are refused before JAX starts; the cluster is joined before the
+backend starts; the plan is printed and checked against device memory before anything is
+allocated; the checkpoint folder is locked before anything in it is touched; a checkpoint is
+resumed only if it is intact and saved by compatible settings; then the step is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from rich.console import Console
+
+from mlsys_jax import distributed
+from mlsys_jax.mesh import MeshError, make_mesh, simulate_cpu_devices
+from mlsys_jax.models import registry
+from mlsys_jax.models.base import LanguageModel
+from mlsys_jax.parallel import Plan, PlanError, resolve_mesh, rules
+from mlsys_jax.parallel.memory import check_fit, human_bytes, memory_per_device
+from mlsys_jax.train import data as data_lib
+from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError
+from mlsys_jax.train.config import (RunConfig, compare_settings, describe_changes, model_overrides,
+                                    run_settings)
+from mlsys_jax.train.lock import FolderLock
+from mlsys_jax.train.metrics import JsonlWriter
+from mlsys_jax.train.optim import OptimConfig, adamw, schedule
+from mlsys_jax.train.report import make_console, plan_table
+from mlsys_jax.train.state import TrainState, abstract_state, init_state
+from mlsys_jax.train.step import TrainStep, check_batch, make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Run:
+    """A run ready to train: its plan, model, data, checkpoints and compiled step, and the state
+    it starts from."""
+
+    cfg: RunConfig
+    console: Console
+    primary: bool
+    cluster: distributed.Cluster | None
+    plan: Plan
+    model: LanguageModel
+    optimizer: optax.GradientTransformation
+    tokenizer: data_lib.ByteTokenizer
+    step_fn: TrainStep
+    compiled: Any
+    eval_fn: Any
+    dataset: Any
+    val: list[dict[str, np.ndarray]]
+    ckpt: Checkpointer
+    lock: FolderLock | None
+    settings: dict[str, Any]
+    state: TrainState
+    data_state: dict[str, Any] | None
+    start: int
+    flops_per_token: float
+    compile_s: float
+    log: JsonlWriter
+
+    @property
+    def peak_flops(self) -> float | None:
+        return self.plan.device.peak_bf16_flops if self.plan.device is not None else None
+
+    def say(self, *parts: Any) -> None:
+        if self.primary:
+            self.console.print(*parts, soft_wrap=all(isinstance(p, str) for p in parts))
+
+    def close(self, *, quiet: bool = False) -> None:
+        """Finish any save in flight, then let go of the folder. With ``quiet`` (an error is
+        already on its way out) a failing save does not replace it."""
+        try:
+            self.ckpt.close()
+        except Exception:
+            if not quiet:
+                raise
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+
+def check_settings(cfg: RunConfig) -> tuple[Any, dict[str, int], str, LanguageModel]:
+    """The checks that need no devices: the checkpoint folder, the mesh, the strategy, the model."""
+    folder = Path(cfg.checkpoint.ckpt_dir).expanduser()
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"--ckpt-dir {cfg.checkpoint.ckpt_dir!r}: {parent} is a file, not a "
+                                      "folder. Fix: give --ckpt-dir a folder path (it is created when missing).")
+            break
+    preset, sizes, strategy = resolve_mesh(cfg.mesh.mesh, cfg.mesh.strategy, cfg.mesh.sequence_parallel)
+    model = registry.build_model(cfg.model.model, **model_overrides(cfg))
+    return preset, sizes, strategy, model
+
+
+def join_cluster(cfg: RunConfig, sizes: dict[str, int]) -> distributed.Cluster | None:
+    """Detect and join the job (before JAX's backend starts), asking for the simulated CPU devices
+    this process needs; returns the job joined, or None when running alone."""
+    m = cfg.mesh
+    explicit = m.coordinator or m.num_processes or m.process_id is not None
+    cluster = None if explicit or m.cluster == "off" else distributed.detect_cluster()
+    procs = m.num_processes or (cluster.num_processes if cluster else 1)
+    if m.simulate_devices is not None:
+        simulate_cpu_devices(m.simulate_devices, check=False)
+    elif -1 not in sizes.values():
+        simulate_cpu_devices(max(1, math.prod(sizes.values()) // procs), check=False)
+    return distributed.join(cluster, m.coordinator, m.num_processes, m.process_id)
+
+
+def build_plan(cfg: RunConfig, preset: Any, sizes: dict[str, int], strategy: str) -> Plan:
+    mesh = make_mesh(preset if preset is not None else sizes)
+    rest = [name for name, size in sizes.items() if size == -1]
+    if rest and cfg.mesh.simulate_devices is None and jax.default_backend() == "cpu" \
+            and mesh.shape[rest[0]] == 1:
+        raise MeshError(
+            f"--mesh {cfg.mesh.mesh!r}: {rest[0]}=-1 ('the rest') came to 1 device, as only one CPU "
+            f"device exists. Fix: say how many to simulate with --simulate-devices N, or give "
+            f"{rest[0]} a size."
+        )
+    return Plan(mesh, rules(strategy, sequence_parallel=cfg.mesh.sequence_parallel),
+                device=preset.device if preset is not None else None)
+
+
+def lock_folder(directory: Path, primary: bool) -> FolderLock | None:
+    """Process 0 locks the folder; every process of the job follows its verdict."""
+    lock, refusal = None, ""
+    if primary:
+        lock = FolderLock(directory)
+        try:
+            lock.acquire(" ".join(shlex.quote(a) for a in sys.argv))
+        except CheckpointError as err:
+            lock, refusal = None, str(err)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        held = bool(multihost_utils.broadcast_one_to_all(np.int32(lock is not None or not primary)))
+        if not held and not refusal:
+            refusal = f"{directory} is in use by another run (process 0 of this job could not lock it)"
+    if refusal:
+        raise CheckpointError(refusal)
+    return lock
+
+
+def restore_or_init(cfg: RunConfig, ckpt: Checkpointer, settings: dict[str, Any], plan: Plan,
+                    model: LanguageModel, optimizer: optax.GradientTransformation,
+                    say: Any) -> tuple[TrainState, dict[str, Any] | None]:
+    """The newest intact checkpoint's state and data position, restored onto this plan, or a fresh
+    state when there is none. Damaged steps are named and set aside; a checkpoint of settings
+    that change the state's shapes or the data order is refused; allowed changes are named."""
+    steps = ckpt.all_steps()
+    if steps and not cfg.checkpoint.resume:
+        raise CheckpointError(
+            f"{ckpt.directory} already holds checkpoints up to step {steps[-1]}, and --no-resume "
+            "would start over on top of them. Fix: drop --no-resume to continue, or give a "
+            "new --ckpt-dir."
+        )
+    changes: list[Any] = []
+
+    def accept(saved: dict[str, Any]) -> None:
+        change = compare_settings(saved, settings)
+        if change.refused:
+            raise CheckpointError(
+                f"the checkpoints in {ckpt.directory} were saved by a different run "
+                f"({describe_changes(change.refused)}); resuming would change the state's shapes or the "
+                "data order. Fix: rerun with the saved settings, or give a new --ckpt-dir to start afresh."
+            )
+        changes[:] = change.allowed
+
+    abstract = abstract_state(plan, model.specs, optimizer)
+    restored, damaged = ckpt.restore_intact(abstract, accept=accept) if steps else (None, [])
+    for d in damaged:
+        where = f"; moved to {d.moved_to}, not deleted" if d.moved_to else ""
+        fallback = f"resuming from step {restored.step} instead" if restored else "no intact checkpoint is left"
+        say(f"[yellow]checkpoint step {d.step} in {ckpt.directory} is damaged ({d.reason}); {fallback}{where}")
+    if restored is None:
+        return init_state(plan, model.specs, optimizer, cfg.data.seed), None
+    say(f"resumed from step {restored.step} in {ckpt.directory}")
+    if changes:
+        say(f"settings changed since that checkpoint (allowed): {describe_changes(tuple(changes))}")
+    return restored.state, restored.data_state
+
+
+def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
+    """Prepare the run as configured (see the module's docstring for the order)."""
+    preset, sizes, strategy, model = check_settings(cfg)
+    cluster = join_cluster(cfg, sizes)
+    primary = distributed.is_primary()
+    console = console or make_console()
+
+    def say(*parts: Any) -> None:
+        if primary:
+            console.print(*parts, soft_wrap=all(isinstance(p, str) for p in parts))
+
+    detected = cluster or distributed.Cluster("none detected", 1, 0)
+    say(detected.describe(jax.local_device_count()))
+
+    plan = build_plan(cfg, preset, sizes, strategy)
+    tokenizer = data_lib.ByteTokenizer()
+    if model.vocab_size < tokenizer.vocab_size:
+        raise PlanError(
+            f"model {cfg.model.model!r} has vocab_size {model.vocab_size}, smaller than the byte "
+            f"tokenizer's {tokenizer.vocab_size}. Fix: pick a model with a larger vocabulary."
+        )
+    d, loop = cfg.data, cfg.loop
+    opt_cfg = OptimConfig(lr=cfg.optimizer.lr, warmup_steps=cfg.optimizer.warmup, total_steps=loop.steps)
+    optimizer = adamw(opt_cfg, model.specs)
+    check_batch(plan, d.batch, d.microbatches)
+    mem = memory_per_device(plan, model, optimizer, d.batch, d.seq, d.microbatches)
+    say(plan_table(plan, model, optimizer, cfg.mesh.mesh, note=f"{jax.process_count()} process(es)", mem=mem))
+    if loop.force and mem.fits is False:
+        say(f"[yellow]--force: starting although {human_bytes(mem.total)} per device exceeds the "
+            f"{human_bytes(mem.hbm or 0)} a device has")
+    elif not loop.force:
+        check_fit(mem, f"model {cfg.model.model!r} with batch {d.batch} x {d.seq} on {plan.describe_mesh()}")
+
+    corpus = data_lib.load_corpus(None if d.data is None else [d.data], tokenizer=tokenizer)
+    step_fn = make_train_step(model, plan, optimizer, microbatches=d.microbatches,
+                              lr_schedule=schedule(opt_cfg), guard=loop.on_nan)
+    rows = data_lib.local_rows(step_fn.batch_shardings["inputs"], d.batch, d.seq)
+    dataset = data_lib.train_dataset(corpus.train, seq_len=d.seq, global_batch=d.batch, seed=d.seed, rows=rows)
+    val = data_lib.val_batches(corpus.val, seq_len=d.seq, global_batch=d.batch, num_batches=loop.eval_batches,
+                               rows=rows)
+    say(f"data: {corpus.train_files} training files ({len(corpus.train):,} tokens), "
+        f"{corpus.val_files} validation files ({len(corpus.val):,} tokens)")
+
+    folder = Path(cfg.checkpoint.ckpt_dir).expanduser().resolve()
+    lock = lock_folder(folder, primary)
+    try:
+        ckpt = Checkpointer(folder, save_every=cfg.checkpoint.ckpt_every, keep=cfg.checkpoint.keep)
+        settings = run_settings(cfg)
+        state, data_state = restore_or_init(cfg, ckpt, settings, plan, model, optimizer, say)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    start = int(state.step)
+    if start >= loop.steps:
+        say(f"nothing to train: the checkpoint is at step {start} and --steps is {loop.steps} "
+            "(raise --steps to train on)")
+    flops = model.flops_per_token(d.seq)
+    t0 = time.perf_counter()
+    compiled = step_fn.fn.lower(*step_fn.abstract_args(d.batch, d.seq, state)).compile()
+    compile_s = time.perf_counter() - t0
+    say(f"compiled the train step in {compile_s:.1f} s; {flops / 1e6:,.1f} MFLOP per token")
+    for op, choice in model.kernel_choices(d.batch, d.seq).items():
+        say(f"{op} kernel: {choice}")
+    log = JsonlWriter(ckpt.directory / "metrics.jsonl", enabled=primary)
+    run = Run(cfg, console, primary, cluster, plan, model, optimizer, tokenizer, step_fn, compiled,
+              make_eval_step(model, plan, optimizer), dataset, val, ckpt, lock, settings, state, data_state,
+              start, flops, compile_s, log)
+    try:
+        log.write({"event": "start", "step": start, "strategy": plan.rules.name, "mesh": cfg.mesh.mesh,
+                   "devices": plan.num_devices, "processes": jax.process_count(), "cluster": detected.detector,
+                   "flops_per_token": flops, "compile_s": compile_s, "settings": settings})
+    except BaseException:
+        run.close(quiet=True)
+        raise
+    return run
