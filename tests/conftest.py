@@ -31,3 +31,17 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """The shared end-to-end run: 40 steps of the tiny model, checkpointed every 5; returns its
+    stdout, its metrics records and its checkpoint folder."""
+    from recipe_runs import FLAGS, run
+
+    from mlsys_jax.train.metrics import read_jsonl
+
+    ckpt = tmp_path_factory.mktemp("whole")
+    out = run(*FLAGS, "--ckpt-dir", str(ckpt))
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout, read_jsonl(ckpt / "metrics.jsonl"), ckpt

@@ -1,60 +1,30 @@
 """The recipe end to end: its flags, a run that prints its plan and samples, and a run killed
 with SIGKILL that, restarted with the same command, reproduces the uninterrupted losses exactly."""
 
-import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from recipe_runs import FLAGS, by_step, env, recipe
 
 from mlsys_jax.train.metrics import losses_by_step, read_jsonl
 
-CORPUS = str(Path(json.__file__).parent)  # the standard library's json package: small, real text
-FLAGS = ["--mesh", "cpu-8", "--strategy", "fsdp_tp", "--model", "tiny", "--batch", "16", "--seq", "64",
-         "--steps", "40", "--ckpt-every", "5", "--eval-every", "20", "--eval-batches", "1",
-         "--sample-tokens", "8", "--data", CORPUS, "--no-progress"]
 
-
-def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out["JAX_PLATFORMS"] = "cpu"
-    out["PYTHONUNBUFFERED"] = "1"
-    return out
-
-
-def recipe(repo_root: Path, *args: str) -> list[str]:
-    return [sys.executable, str(repo_root / "recipes" / "train_lm.py"), *args]
-
-
-def by_step(records, key):
-    return {r["step"]: r[key] for r in records if key in r and "step" in r}
-
-
-def test_help_lists_every_flag(repo_root):
-    out = subprocess.run(recipe(repo_root, "--help"), capture_output=True, text=True, env=env(), timeout=120)
+def test_help_lists_every_flag():
+    out = subprocess.run(recipe("--help"), capture_output=True, text=True, env=env(), timeout=120)
     assert out.returncode == 0, out.stderr
     for flag in ("--mesh", "--strategy", "--model", "--steps", "--batch", "--seq", "--lr", "--data",
                  "--ckpt-dir", "--resume", "--simulate-devices", "--attention-impl", "--norm-impl",
-                 "--loss-impl"):
+                 "--loss-impl", "--on-nan", "--sync-every-step", "--metrics-every", "--force", "--cluster",
+                 "--debug"):
         assert flag in out.stdout, flag
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(repo_root, tmp_path_factory):
-    ckpt = tmp_path_factory.mktemp("whole")
-    out = subprocess.run(recipe(repo_root, *FLAGS, "--ckpt-dir", str(ckpt)), capture_output=True,
-                         text=True, env=env(), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout, read_jsonl(ckpt / "metrics.jsonl")
 
 
 @pytest.mark.slow
 def test_a_run_prints_its_plan_logs_metrics_and_samples(uninterrupted):
-    stdout, records = uninterrupted
+    stdout, records, _ = uninterrupted
+    assert stdout.startswith("cluster: none detected, processes: 1, this process: 0, local devices: 8")
     assert "plan: tiny under fsdp_tp on cpu-8 (fsdp=4, tensor=2, 8 devices" in stdout
     assert "layers/wq" in stdout and "optimizer state" in stdout
     assert stdout.count("sample:") == 4
@@ -67,9 +37,9 @@ def test_a_run_prints_its_plan_logs_metrics_and_samples(uninterrupted):
 
 
 @pytest.mark.slow
-def test_sigkill_then_the_same_command_resumes_exactly(repo_root, tmp_path, uninterrupted):
-    _, reference = uninterrupted
-    command = recipe(repo_root, *FLAGS, "--ckpt-dir", str(tmp_path))
+def test_sigkill_then_the_same_command_resumes_exactly(tmp_path, uninterrupted):
+    _, reference, _ = uninterrupted
+    command = recipe(*FLAGS, "--ckpt-dir", str(tmp_path))
     log = tmp_path / "metrics.jsonl"
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
     deadline = time.time() + 300
@@ -102,23 +72,33 @@ def test_sigkill_then_the_same_command_resumes_exactly(repo_root, tmp_path, unin
 
 
 @pytest.mark.slow
-def test_a_finished_run_resumes_to_nothing_and_no_resume_refuses_to_overwrite(repo_root, tmp_path, uninterrupted):
+def test_a_finished_run_resumes_to_nothing_and_no_resume_refuses_to_overwrite(tmp_path):
     quick = [f for f in FLAGS]
     quick[quick.index("--steps") + 1] = "5"
-    first = subprocess.run(recipe(repo_root, *quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
+    first = subprocess.run(recipe(*quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
                            capture_output=True, text=True, env=env(), timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
-    again = subprocess.run(recipe(repo_root, *quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
+    again = subprocess.run(recipe(*quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
                            capture_output=True, text=True, env=env(), timeout=600)
     assert again.returncode == 0 and "nothing to train: the checkpoint is at step 5" in again.stdout
     assert sorted(losses_by_step(read_jsonl(tmp_path / "metrics.jsonl"))) == [1, 2, 3, 4, 5]
-    second = subprocess.run(recipe(repo_root, *quick, "--ckpt-dir", str(tmp_path), "--no-resume"),
+    second = subprocess.run(recipe(*quick, "--ckpt-dir", str(tmp_path), "--no-resume"),
                             capture_output=True, text=True, env=env(), timeout=600)
     assert second.returncode != 0
     assert "--no-resume" in second.stderr and "new --ckpt-dir" in second.stderr
-    other = subprocess.run(recipe(repo_root, *quick, "--ckpt-dir", str(tmp_path), "--seq", "32"),
+    other = subprocess.run(recipe(*quick, "--ckpt-dir", str(tmp_path), "--seq", "32"),
                            capture_output=True, text=True, env=env(), timeout=600)
-    assert other.returncode != 0 and "seq: saved 64, now 32" in other.stderr
+    assert other.returncode == 2 and "seq: saved 64, now 32" in other.stderr
+    assert "Traceback" not in other.stderr and "data order" in other.stderr
+    # How long to train and how fast to learn may change on resume; the recipe says what changed.
+    longer = subprocess.run(recipe(*quick, "--ckpt-dir", str(tmp_path), "--steps", "7", "--lr", "1e-3",
+                                   "--sample-tokens", "0"), capture_output=True, text=True, env=env(), timeout=600)
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "settings changed since that checkpoint (allowed): lr: saved 0.003, now 0.001, steps: saved 5, now 7" \
+        in longer.stdout
+    assert sorted(losses_by_step(read_jsonl(tmp_path / "metrics.jsonl"))) == [1, 2, 3, 4, 5, 6, 7]
+    start = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "start"][-1]
+    assert start["settings"]["steps"] == 7 and start["settings"]["lr"] == 1e-3
 
 
 def test_a_nonsensical_interval_is_refused_before_any_work():
@@ -129,8 +109,8 @@ def test_a_nonsensical_interval_is_refused_before_any_work():
         RunConfig.of(sample_tokens=-1)
 
 
-def test_a_model_no_family_knows_is_one_message_and_exit_status_2(repo_root, tmp_path):
-    run = subprocess.run(recipe(repo_root, "--model", "lama:small", "--ckpt-dir", str(tmp_path)),
+def test_a_model_no_family_knows_is_one_message_and_exit_status_2(tmp_path):
+    run = subprocess.run(recipe("--model", "lama:small", "--ckpt-dir", str(tmp_path)),
                          capture_output=True, text=True, env=env(), timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("error: unknown model family 'lama'") and "Did you mean 'llama'" in run.stderr
