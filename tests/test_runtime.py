@@ -1,0 +1,236 @@
+"""The training runtime's parts on their own: settings checked when parsed, the fit check, the
+non-finite guard, state fingerprints, the intact-checkpoint fallback, the folder lock and the
+one-message errors."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mlsys_jax as mj
+from mlsys_jax import train
+from mlsys_jax.cli import main
+from mlsys_jax.mesh import MeshError, abstract_mesh, parse_axis_sizes
+from mlsys_jax.meshes import PresetError, load_preset
+from mlsys_jax.models import build_model, get_config, llama
+from mlsys_jax.models.base import ConfigError
+from mlsys_jax.parallel.memory import FitError, check_fit, memory_per_device
+from mlsys_jax.train import integrity
+from mlsys_jax.train.checkpoint import CheckpointError, Checkpointer, summarize
+from mlsys_jax.train.config import RunConfig, run_settings
+from mlsys_jax.train.lock import FolderLock
+
+MODEL = llama.language_model(get_config("tiny", dtype="float32"))
+
+
+# ---- settings ---------------------------------------------------------------------------------
+def test_flat_settings_land_in_their_sections():
+    cfg = RunConfig.of(model="tiny", lr=1e-3, ckpt_dir="/tmp/x", batch=8, on_nan="skip")
+    assert cfg.model.model == "tiny" and cfg.optimizer.lr == 1e-3 and cfg.checkpoint.ckpt_dir == "/tmp/x"
+    assert cfg.data.batch == 8 and cfg.loop.on_nan == "skip" and cfg.get("batch") == 8
+    assert RunConfig.of(**cfg.flat()) == cfg
+    with pytest.raises(ConfigError, match="no run setting named 'learning_rate'"):
+        RunConfig.of(learning_rate=1.0)
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -1.0, 0.0])
+def test_a_learning_rate_that_cannot_train_is_refused_when_parsed(lr):
+    with pytest.raises(ConfigError, match="--lr must be a finite positive number"):
+        RunConfig.of(lr=lr)
+
+
+def test_the_recorded_settings_are_the_ones_the_run_used():
+    settings = run_settings(RunConfig.of(model="tiny", dtype="float32", remat="full", lr=1e-3, steps=7,
+                                         strategy="fsdp"))
+    assert settings["model_config"]["dtype"] == "float32" and settings["model_config"]["remat"] == "full"
+    assert settings["lr"] == 1e-3 and settings["steps"] == 7 and settings["strategy"] == "fsdp"
+    assert "ckpt_dir" not in settings and "progress" not in settings
+
+
+def test_mesh_and_preset_defects_are_refused():
+    with pytest.raises(MeshError, match="'data' is given twice in 'data=2,data=4'"):
+        parse_axis_sizes("data=2,data=4")
+    for name in ("../../etc/passwd", "/abs/cpu-8", ".hidden", ""):
+        with pytest.raises(PresetError, match="named without a path"):
+            load_preset(name)
+
+
+def test_a_divisibility_error_never_suggests_a_useless_mesh():
+    plan = mj.Plan(abstract_mesh({"tensor": 3}), mj.rules("tp"))
+    with pytest.raises(mj.PlanError) as err:
+        plan.param_shardings(MODEL.specs)
+    assert "e.g. 1" not in str(err.value) and "multiple of 3" in str(err.value)
+
+
+# ---- fit --------------------------------------------------------------------------------------
+def test_the_fit_check_counts_state_and_activations_against_the_presets_memory():
+    preset = load_preset("cpu-8")
+    plan = mj.Plan(abstract_mesh(preset), mj.rules("dp_fsdp_tp"), device=preset.device)
+    small = build_model("small")
+    opt = train.adamw(train.OptimConfig(), small.specs)
+    mem = memory_per_device(plan, small, opt, batch=16, seq=128)
+    state = train.abstract_state(plan, small.specs, opt)
+    shard_bytes = lambda tree: sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize  # noqa: E731
+                                   for x in jax.tree.leaves(tree))
+    assert mem.params == shard_bytes(state.params) and mem.opt_state == shard_bytes(state.opt_state)
+    assert mem.fits and mem.activations > 0
+    longer = memory_per_device(plan, small, opt, batch=16, seq=100_000)
+    with pytest.raises(FitError, match=r"activations ~.*a device has 2.00 GiB.*--seq.*--force"):
+        check_fit(longer, "small")
+    remat = build_model("small", remat="full")
+    assert memory_per_device(plan, remat, opt, batch=16, seq=4096).activations < \
+        memory_per_device(plan, small, opt, batch=16, seq=4096).activations
+    big = build_model("70b")
+    huge = memory_per_device(plan, big, train.adamw(train.OptimConfig(), big.specs), batch=16, seq=128)
+    with pytest.raises(FitError, match=r"parameters .* GiB \+ gradients .* optimizer state .*shards more"):
+        check_fit(huge, "70b")
+
+
+# ---- the non-finite guard -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def guarded(devices):
+    plan = mj.Plan(mj.make_mesh(fsdp=4, tensor=2), mj.rules("fsdp_tp"))
+    opt = train.adamw(train.OptimConfig(lr=1e-2, warmup_steps=0, total_steps=10), MODEL.specs)
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 384, (8, 17)).astype(np.int32)
+    batch = {"inputs": t[:, :-1], "targets": t[:, 1:], "mask": np.ones((8, 16), bool)}
+    steps = {g: train.make_train_step(MODEL, plan, opt, guard=g, donate=False) for g in ("stop", "skip")}
+    put = {k: jax.device_put(v, steps["stop"].batch_shardings[k]) for k, v in batch.items()}
+    return plan, opt, steps, put
+
+
+def poisoned(state):
+    """The state with one NaN in a weight: every loss it computes is NaN."""
+    wq = state.params["layers"]["wq"].at[0, 0, 0, 0].set(jnp.nan)
+    params = {**state.params, "layers": {**state.params["layers"], "wq": wq}}
+    return state._replace(params=params)
+
+
+def test_stop_keeps_the_last_good_state_through_every_step_dispatched_after_a_bad_one(guarded):
+    plan, opt, steps, batch = guarded
+    good = train.init_state(plan, MODEL.specs, opt)
+    bad = poisoned(good)
+    after_bad, m = steps["stop"](bad, batch, 0)
+    assert not bool(m["finite"]) and not bool(m["applied"]) and int(after_bad.step) == 0
+    for a, b in zip(jax.tree.leaves(after_bad.opt_state), jax.tree.leaves(bad.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A finite step dispatched next, numbered as if the bad one had counted, is a no-op too.
+    fixed = good._replace(step=after_bad.step)
+    later, m2 = steps["stop"](fixed, batch, 1)
+    assert bool(m2["finite"]) and not bool(m2["applied"]) and int(later.step) == 0
+    for a, b in zip(jax.tree.leaves(later.params), jax.tree.leaves(good.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # In order, it applies.
+    applied, m3 = steps["stop"](good, batch, 0)
+    assert bool(m3["applied"]) and int(applied.step) == 1
+
+
+def test_skip_drops_the_update_but_counts_the_step(guarded):
+    plan, opt, steps, batch = guarded
+    bad = poisoned(train.init_state(plan, MODEL.specs, opt))
+    after, m = steps["skip"](bad, batch, 0)
+    assert not bool(m["finite"]) and int(after.step) == 1
+    for a, b in zip(jax.tree.leaves(after.opt_state), jax.tree.leaves(bad.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ---- fingerprints and the intact-checkpoint fallback --------------------------------------------
+def test_a_fingerprint_ignores_placement_and_sees_one_changed_bit(guarded):
+    plan, opt, _, _ = guarded
+    state = train.init_state(plan, MODEL.specs, opt)
+    other = mj.Plan(mj.make_mesh(data=8), mj.rules("dp"))
+    moved = jax.device_put(state, train.state_shardings(other, MODEL.specs, opt))
+    assert integrity.inspect(moved) == integrity.inspect(state)
+    w = state.params["embed"]
+    flipped = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(w, jnp.uint32).at[3, 5].add(1), jnp.float32)
+    changed = state._replace(params={**state.params, "embed": flipped})
+    finite, prints = integrity.inspect(changed)
+    assert finite and integrity.mismatches(integrity.inspect(state)[1], prints) == [".params['embed']"]
+    assert not integrity.inspect(poisoned(state))[0]
+
+
+def test_a_step_whose_settings_file_is_missing_is_set_aside_and_the_one_before_restored(guarded, tmp_path):
+    plan, opt, _, _ = guarded
+    state = train.init_state(plan, MODEL.specs, opt)
+    ckpt = Checkpointer(tmp_path, save_every=1)
+    for step in (1, 2):
+        ckpt.save(step, state._replace(step=jnp.asarray(step, jnp.int32)), {"n": step}, {"run": "a"})
+    ckpt.close()
+    (tmp_path / "2" / "meta" / "metadata").unlink()
+    again = Checkpointer(tmp_path)
+    restored, damaged = again.restore_intact(train.abstract_state(plan, MODEL.specs, opt))
+    assert restored is not None and restored.step == 1 and restored.data_state == {"n": 1}
+    assert [d.step for d in damaged] == [2] and "settings file cannot be read" in damaged[0].reason
+    assert damaged[0].moved_to is not None and (damaged[0].moved_to / "state").is_dir()  # kept, not deleted
+    assert again.all_steps() == [1]
+    # Refusing a checkpoint of other settings is not damage: nothing is set aside for it.
+    with pytest.raises(CheckpointError, match="other"):
+        again.restore_intact(train.abstract_state(plan, MODEL.specs, opt),
+                             accept=lambda meta: (_ for _ in ()).throw(CheckpointError("other")))
+    assert again.all_steps() == [1]
+    again.close()
+
+
+def test_a_disk_error_is_named_by_its_cause_however_deeply_wrapped():
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise ValueError("OUT_OF_RANGE: Error writing ... in OCDBT") from inner
+    except ValueError as outer:
+        assert summarize(outer) == "No space left on device (OSError)"
+    assert summarize(RuntimeError("x " * 500), limit=50).endswith("...")
+
+
+# ---- one writer per folder ----------------------------------------------------------------------
+HOLD = "import sys, time; from mlsys_jax.train.lock import FolderLock; lock = FolderLock(sys.argv[1]); lock.acquire('hold'); " \
+       "print('held', flush=True); time.sleep(600)"
+
+
+def test_a_second_job_is_refused_the_folder_until_the_first_dies(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(CheckpointError, match=f"in use by another run \\(job pid {holder.pid} on "):
+            FolderLock(tmp_path).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+    with FolderLock(tmp_path) as lock:  # a killed holder's lock does not stick
+        assert lock.handle is not None
+    FolderLock(tmp_path).acquire()  # and a released one neither
+
+
+# ---- errors -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["--mesh", "data=2,data=4"], "error: mesh axis 'data' is given twice"),
+    (["--mesh", "../cpu-8"], "error: mesh preset name '../cpu-8' is not a name"),
+    (["--ckpt-dir", "CKPT_FILE/sub"], "error: --ckpt-dir"),
+    (["--model", "lama:tiny"], "error: unknown model family 'lama'"),
+])
+def test_a_user_error_is_one_message_and_exit_status_2(tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("not a folder")
+    args = [a.replace("CKPT_FILE", str(tmp_path / "file")) for a in args]
+    assert main(["train", "--ckpt-dir", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1 and "Fix" in err
+    with pytest.raises(Exception, match=message.removeprefix("error: ")[:20].replace("(", r"\(")):
+        main(["train", "--ckpt-dir", str(tmp_path / "run"), *args, "--debug"])
+
+
+def test_the_rest_of_a_cpu_mesh_without_a_device_count_is_refused(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "mlsys_jax.cli", "train", "--mesh", "fsdp=-1", "--model", "tiny",
+                          "--ckpt-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.startswith("error: --mesh 'fsdp=-1': fsdp=-1 ('the rest') came to 1 device")
+    assert "--simulate-devices" in out.stderr and time.perf_counter() - t0 < 120
