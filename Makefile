@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test lint bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) recipes/train_lm.py
 
-test: $(STAMP)
+# Lint, format and type checks first: they take seconds and name the line to fix.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/basedpyright
+
+test: lint
 	$(PY) -m pytest
 
 bench: $(STAMP)
@@ -25,6 +31,7 @@ bench: $(STAMP)
 	$(PY) bench/kernels.py
 	$(PY) bench/loss_memory.py
 	$(PY) bench/sampling.py
+	$(PY) bench/host_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

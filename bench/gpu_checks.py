@@ -23,14 +23,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import mlsys_jax  # noqa: E402,F401
-from mlsys_jax.kernels import cross_entropy, norms  # noqa: E402
-from mlsys_jax.kernels.attention import FLASH_ATTENTION as ATTENTION, flash_attention  # noqa: E402
-from mlsys_jax.kernels.dispatch import KernelUnavailable, current_platform  # noqa: E402
+import mlsys_jax  # noqa: F401
+from mlsys_jax.kernels import cross_entropy, norms
+from mlsys_jax.kernels.attention import FLASH_ATTENTION as ATTENTION
+from mlsys_jax.kernels.attention import flash_attention
+from mlsys_jax.kernels.dispatch import KernelUnavailable, current_platform
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 3e-2, "float16": 1e-2}
 
@@ -51,22 +52,23 @@ def rel_error(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-6))
 
 
-def compare(kernel: str, backend: str, case: str, dtype, fn: Callable, ref: Callable, args: tuple,
-            argnums: tuple[int, ...]) -> Check:
+def compare(
+    kernel: str, backend: str, case: str, dtype, fn: Callable, ref: Callable, args: tuple, argnums: tuple[int, ...]
+) -> Check:
     """Forward and vjp (random cotangent) of ``fn`` against ``ref`` evaluated on fp32 copies."""
     name = jnp.dtype(dtype).name
     try:
-        out, vjp = jax.vjp(lambda *d: fn(*d, *args[len(argnums):]), *args[: len(argnums)])
+        out, vjp = jax.vjp(lambda *d: fn(*d, *args[len(argnums) :]), *args[: len(argnums)])
         ct = jax.random.normal(jax.random.key(9), out.shape, jnp.float32).astype(out.dtype)
         grads = vjp(ct)
         up = [a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in args]
-        want, vjp_ref = jax.vjp(lambda *d: ref(*d, *up[len(argnums):]), *up[: len(argnums)])
+        want, vjp_ref = jax.vjp(lambda *d: ref(*d, *up[len(argnums) :]), *up[: len(argnums)])
         grads_ref = vjp_ref(ct.astype(jnp.float32))
         worst = max([rel_error(out, want)] + [rel_error(g, r) for g, r in zip(grads, grads_ref)])
         return Check(kernel, backend, case, name, worst, worst <= TOLERANCE[name])
     except KernelUnavailable as err:  # a backend that refuses these arguments says why
         return Check(kernel, backend, case, name, None, True, f"refused: {str(err)[:200]}")
-    except Exception as err:  # one failing backend is reported, the rest still run
+    except Exception as err:  # noqa: BLE001 - one failing backend is reported, the rest still run
         return Check(kernel, backend, case, name, None, False, f"{type(err).__name__}: {str(err)[:200]}")
 
 
@@ -82,9 +84,12 @@ def backends(registry, platform: str) -> list[str]:
 
 def attention_checks(platform: str, big: bool) -> list[Check]:
     b, s, h, kv, d = (2, 1000, 8, 2, 128) if big else (1, 40, 4, 2, 64)
-    cases = [("causal", dict(causal=True)), ("full", dict(causal=False)),
-             ("causal window", dict(causal=True, sliding_window=s // 4)),
-             ("segments", dict(causal=True, segment_ids=jnp.repeat(jnp.arange(4), -(-s // 4))[:s][None].repeat(b, 0)))]
+    cases = [
+        ("causal", {"causal": True}),
+        ("full", {"causal": False}),
+        ("causal window", {"causal": True, "sliding_window": s // 4}),
+        ("segments", {"causal": True, "segment_ids": jnp.repeat(jnp.arange(4), -(-s // 4))[:s][None].repeat(b, 0)}),
+    ]
     out = []
     for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
         keys = jax.random.split(jax.random.key(0), 3)
@@ -95,8 +100,11 @@ def attention_checks(platform: str, big: bool) -> list[Check]:
             for label, kw in cases:
                 fn = lambda q, k, v, kw=kw, n=backend: flash_attention(q, k, v, implementation=n, **kw)
                 ref = lambda q, k, v, kw=kw: flash_attention(q, k, v, implementation="xla", **kw)
-                out.append(compare("attention", backend, f"B{b} S{s} H{h}/{kv} D{d} {label}", dtype, fn, ref,
-                                   (q, k, v), (0, 1, 2)))
+                out.append(
+                    compare(
+                        "attention", backend, f"B{b} S{s} H{h}/{kv} D{d} {label}", dtype, fn, ref, (q, k, v), (0, 1, 2)
+                    )
+                )
             out += decode_checks(backend, q, k, v)
             out += head_dim_checks(backend, dtype, (b, s, h, kv))
     return out
@@ -110,11 +118,21 @@ def decode_checks(backend: str, q, k, v) -> list[Check]:
     for chunk in (16, 1):
         offsets = jnp.array([s - chunk - 3 * i for i in range(b)], jnp.int32)
         lengths = offsets + chunk
-        kw = dict(causal=True, q_offset=offsets, kv_lengths=lengths)
+        kw = {"causal": True, "q_offset": offsets, "kv_lengths": lengths}
         fn = lambda q, k, v, kw=kw, n=backend: flash_attention(q, k, v, implementation=n, **kw)
         ref = lambda q, k, v, kw=kw: flash_attention(q, k, v, implementation="xla", **kw)
-        out.append(compare("attention", backend, f"B{b} {chunk} queries at offsets vs S{s} cache",
-                           q.dtype, fn, ref, (q[:, :chunk], k, v), (0, 1, 2)))
+        out.append(
+            compare(
+                "attention",
+                backend,
+                f"B{b} {chunk} queries at offsets vs S{s} cache",
+                q.dtype,
+                fn,
+                ref,
+                (q[:, :chunk], k, v),
+                (0, 1, 2),
+            )
+        )
     return out
 
 
@@ -129,8 +147,9 @@ def head_dim_checks(backend: str, dtype, shape: tuple[int, int, int, int]) -> li
         v = jax.random.normal(keys[2], (b, s, kv, d), dtype)
         fn = lambda q, k, v, n=backend: flash_attention(q, k, v, causal=True, implementation=n)
         ref = lambda q, k, v: flash_attention(q, k, v, causal=True, implementation="xla")
-        out.append(compare("attention", backend, f"B{b} S{s} H{h}/{kv} D{d} causal", dtype, fn, ref,
-                           (q, k, v), (0, 1, 2)))
+        out.append(
+            compare("attention", backend, f"B{b} S{s} H{h}/{kv} D{d} causal", dtype, fn, ref, (q, k, v), (0, 1, 2))
+        )
     return out
 
 
@@ -141,9 +160,18 @@ def norm_checks(platform: str, big: bool) -> list[Check]:
         x = jax.random.normal(jax.random.key(1), (n, d), dtype)
         w = (1 + 0.1 * jax.random.normal(jax.random.key(2), (d,))).astype(dtype)
         for backend in backends(norms.RMS_NORM, platform):
-            out.append(compare("rms_norm", backend, f"{n}x{d}", dtype,
-                               lambda x, w, n_=backend: norms.rms_norm(x, w, implementation=n_),
-                               lambda x, w: norms.rms_norm(x, w, implementation="xla"), (x, w), (0, 1)))
+            out.append(
+                compare(
+                    "rms_norm",
+                    backend,
+                    f"{n}x{d}",
+                    dtype,
+                    lambda x, w, n_=backend: norms.rms_norm(x, w, implementation=n_),
+                    lambda x, w: norms.rms_norm(x, w, implementation="xla"),
+                    (x, w),
+                    (0, 1),
+                )
+            )
     return out
 
 
@@ -152,18 +180,28 @@ def loss_checks(platform: str, big: bool) -> list[Check]:
     out = []
     for dtype in (jnp.bfloat16, jnp.float32):
         h = jax.random.normal(jax.random.key(3), (t, d), dtype)
-        w = (jax.random.normal(jax.random.key(4), (d, v)) * d ** -0.5).astype(dtype)
+        w = (jax.random.normal(jax.random.key(4), (d, v)) * d**-0.5).astype(dtype)
         y = jax.random.randint(jax.random.key(5), (t,), 0, v).at[::7].set(-100)
         for backend in backends(cross_entropy.LINEAR_CROSS_ENTROPY, platform):
-            out.append(compare("linear_cross_entropy", backend, f"T{t} D{d} V{v} z=1e-4", dtype,
-                               lambda h, w, y, n_=backend: cross_entropy.linear_cross_entropy(
-                                   h, w, y, z_loss=1e-4, implementation=n_),
-                               lambda h, w, y: cross_entropy.linear_cross_entropy(
-                                   h, w, y, z_loss=1e-4, implementation="xla"), (h, w, y), (0, 1)))
+            out.append(
+                compare(
+                    "linear_cross_entropy",
+                    backend,
+                    f"T{t} D{d} V{v} z=1e-4",
+                    dtype,
+                    lambda h, w, y, n_=backend: cross_entropy.linear_cross_entropy(
+                        h, w, y, z_loss=1e-4, implementation=n_
+                    ),
+                    lambda h, w, y: cross_entropy.linear_cross_entropy(h, w, y, z_loss=1e-4, implementation="xla"),
+                    (h, w, y),
+                    (0, 1),
+                )
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> list[Check]:
+    assert __doc__ is not None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
@@ -174,13 +212,23 @@ def main(argv: list[str] | None = None) -> list[Check]:
     print("| kernel | backend | case | dtype | worst rel. error | ok | note |\n|---|---|---|---|---|---|---|")
     for c in checks:
         worst = "not measured" if c.worst is None else f"{c.worst:.2e}"
-        print(f"| {c.kernel} | {c.backend} | {c.case} | {c.dtype} | {worst} | {'yes' if c.passed else 'NO'} | {c.note} |")
+        print(
+            f"| {c.kernel} | {c.backend} | {c.case} | {c.dtype} | {worst} | {'yes' if c.passed else 'NO'} | {c.note} |"
+        )
     slug = re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"kernel-checks-{slug}.json"
-    path.write_text(json.dumps({"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                                "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                "checks": [dataclasses.asdict(c) for c in checks]}, indent=1))
+    path.write_text(
+        json.dumps(
+            {
+                "device": jax.devices()[0].device_kind,
+                "jax": jax.__version__,
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "checks": [dataclasses.asdict(c) for c in checks],
+            },
+            indent=1,
+        )
+    )
     print(f"\nwrote {path}; {sum(c.passed for c in checks)}/{len(checks)} passed")
     return checks
 

@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from mlsys_jax.kernels.cross_entropy import LINEAR_CROSS_ENTROPY, linear_cross_entropy  # noqa: E402
-from mlsys_jax.kernels.dispatch import current_platform  # noqa: E402
+from mlsys_jax.kernels.cross_entropy import LINEAR_CROSS_ENTROPY, linear_cross_entropy
+from mlsys_jax.kernels.dispatch import current_platform
 
 BATCH, SEQ, D_MODEL, VOCAB = 2, 2048, 1024, 32768
 DTYPE = jnp.bfloat16
@@ -43,8 +43,11 @@ def slug(text: str) -> str:
 def backends() -> list[str]:
     """The reference, then every fused backend that compiles natively here."""
     platform = current_platform()
-    fused = [name for name in LINEAR_CROSS_ENTROPY.names() if name != "xla"
-             and platform in LINEAR_CROSS_ENTROPY.backends[name].platforms]
+    fused = [
+        name
+        for name in LINEAR_CROSS_ENTROPY.names()
+        if name != "xla" and platform in LINEAR_CROSS_ENTROPY.backends[name].platforms
+    ]
     return ["xla", *fused]
 
 
@@ -60,9 +63,16 @@ def measure(implementation: str) -> dict[str, Any]:
     compiled = jax.jit(jax.value_and_grad(total, argnums=(0, 1))).lower(hidden, weight, labels).compile()
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
+    assert mem is not None
     temp, out, arg = mem.temp_size_in_bytes, mem.output_size_in_bytes, mem.argument_size_in_bytes
-    return {"backend": implementation, "compile_s": round(seconds, 2), "temp_bytes": temp,
-            "output_bytes": out, "argument_bytes": arg, "peak_bytes": temp + out}
+    return {
+        "backend": implementation,
+        "compile_s": round(seconds, 2),
+        "temp_bytes": temp,
+        "output_bytes": out,
+        "argument_bytes": arg,
+        "peak_bytes": temp + out,
+    }
 
 
 def main() -> dict[str, Any]:
@@ -73,23 +83,34 @@ def main() -> dict[str, Any]:
     device = jax.devices()[0].device_kind
     fused = [r for r in rows if r["backend"] != "xla"]
     result = {
-        "device": device, "tokens": BATCH * SEQ, "d_model": D_MODEL, "vocab": VOCAB,
-        "dtype": jnp.dtype(DTYPE).name, "peak": "temp + output bytes of the compiled step",
-        "target_ratio": TARGET_RATIO, "rows": rows,
+        "device": device,
+        "tokens": BATCH * SEQ,
+        "d_model": D_MODEL,
+        "vocab": VOCAB,
+        "dtype": jnp.dtype(DTYPE).name,
+        "peak": "temp + output bytes of the compiled step",
+        "target_ratio": TARGET_RATIO,
+        "rows": rows,
         "meets_target": bool(fused) and all(r["ratio_to_unfused"] <= TARGET_RATIO for r in fused),
     }
-    print(f"linear cross-entropy fwd+bwd, {BATCH}x{SEQ} tokens, D={D_MODEL}, V={VOCAB}, "
-          f"{jnp.dtype(DTYPE).name}, {device}\n")
+    print(
+        f"linear cross-entropy fwd+bwd, {BATCH}x{SEQ} tokens, D={D_MODEL}, V={VOCAB}, "
+        f"{jnp.dtype(DTYPE).name}, {device}\n"
+    )
     print("| backend | temp MiB | output MiB | peak MiB | fused/unfused | compile s |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['backend']} | {r['temp_bytes'] / MIB:.1f} | {r['output_bytes'] / MIB:.1f} | "
-              f"{r['peak_bytes'] / MIB:.1f} | {r['ratio_to_unfused']:.3f} | {r['compile_s']} |")
+        print(
+            f"| {r['backend']} | {r['temp_bytes'] / MIB:.1f} | {r['output_bytes'] / MIB:.1f} | "
+            f"{r['peak_bytes'] / MIB:.1f} | {r['ratio_to_unfused']:.3f} | {r['compile_s']} |"
+        )
     out = ROOT / "bench" / "results" / f"loss_memory-{slug(device)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"\ntarget fused/unfused <= {TARGET_RATIO}: {'met' if result['meets_target'] else 'NOT met'}"
-          f"; wrote {out.relative_to(ROOT)}")
+    print(
+        f"\ntarget fused/unfused <= {TARGET_RATIO}: {'met' if result['meets_target'] else 'NOT met'}"
+        f"; wrote {out.relative_to(ROOT)}"
+    )
     return result
 
 

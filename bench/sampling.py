@@ -30,17 +30,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
+import jax
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     jax.config.update("jax_num_cpu_devices", 8)  # only the CPU backend reads this
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax.numpy as jnp
+import numpy as np
 
-import mlsys_jax as mj  # noqa: E402
-from mlsys_jax.models import base, build_model  # noqa: E402
-from mlsys_jax.serve import Generator  # noqa: E402
+import mlsys_jax as mj
+from mlsys_jax.models import base, build_model
+from mlsys_jax.serve import Generator
 
 MODEL = "llama:small"
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -77,7 +77,7 @@ def full_rerun_sampler(model: base.LanguageModel, plan: mj.Plan, rows: int, leng
         for i, p in enumerate(prompts):
             buf[i, : len(p)], pos[i] = p, len(p)
         out = np.asarray(step(params, buf, pos, new_tokens))
-        return [out[i, len(p): len(p) + new_tokens] for i, p in enumerate(prompts)]
+        return [out[i, len(p) : len(p) + new_tokens] for i, p in enumerate(prompts)]
 
     return sample
 
@@ -97,7 +97,7 @@ def timed(fn) -> tuple[float, float, Any]:
 
 def main() -> None:
     devices = jax.devices()[:8]
-    plan = mj.Plan(mj.make_mesh(devices=devices, **MESH), mj.rules(STRATEGY))
+    plan = mj.Plan(mj.make_mesh(MESH, devices=devices), mj.rules(STRATEGY))
     model = build_model(MODEL)
     params = plan.init(model.specs, jax.random.PRNGKey(0))
     prompts = [np.frombuffer(p.encode(), np.uint8).astype(np.int32) for p in PROMPTS]
@@ -105,29 +105,46 @@ def main() -> None:
     rows = generator.rows(len(prompts))
     results = []
     for new_tokens in NEW_TOKENS:
-        cache_first, cache_s, cached = timed(lambda: generator.generate(
-            params, prompts, new_tokens=new_tokens, temperature=0.0))
+        cache_first, cache_s, cached = timed(
+            lambda n=new_tokens: generator.generate(params, prompts, new_tokens=n, temperature=0.0)
+        )
         sample = full_rerun_sampler(model, plan, rows, max(len(p) for p in prompts) + new_tokens)
-        full_first, full_s, rerun = timed(lambda: sample(params, prompts, new_tokens))
+        full_first, full_s, rerun = timed(lambda s=sample, n=new_tokens: s(params, prompts, n))
         produced = len(prompts) * new_tokens
         agree = float(np.mean([np.mean(a == b) for a, b in zip(cached, rerun)]))
-        row = {"new_tokens": new_tokens, "cache_seconds": cache_s, "full_rerun_seconds": full_s,
-               "cache_first_call_seconds": cache_first, "full_rerun_first_call_seconds": full_first,
-               "cache_tokens_per_s": produced / cache_s, "full_rerun_tokens_per_s": produced / full_s,
-               "speedup": full_s / cache_s, "greedy_tokens_equal_fraction": agree}
+        row = {
+            "new_tokens": new_tokens,
+            "cache_seconds": cache_s,
+            "full_rerun_seconds": full_s,
+            "cache_first_call_seconds": cache_first,
+            "full_rerun_first_call_seconds": full_first,
+            "cache_tokens_per_s": produced / cache_s,
+            "full_rerun_tokens_per_s": produced / full_s,
+            "speedup": full_s / cache_s,
+            "greedy_tokens_equal_fraction": agree,
+        }
         results.append(row)
-        print(f"{new_tokens:4d} new tokens: cache {row['cache_tokens_per_s']:8.1f} tok/s, full rerun "
-              f"{row['full_rerun_tokens_per_s']:8.1f} tok/s, ratio {row['speedup']:.2f}x "
-              f"(first calls {cache_first:.1f} s / {full_first:.1f} s; tokens equal {agree:.0%})",
-              flush=True)
+        print(
+            f"{new_tokens:4d} new tokens: cache {row['cache_tokens_per_s']:8.1f} tok/s, full rerun "
+            f"{row['full_rerun_tokens_per_s']:8.1f} tok/s, ratio {row['speedup']:.2f}x "
+            f"(first calls {cache_first:.1f} s / {full_first:.1f} s; tokens equal {agree:.0%})",
+            flush=True,
+        )
     device = devices[0].device_kind
     out = {
-        "jax_version": jax.__version__, "python": platform.python_version(), "device": device,
-        "num_devices": len(devices), "model": MODEL, "mesh": MESH, "strategy": STRATEGY,
-        "prompts": list(PROMPTS), "repeats": REPEATS, "results": results,
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "num_devices": len(devices),
+        "model": MODEL,
+        "mesh": MESH,
+        "strategy": STRATEGY,
+        "prompts": list(PROMPTS),
+        "repeats": REPEATS,
+        "results": results,
         "method": "greedy; each sampler is one jitted program per shape, timed after a first "
-                  "call that compiles, median of the repeats; tokens/s counts the real prompts' "
-                  "new tokens",
+        "call that compiles, median of the repeats; tokens/s counts the real prompts' "
+        "new tokens",
     }
     path = ROOT / "bench" / "results" / f"sampling-{slug(device)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,13 +158,16 @@ def print_table(results: list[dict[str, Any]]) -> None:
     print("\n| new tokens | cache tok/s | full rerun tok/s | cache / full rerun |")
     print("|---|---|---|---|")
     for r in results:
-        print(f"| {r['new_tokens']} | {r['cache_tokens_per_s']:.1f} | {r['full_rerun_tokens_per_s']:.1f} "
-              f"| {r['speedup']:.2f} |")
+        print(
+            f"| {r['new_tokens']} | {r['cache_tokens_per_s']:.1f} | {r['full_rerun_tokens_per_s']:.1f} "
+            f"| {r['speedup']:.2f} |"
+        )
 
 
 def picture(results: list[dict[str, Any]], path: Path, device: str) -> None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -157,11 +177,11 @@ def picture(results: list[dict[str, Any]], path: Path, device: str) -> None:
     width = 0.38
     x = np.arange(len(results))
     ax.bar(x - width / 2, [r["cache_tokens_per_s"] for r in results], width, label="KV cache")
-    ax.bar(x + width / 2, [r["full_rerun_tokens_per_s"] for r in results], width,
-           label="full re-run per token")
+    ax.bar(x + width / 2, [r["full_rerun_tokens_per_s"] for r in results], width, label="full re-run per token")
     for i, r in enumerate(results):
-        ax.annotate(f"{r['speedup']:.1f}x", (x[i] - width / 2, r["cache_tokens_per_s"]),
-                    ha="center", va="bottom", fontsize=9)
+        ax.annotate(
+            f"{r['speedup']:.1f}x", (x[i] - width / 2, r["cache_tokens_per_s"]), ha="center", va="bottom", fontsize=9
+        )
     ax.set_xticks(x, [f"{r['new_tokens']} new tokens" for r in results])
     ax.set_ylabel("tokens / s (higher is better)")
     ax.set_ylim(0, 1.3 * max(r["cache_tokens_per_s"] for r in results))

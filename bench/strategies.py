@@ -24,26 +24,26 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
+import jax
 
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     jax.config.update("jax_num_cpu_devices", 8)  # only the CPU backend reads this
 
-import optax  # noqa: E402
+import optax
 
-import mlsys_jax as mj  # noqa: E402
-from mlsys_jax import comm, train  # noqa: E402
-from mlsys_jax.comm import Collective  # noqa: E402
-from mlsys_jax.models import build_model  # noqa: E402
-from mlsys_jax.params import is_spec, spec_leaves  # noqa: E402
+import mlsys_jax as mj
+from mlsys_jax import comm, train
+from mlsys_jax.comm import Collective
+from mlsys_jax.models import build_model
+from mlsys_jax.params import is_spec, spec_leaves
 
 OUT = ROOT / "bench" / "results" / "strategies.json"
 NUM_DEVICES = 8
@@ -61,8 +61,7 @@ STRATEGIES: dict[str, dict[str, int]] = {
 
 #: ~5.2M parameters; heads, kv heads, d_ff and vocab all divide 8: a Llama preset resized.
 MODEL_NAME = "llama:tiny"
-MODEL = dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=8, n_kv_heads=8, head_dim=32,
-             d_ff=1024)
+MODEL = {"vocab_size": 2048, "d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 8, "head_dim": 32, "d_ff": 1024}
 
 #: Ring traffic per device per step (bytes, as compiled and under the reading) that this script
 #: measured on jax 0.10.2 before the model was split into embed / block / head pieces. A change
@@ -77,27 +76,28 @@ FROZEN_TRAFFIC = {
 
 MINIMUM_IN_WORDS = {
     "gradients": "the step computes each matmul weight's gradient in the compute dtype (bf16) "
-                 "and reduces it across devices in that dtype, and adds the embedding's "
-                 "gradient up (and reduces it) in fp32 because a frequent token's row sums "
-                 "thousands of them; G_t below is those bytes of each parameter's tensor shard",
+    "and reduces it across devices in that dtype, and adds the embedding's "
+    "gradient up (and reduces it) in fp32 because a frequent token's row sums "
+    "thousands of them; G_t below is those bytes of each parameter's tensor shard",
     "data": "all-reduce over data of the gradients each device holds after any fsdp "
-            "scatter (G_t / n_fsdp), ring traffic 2(n-1)/n per byte",
+    "scatter (G_t / n_fsdp), ring traffic 2(n-1)/n per byte",
     "fsdp": "ZeRO-3: all-gather over fsdp of every parameter's tensor shard in the compute "
-            "dtype (bf16, W_t) for the forward pass and again for the backward pass (gathered "
-            "weights are not kept between the passes: that is what keeps FSDP's memory at "
-            "1/n), plus reduce-scatter over fsdp of the gradients (G_t), ring traffic "
-            "(n-1)/n per byte; 'single-gather bound' also reports the ratio against a schedule "
-            "that keeps the forward gathers",
+    "dtype (bf16, W_t) for the forward pass and again for the backward pass (gathered "
+    "weights are not kept between the passes: that is what keeps FSDP's memory at "
+    "1/n), plus reduce-scatter over fsdp of the gradients (G_t), ring traffic "
+    "(n-1)/n per byte; 'single-gather bound' also reports the ratio against a schedule "
+    "that keeps the forward gathers",
     "tensor": "Megatron tensor parallelism: per layer two forward all-reduces (attention "
-              "output, MLP down-projection) and two backward all-reduces (input gradients of "
-              "the QKV and gate/up projections) of the bf16 activations (batch/n_batch, seq, "
-              "d_model), plus the vocab-sharded embedding lookup (forward) and LM-head input "
-              "gradient (backward), plus three fp32 (batch, seq) reductions for the "
-              "vocab-sharded softmax and target logit; ring traffic 2(n-1)/n per byte",
+    "output, MLP down-projection) and two backward all-reduces (input gradients of "
+    "the QKV and gate/up projections) of the bf16 activations (batch/n_batch, seq, "
+    "d_model), plus the vocab-sharded embedding lookup (forward) and LM-head input "
+    "gradient (backward), plus three fp32 (batch, seq) reductions for the "
+    "vocab-sharded softmax and target logit; ring traffic 2(n-1)/n per byte",
 }
 
 
-def bench_devices() -> list[jax.Device]:
+# jaxlib ships no type stubs, so a checker sees jax.Device as an unknown variable.
+def bench_devices() -> list[jax.Device]:  # pyright: ignore[reportInvalidTypeForm]
     devs = jax.devices()
     if len(devs) < NUM_DEVICES:
         devs = jax.devices("cpu")
@@ -114,18 +114,23 @@ def shards_by_path(plan: mj.Plan, specs: Any) -> dict[str, int]:
     return {p.path: math.prod(p.shape) // math.prod(p.shard_shape) for p in plan.placements(specs)}
 
 
-def memory(plan: mj.Plan, specs: Any, opt: optax.GradientTransformation,
-           compiled_init: Any) -> dict[str, Any]:
+def memory(plan: mj.Plan, specs: Any, opt: optax.GradientTransformation, compiled_init: Any) -> dict[str, Any]:
     """Measured per-device state bytes against the ideal for the strategy's rules."""
     by_path = shards_by_path(plan, specs)
     treedef = jax.tree_util.tree_structure(specs, is_leaf=is_spec)
     shards = jax.tree_util.tree_unflatten(treedef, [by_path[p] for p, _ in spec_leaves(specs)])
     abstract = train.abstract_state(plan, specs, opt)
-    abstract_opt = jax.eval_shape(opt.init, jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), specs, is_leaf=is_spec))
+    abstract_opt = jax.eval_shape(
+        opt.init, jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), specs, is_leaf=is_spec)
+    )
     opt_shards = optax.tree_map_params(
-        opt, lambda _, n: n, abstract_opt, shards, transform_non_params=lambda _: 1,
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        opt,
+        lambda _, n: n,
+        abstract_opt,
+        shards,
+        transform_non_params=lambda _: 1,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
     shard_state = train.TrainState(step=1, params=shards, opt_state=opt_shards, rng=1)
     leaves = jax.tree_util.tree_leaves(abstract)
     counts = jax.tree_util.tree_leaves(shard_state)
@@ -175,12 +180,24 @@ def minimum(cfg: Any, specs: Any, plan: mj.Plan) -> list[dict[str, Any]]:
     out = []
 
     def add(kind: str, axis: str, n: int, payload: float, what: str) -> None:
-        out.append({"kind": kind, "axes": [axis], "payload_bytes": payload,
-                    "traffic_bytes": comm.ring_traffic(kind, payload, n), "what": what})
+        out.append(
+            {
+                "kind": kind,
+                "axes": [axis],
+                "payload_bytes": payload,
+                "traffic_bytes": comm.ring_traffic(kind, payload, n),
+                "what": what,
+            }
+        )
 
     if nf > 1:
-        add("all-gather", "fsdp", nf, 2 * w_t,
-            "all-gather of bf16 parameters for the forward and again for the backward pass")
+        add(
+            "all-gather",
+            "fsdp",
+            nf,
+            2 * w_t,
+            "all-gather of bf16 parameters for the forward and again for the backward pass",
+        )
         add("reduce-scatter", "fsdp", nf, g_t, "reduce-scatter of gradients")
     if nd > 1:
         add("all-reduce", "data", nd, g_t / nf, "all-reduce of gradients (fsdp shard)")
@@ -188,8 +205,13 @@ def minimum(cfg: Any, specs: Any, plan: mj.Plan) -> list[dict[str, Any]]:
         b_loc = BATCH // (nd * nf)
         act = b_loc * SEQ * cfg.d_model * 2
         n_act = 4 * cfg.n_layers + 2
-        add("all-reduce", "tensor", nt, n_act * act + 3 * b_loc * SEQ * 4,
-            f"{n_act} bf16 activation all-reduces + 3 fp32 softmax reductions")
+        add(
+            "all-reduce",
+            "tensor",
+            nt,
+            n_act * act + 3 * b_loc * SEQ * 4,
+            f"{n_act} bf16 activation all-reduces + 3 fp32 softmax reductions",
+        )
     return out
 
 
@@ -203,16 +225,20 @@ def is_backward(c: Collective) -> bool:
 
 def describe(c: Collective, sizes: dict[str, int]) -> dict[str, Any]:
     return {
-        "op": c.name, "kind": c.kind, "axes": list(comm.collective_axes(c, sizes)),
-        "dtypes": sorted(set(c.dtypes)), "elements": len(c.shapes),
-        "shapes": [list(s) for s in c.shapes][:6], "count": c.count,
-        "traffic_bytes_per_step": c.total_traffic_bytes, "inferred": c.inferred,
+        "op": c.name,
+        "kind": c.kind,
+        "axes": list(comm.collective_axes(c, sizes)),
+        "dtypes": sorted(set(c.dtypes)),
+        "elements": len(c.shapes),
+        "shapes": [list(s) for s in c.shapes][:6],
+        "count": c.count,
+        "traffic_bytes_per_step": c.total_traffic_bytes,
+        "inferred": c.inferred,
         "source": c.op_name[-110:],
     }
 
 
-def notes(raw: list[Collective], reading: list[Collective], cfg: Any, sizes: dict[str, int]
-          ) -> list[str]:
+def notes(raw: list[Collective], reading: list[Collective], cfg: Any, sizes: dict[str, int]) -> list[str]:
     """Why the program moves more (or less) than the minimum, found in the HLO."""
     out = []
     nd, nf = sizes.get("data", 1), sizes.get("fsdp", 1)
@@ -220,50 +246,76 @@ def notes(raw: list[Collective], reading: list[Collective], cfg: Any, sizes: dic
     regather = [c for c in reading if c.kind == "all-gather" and is_backward(c)]
     if regather:
         b = sum(c.total_payload_bytes for c in regather)
-        out.append(f"backward re-gathers parameters (ZeRO-3 style): {len(regather)} all-gather "
-                   f"ops in the backward pass, {b} payload bytes per step")
-    f32_grads = [c for c in reading if c.kind in ("reduce-scatter", "all-reduce") and is_backward(c)
-                 and any(d == "f32" and math.prod(sh) >= 1024 for d, sh in zip(c.dtypes, c.shapes))]
+        out.append(
+            f"backward re-gathers parameters (ZeRO-3 style): {len(regather)} all-gather "
+            f"ops in the backward pass, {b} payload bytes per step"
+        )
+    f32_grads = [
+        c
+        for c in reading
+        if c.kind in ("reduce-scatter", "all-reduce")
+        and is_backward(c)
+        and any(d == "f32" and math.prod(sh) >= 1024 for d, sh in zip(c.dtypes, c.shapes))
+    ]
     for c in f32_grads:
         big = [list(sh) for d, sh in zip(c.dtypes, c.shapes) if d == "f32" and math.prod(sh) >= 1024]
-        out.append(f"{c.name}: gradient(s) {big} reduced in f32 (the minimum counts f32 only "
-                   f"for the embedding's) "
-                   f"(x{c.count}; source {c.op_name[-60:]})")
-    f32_gathers = [c for c in reading if c.kind == "all-gather" and "f32" in c.dtypes
-                   and math.prod(c.shapes[0]) >= 1024]
+        out.append(
+            f"{c.name}: gradient(s) {big} reduced in f32 (the minimum counts f32 only "
+            f"for the embedding's) "
+            f"(x{c.count}; source {c.op_name[-60:]})"
+        )
+    f32_gathers = [
+        c for c in reading if c.kind == "all-gather" and "f32" in c.dtypes and math.prod(c.shapes[0]) >= 1024
+    ]
     for c in f32_gathers:
-        out.append(f"{c.name}: all-gather of {list(c.shapes[0])} stays f32 in the program (the "
-                   f"parameter is gathered before its cast to bf16; source {c.op_name[-60:]})")
+        out.append(
+            f"{c.name}: all-gather of {list(c.shapes[0])} stays f32 in the program (the "
+            f"parameter is gathered before its cast to bf16; source {c.op_name[-60:]})"
+        )
     for c in reading:
         act = [d for s, d in zip(c.shapes, c.dtypes) if math.prod(s) == act_elems]
         axes = comm.collective_axes(c, sizes)
         if c.kind == "all-reduce" and axes == ("tensor",) and is_backward(c) and len(act) > 1:
-            out.append(f"{c.name}: one all-reduce per projection input gradient ({len(act)} "
-                       f"activation-sized elements, x{c.count}) where one all-reduce of their "
-                       f"sum would do (source {c.op_name[-60:]})")
+            out.append(
+                f"{c.name}: one all-reduce per projection input gradient ({len(act)} "
+                f"activation-sized elements, x{c.count}) where one all-reduce of their "
+                f"sum would do (source {c.op_name[-60:]})"
+            )
         if c.kind == "all-reduce" and axes == ("tensor",) and "f32" in act:
-            out.append(f"{c.name}: activation all-reduce in f32 ({act.count('f32')} "
-                       f"element(s), x{c.count}; source {c.op_name[-60:]})")
-    bf16_grads = [c for c in reading if c.kind in ("reduce-scatter", "all-reduce")
-                  and "bf16" in c.dtypes and comm.collective_axes(c, sizes)
-                  and set(comm.collective_axes(c, sizes)) <= {"data", "fsdp"}]
+            out.append(
+                f"{c.name}: activation all-reduce in f32 ({act.count('f32')} "
+                f"element(s), x{c.count}; source {c.op_name[-60:]})"
+            )
+    bf16_grads = [
+        c
+        for c in reading
+        if c.kind in ("reduce-scatter", "all-reduce")
+        and "bf16" in c.dtypes
+        and comm.collective_axes(c, sizes)
+        and set(comm.collective_axes(c, sizes)) <= {"data", "fsdp"}
+    ]
     if bf16_grads:
         b = sum(c.total_payload_bytes for c in bf16_grads)
-        out.append(f"gradients are reduced across devices in bf16, the compute dtype "
-                   f"({len(bf16_grads)} ops, {b} payload bytes per step), as the minimum assumes")
+        out.append(
+            f"gradients are reduced across devices in bf16, the compute dtype "
+            f"({len(bf16_grads)} ops, {b} payload bytes per step), as the minimum assumes"
+        )
     wide = [c for c in raw if any(c.program_dtypes)]
     if wide:
-        out.append(f"XLA:CPU widened {len(wide)} bf16 collectives to f32 (no bf16 collectives "
-                   "on CPU); the reading counts them in bf16")
+        out.append(
+            f"XLA:CPU widened {len(wide)} bf16 collectives to f32 (no bf16 collectives "
+            "on CPU); the reading counts them in bf16"
+        )
     sliced = [c for c in raw if any(c.sliced)]
     if sliced:
-        out.append(f"XLA:CPU left {len(sliced)} all-reduce(s) followed by a dynamic-slice of "
-                   "this device's shard; the reading counts them as reduce-scatters")
+        out.append(
+            f"XLA:CPU left {len(sliced)} all-reduce(s) followed by a dynamic-slice of "
+            "this device's shard; the reading counts them as reduce-scatters"
+        )
     return out
 
 
-def collectives(compiled_step: Any, cfg: Any, specs: Any, plan: mj.Plan,
-                link_of: comm.LinkOf) -> dict[str, Any]:
+def collectives(compiled_step: Any, cfg: Any, specs: Any, plan: mj.Plan, link_of: comm.LinkOf) -> dict[str, Any]:
     raw = list(comm.collectives(compiled_step.as_text()))
     reading = comm.readings(raw, as_reduce_scatter=True, program_dtypes=True)
     sizes = plan.axis_sizes
@@ -280,11 +332,17 @@ def collectives(compiled_step: Any, cfg: Any, specs: Any, plan: mj.Plan,
         row = cats.setdefault((m["kind"], tuple(m["axes"])), {"kind": m["kind"], "axes": m["axes"]})
         row["minimum_traffic_bytes"] = m["traffic_bytes"]
     for row in cats.values():
-        for k in ("as_compiled_ops", "as_compiled_traffic_bytes", "reading_ops",
-                  "reading_traffic_bytes", "minimum_traffic_bytes"):
+        for k in (
+            "as_compiled_ops",
+            "as_compiled_traffic_bytes",
+            "reading_ops",
+            "reading_traffic_bytes",
+            "minimum_traffic_bytes",
+        ):
             row.setdefault(k, 0)
-        row["ratio_reading"] = (row["reading_traffic_bytes"] / row["minimum_traffic_bytes"]
-                                if row["minimum_traffic_bytes"] else None)
+        row["ratio_reading"] = (
+            row["reading_traffic_bytes"] / row["minimum_traffic_bytes"] if row["minimum_traffic_bytes"] else None
+        )
     raw_traffic = sum(c.total_traffic_bytes for c in raw)
     read_traffic = sum(c.total_traffic_bytes for c in reading)
     regather = sum(c.total_traffic_bytes for c in reading if c.kind == "all-gather" and is_backward(c))
@@ -305,15 +363,15 @@ def collectives(compiled_step: Any, cfg: Any, specs: Any, plan: mj.Plan,
         "ratio_as_compiled": raw_traffic / min_traffic,
         "ratio_reading": read_traffic / min_traffic,
         "backward_regather_traffic_bytes": regather,
-        "ratio_reading_vs_single_gather_bound": read_traffic / (min_traffic - sum(
-            m["traffic_bytes"] / 2 for m in mins if m["kind"] == "all-gather")),
+        "ratio_reading_vs_single_gather_bound": read_traffic
+        / (min_traffic - sum(m["traffic_bytes"] / 2 for m in mins if m["kind"] == "all-gather")),
         "all_counts_exact": all(c.exact for c in raw),
         "alpha_beta_seconds": {
             "as_compiled": comm.total_time(raw, link_of),
             "reading": comm.total_time(reading, link_of),
             "minimum": sum(
-                comm.collective_time(_as_collective(m, sizes), link_of(_as_collective(m, sizes)))
-                for m in mins),
+                comm.collective_time(_as_collective(m, sizes), link_of(_as_collective(m, sizes))) for m in mins
+            ),
         },
         "excess_ops": excess,
         "notes": notes(raw, reading, cfg, sizes),
@@ -323,15 +381,23 @@ def collectives(compiled_step: Any, cfg: Any, specs: Any, plan: mj.Plan,
 def _as_collective(m: dict[str, Any], sizes: dict[str, int]) -> Collective:
     n = math.prod(sizes[a] for a in m["axes"])
     b = int(m["payload_bytes"])
-    return Collective(name=m["what"], kind=m["kind"], dtypes=(), shapes=(), operand_bytes=b,
-                      result_bytes=b, element_bytes=(b,), group_size=n)
+    return Collective(
+        name=m["what"],
+        kind=m["kind"],
+        dtypes=(),
+        shapes=(),
+        operand_bytes=b,
+        result_bytes=b,
+        element_bytes=(b,),
+        group_size=n,
+    )
 
 
 # ---- driver -------------------------------------------------------------------------------
 
 
 def run_strategy(name: str, axes: dict[str, int], devices: list, cfg: Any) -> dict[str, Any]:
-    mesh = mj.make_mesh(devices=devices, **axes)
+    mesh = mj.make_mesh(axes, devices=devices)
     plan = mj.Plan(mesh, mj.rules(name))
     model = build_model(MODEL_NAME, **MODEL)
     opt = train.adamw(train.OptimConfig(), model.specs)
@@ -350,8 +416,9 @@ def run_strategy(name: str, axes: dict[str, int], devices: list, cfg: Any) -> di
     frozen_compiled, frozen_reading = FROZEN_TRAFFIC[name]
     found["frozen_traffic_bytes"] = {"as_compiled": frozen_compiled, "reading": frozen_reading}
     found["reading_vs_frozen"] = found["traffic_bytes_reading"] / frozen_reading
-    found["within_frozen"] = (found["traffic_bytes_as_compiled"] <= frozen_compiled
-                              and found["traffic_bytes_reading"] <= frozen_reading)
+    found["within_frozen"] = (
+        found["traffic_bytes_as_compiled"] <= frozen_compiled and found["traffic_bytes_reading"] <= frozen_reading
+    )
     return {
         "mesh": {k: v for k, v in sizes.items() if v > 1},
         "compile_seconds": {"train_step": t1 - t0, "init": t2 - t1},
@@ -367,41 +434,65 @@ def table(results: dict[str, Any]) -> None:
     mem = Table(title="(a) params + optimizer state per device")
     for col in ("strategy", "mesh", "measured MiB", "ideal MiB", "ratio", "unsplit params KiB"):
         mem.add_column(col, justify="right")
-    com = Table(title=f"(b, c) collectives per step (traffic per device, ring model; "
-                      f"alpha-beta on {PRESET})")
-    for col in ("strategy", "ops as compiled", "MiB as compiled", "MiB reading", "MiB minimum",
-                "ratio compiled", "ratio reading", "reading / frozen", "re-gather MiB",
-                "t reading us", "t minimum us"):
+    com = Table(title=f"(b, c) collectives per step (traffic per device, ring model; alpha-beta on {PRESET})")
+    for col in (
+        "strategy",
+        "ops as compiled",
+        "MiB as compiled",
+        "MiB reading",
+        "MiB minimum",
+        "ratio compiled",
+        "ratio reading",
+        "reading / frozen",
+        "re-gather MiB",
+        "t reading us",
+        "t minimum us",
+    ):
         com.add_column(col, justify="right")
     mib = 1 << 20
     for name, r in results.items():
         m, c = r["memory"], r["collectives"]
         mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items())
-        mem.add_row(name, mesh, f"{m['per_device_measured'] / mib:.3f}",
-                    f"{m['per_device_ideal'] / mib:.3f}", f"{m['ratio']:.3f}",
-                    f"{m['unsplit_param_bytes'] / 1024:.1f}")
+        mem.add_row(
+            name,
+            mesh,
+            f"{m['per_device_measured'] / mib:.3f}",
+            f"{m['per_device_ideal'] / mib:.3f}",
+            f"{m['ratio']:.3f}",
+            f"{m['unsplit_param_bytes'] / 1024:.1f}",
+        )
         ops = sum(v["ops"] for v in c["as_compiled"].values())
-        com.add_row(name, str(ops), f"{c['traffic_bytes_as_compiled'] / mib:.2f}",
-                    f"{c['traffic_bytes_reading'] / mib:.2f}",
-                    f"{c['traffic_bytes_minimum'] / mib:.2f}", f"{c['ratio_as_compiled']:.2f}",
-                    f"{c['ratio_reading']:.2f}", f"{c['reading_vs_frozen']:.3f}",
-                    f"{c['backward_regather_traffic_bytes'] / mib:.2f}",
-                    f"{c['alpha_beta_seconds']['reading'] * 1e6:.0f}",
-                    f"{c['alpha_beta_seconds']['minimum'] * 1e6:.0f}")
+        com.add_row(
+            name,
+            str(ops),
+            f"{c['traffic_bytes_as_compiled'] / mib:.2f}",
+            f"{c['traffic_bytes_reading'] / mib:.2f}",
+            f"{c['traffic_bytes_minimum'] / mib:.2f}",
+            f"{c['ratio_as_compiled']:.2f}",
+            f"{c['ratio_reading']:.2f}",
+            f"{c['reading_vs_frozen']:.3f}",
+            f"{c['backward_regather_traffic_bytes'] / mib:.2f}",
+            f"{c['alpha_beta_seconds']['reading'] * 1e6:.0f}",
+            f"{c['alpha_beta_seconds']['minimum'] * 1e6:.0f}",
+        )
     cat = Table(title="(b) traffic per device per step by collective and mesh axes (MiB)")
-    for col in ("strategy", "collective", "axes", "ops", "as compiled", "reading", "minimum",
-                "reading / minimum"):
+    for col in ("strategy", "collective", "axes", "ops", "as compiled", "reading", "minimum", "reading / minimum"):
         cat.add_column(col, justify="right")
     for name, r in results.items():
         for row in r["collectives"]["by_category"]:
             if max(row["reading_traffic_bytes"], row["minimum_traffic_bytes"]) < 1024:
                 continue
             ratio = row["ratio_reading"]
-            cat.add_row(name, row["kind"], ",".join(row["axes"]), str(row["as_compiled_ops"]),
-                        f"{row['as_compiled_traffic_bytes'] / mib:.2f}",
-                        f"{row['reading_traffic_bytes'] / mib:.2f}",
-                        f"{row['minimum_traffic_bytes'] / mib:.2f}",
-                        "-" if ratio is None else f"{ratio:.2f}")
+            cat.add_row(
+                name,
+                row["kind"],
+                ",".join(row["axes"]),
+                str(row["as_compiled_ops"]),
+                f"{row['as_compiled_traffic_bytes'] / mib:.2f}",
+                f"{row['reading_traffic_bytes'] / mib:.2f}",
+                f"{row['minimum_traffic_bytes'] / mib:.2f}",
+                "-" if ratio is None else f"{ratio:.2f}",
+            )
     console = Console(width=160)
     console.print(mem)
     console.print(com)
@@ -427,22 +518,22 @@ def main() -> None:
         "backend": devices[0].platform,
         "num_devices": len(devices),
         "python": platform.python_version(),
-        "model": {**{k: getattr(cfg, k) for k in (*MODEL, "dtype", "param_dtype", "remat")},
-                  "params": n_params},
+        "model": {**{k: getattr(cfg, k) for k in (*MODEL, "dtype", "param_dtype", "remat")}, "params": n_params},
         "batch_size": BATCH,
         "seq_len": SEQ,
-        "alpha_beta_links": {"preset": PRESET,
-                             "links": {k: vars(v) for k, v in preset.links.items()},
-                             "axes_not_in_preset": "charged at the preset's one link",
-                             "minimum_time": "each component of the minimum is charged as one "
-                                             "collective (its latency paid once)"},
+        "alpha_beta_links": {
+            "preset": PRESET,
+            "links": {k: vars(v) for k, v in preset.links.items()},
+            "axes_not_in_preset": "charged at the preset's one link",
+            "minimum_time": "each component of the minimum is charged as one collective (its latency paid once)",
+        },
         "minimum_in_words": MINIMUM_IN_WORDS,
         "readings": {
             "as_compiled": "collectives exactly as XLA compiled them for this backend",
             "reading": "as compiled, but an all-reduce only used through a slice of this "
-                       "device's 1/n shard counts as a reduce-scatter, and collectives the CPU "
-                       "backend widened from bf16 count in bf16 (what a GPU/TPU backend would "
-                       "run; inferred, see mlsys_jax.comm.hlo)",
+            "device's 1/n shard counts as a reduce-scatter, and collectives the CPU "
+            "backend widened from bf16 count in bf16 (what a GPU/TPU backend would "
+            "run; inferred, see mlsys_jax.comm.hlo)",
         },
         "targets": {"fsdp_memory_ratio_max": 1.10, "collective_ratio_max": 1.10},
         "strategies": results,

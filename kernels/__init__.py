@@ -15,7 +15,18 @@ from mlsys_jax.kernels.dispatch import KernelUnavailable
 from mlsys_jax.kernels.norms import LAYER_NORM, RMS_NORM, NormBlocks, layer_norm, rms_norm
 
 __all__ = [
-    "FLASH_ATTENTION", "AttentionBlocks", "KernelUnavailable", "LAYER_NORM", "LINEAR_CROSS_ENTROPY",
-    "LossBlocks", "NormBlocks", "RMS_NORM", "autotune", "default_blocks", "flash_attention",
-    "layer_norm", "linear_cross_entropy", "rms_norm",
+    "FLASH_ATTENTION",
+    "LAYER_NORM",
+    "LINEAR_CROSS_ENTROPY",
+    "RMS_NORM",
+    "AttentionBlocks",
+    "KernelUnavailable",
+    "LossBlocks",
+    "NormBlocks",
+    "autotune",
+    "default_blocks",
+    "flash_attention",
+    "layer_norm",
+    "linear_cross_entropy",
+    "rms_norm",
 ]

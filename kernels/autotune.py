@@ -33,8 +33,10 @@ def cache_path() -> Path:
 
 def shape_class(*arrays: Any) -> str:
     """Each array's shape with dims rounded up to powers of two, e.g. '1x64x8x64,1x64x4x64'."""
+
     def up(n: int) -> int:
         return 1 << max(0, (int(n) - 1).bit_length())
+
     return ",".join("x".join(str(up(d)) for d in a.shape) for a in arrays)
 
 
@@ -55,10 +57,11 @@ def _read(path: Path) -> dict:
         return _memo[path][1]
     try:
         data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
+        problem = None if isinstance(data, dict) else "not a JSON object"
     except (ValueError, OSError) as err:
-        warnings.warn(f"ignoring the autotune cache {path}: {err}. Fix: delete it and tune again.")
+        problem = err
+    if problem is not None:
+        warnings.warn(f"ignoring the autotune cache {path}: {problem}. Fix: delete it and tune again.")
         data = {}
     _memo[path] = (mtime, data)
     return data
@@ -117,8 +120,15 @@ def time_call(fn: Callable[[], Any], repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def autotune(op: str, backend: str, run: Callable[[Any], Callable[[], Any]], candidates: Sequence[Any],
-             *arrays: Any, repeats: int = 5, path: Path | None = None) -> tuple[Any, list[Trial]]:
+def autotune(
+    op: str,
+    backend: str,
+    run: Callable[[Any], Callable[[], Any]],
+    candidates: Sequence[Any],
+    *arrays: Any,
+    repeats: int = 5,
+    path: Path | None = None,
+) -> tuple[Any, list[Trial]]:
     """Time ``run(blocks)()`` for each candidate config, cache the fastest, return it and all trials.
 
     ``arrays`` are the kernel's inputs that define the cache key (as ``flash_attention`` reads it).
@@ -128,7 +138,7 @@ def autotune(op: str, backend: str, run: Callable[[Any], Callable[[], Any]], can
     for blocks in candidates:
         try:
             trials.append(Trial(blocks, time_call(run(blocks), repeats)))
-        except Exception as err:  # a candidate the backend cannot lower is simply not a winner
+        except Exception as err:  # noqa: BLE001 - a candidate the backend cannot lower is simply not a winner
             trials.append(Trial(blocks, None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
     timed = [t for t in trials if t.seconds is not None]
     if not timed:
@@ -137,8 +147,10 @@ def autotune(op: str, backend: str, run: Callable[[Any], Callable[[], Any]], can
     path = path or cache_path()
     data = dict(_read(path))
     data[cache_key(op, backend, *arrays)] = {
-        "blocks": dataclasses.asdict(best.blocks), "seconds": best.seconds,
-        "tried": len(trials), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "blocks": dataclasses.asdict(best.blocks),
+        "seconds": best.seconds,
+        "tried": len(trials),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     _write(path, data)
     return best.blocks, trials

@@ -21,9 +21,7 @@ def check_positive(config: object) -> None:
     for field in dataclasses.fields(config):  # type: ignore[arg-type]
         value = getattr(config, field.name)
         if not isinstance(value, int) or value < 1:
-            raise ValueError(
-                f"{type(config).__name__}.{field.name} must be a positive int, got {value!r}"
-            )
+            raise ValueError(f"{type(config).__name__}.{field.name} must be a positive int, got {value!r}")
 
 
 def device_kind() -> str:

@@ -106,8 +106,10 @@ class Registry:
         for platform, names in self.order.items():
             missing = [n for n in names if n not in self.backends]
             if missing:
-                raise ValueError(f"{self.op}: the {platform} order names {missing}, which are not "
-                                 f"among its backends {list(self.backends)}")
+                raise ValueError(
+                    f"{self.op}: the {platform} order names {missing}, which are not "
+                    f"among its backends {list(self.backends)}"
+                )
 
     def register(self, backend: Backend) -> Backend:
         self.backends[backend.name] = backend

@@ -18,15 +18,19 @@ except ImportError:  # pragma: no cover
 
 
 def triton_params(num_warps: int | None = None, num_stages: int | None = None) -> Any:
-    params = None if pltriton is None else (
-        getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams", None))
+    params = (
+        None
+        if pltriton is None
+        else (getattr(pltriton, "CompilerParams", None) or getattr(pltriton, "TritonCompilerParams", None))
+    )
     if params is None:  # pragma: no cover
         return None
     return params(num_warps=num_warps, num_stages=num_stages)
 
 
 def tpu_params(semantics: tuple[str, ...]) -> Any:
-    params = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+    # TPUCompilerParams: the older JAX name, which current JAX no longer declares.
+    params = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams  # pyright: ignore[reportAttributeAccessIssue]
     return params(dimension_semantics=semantics)
 
 

@@ -49,8 +49,9 @@ def _shard_map(fn: Callable, mesh: Any, in_specs: tuple, out_specs: Any, check_v
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)
 
 
-def _kv_for_local_heads(k: jax.Array, v: jax.Array, heads: int, kv_heads: int, head_axes: tuple[str, ...],
-                        shards: int) -> tuple[jax.Array, jax.Array]:
+def _kv_for_local_heads(
+    k: jax.Array, v: jax.Array, heads: int, kv_heads: int, head_axes: tuple[str, ...], shards: int
+) -> tuple[jax.Array, jax.Array]:
     """This shard's K/V heads when query heads are split over ``head_axes`` but K/V are whole.
 
     Query head h reads K/V head h // group; a shard holding query heads [i*hl, (i+1)*hl) needs
@@ -69,10 +70,19 @@ def _kv_for_local_heads(k: jax.Array, v: jax.Array, heads: int, kv_heads: int, h
     return take(k), take(v)
 
 
-def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Any, q_spec: P,
-                            kv_spec: P, segment_ids: jax.Array | None = None,
-                            q_offset: jax.Array | None = None, kv_lengths: jax.Array | None = None,
-                            **kwargs: Any) -> jax.Array:
+def sharded_flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mesh: Any,
+    q_spec: P,
+    kv_spec: P,
+    segment_ids: jax.Array | None = None,
+    q_offset: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+    **kwargs: Any,
+) -> jax.Array:
     """``flash_attention`` per (batch, heads) shard. ``q_spec``/``kv_spec`` place (batch, seq,
     heads, head_dim); the sequence and head_dim are kept whole inside. K/V heads that are not
     split like the query heads are sliced locally to the groups each shard needs. Segment ids
@@ -89,9 +99,11 @@ def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: A
 
     q_in = P(_entry(batch), None, _entry(q_heads), None)
     kv_in = P(_entry(batch), None, _entry(kv_heads), None)
-    extras = {name: (x, P(_entry(batch), None) if name == "segment_ids" else P(_entry(batch)))
-              for name, x in (("segment_ids", segment_ids), ("q_offset", q_offset),
-                              ("kv_lengths", kv_lengths)) if x is not None}
+    extras = {
+        name: (x, P(_entry(batch), None) if name == "segment_ids" else P(_entry(batch)))
+        for name, x in (("segment_ids", segment_ids), ("q_offset", q_offset), ("kv_lengths", kv_lengths))
+        if x is not None
+    }
 
     def local(q, k, v, *rest):
         if slice_kv:
@@ -103,8 +115,7 @@ def sharded_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: A
     return _shard_map(local, mesh, specs, q_in)(*args)
 
 
-def sharded_rows(fn: Callable[..., jax.Array], x: jax.Array, *params: jax.Array, mesh: Any,
-                 x_spec: P) -> jax.Array:
+def sharded_rows(fn: Callable[..., jax.Array], x: jax.Array, *params: jax.Array, mesh: Any, x_spec: P) -> jax.Array:
     """``fn(x, *params)`` per shard of x's leading (row) dims; the feature dim and the
     parameters are whole on every shard (norms: each row normalizes on its own)."""
     lead = _padded(x_spec, x.ndim)[:-1]
@@ -112,9 +123,16 @@ def sharded_rows(fn: Callable[..., jax.Array], x: jax.Array, *params: jax.Array,
     return _shard_map(fn, mesh, (x_in,) + (P(),) * len(params), x_in)(x, *params)
 
 
-def sharded_token_loss(fn: Callable[..., jax.Array], hidden: jax.Array, weight: jax.Array,
-                       labels: jax.Array, *, mesh: Any, token_spec: P, vocab_axes: tuple[str, ...]
-                       ) -> jax.Array:
+def sharded_token_loss(
+    fn: Callable[..., jax.Array],
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    *,
+    mesh: Any,
+    token_spec: P,
+    vocab_axes: tuple[str, ...],
+) -> jax.Array:
     """Per-token loss ``fn(hidden, weight, labels, vocab_axis=...)`` per shard of the tokens, with
     the weight's vocabulary split over ``vocab_axes`` (tensor parallelism) and whole features."""
     lead = _padded(token_spec, labels.ndim)

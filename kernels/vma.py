@@ -37,7 +37,8 @@ def out_shape(shape: tuple[int, ...], dtype: Any, like: jax.Array) -> jax.ShapeD
     vma = getattr(aval, "vma", None)
     if vma is not None:
         try:
-            return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+            # vma=: the keyword of older JAX, which current JAX no longer declares.
+            return jax.ShapeDtypeStruct(shape, dtype, vma=vma)  # pyright: ignore[reportCallIssue]
         except TypeError:
             pass
     return jax.ShapeDtypeStruct(shape, dtype)
@@ -52,7 +53,8 @@ def vary_like(x: jax.Array, *like: Any) -> jax.Array:
     pcast = getattr(lax, "pcast", None)
     if pcast is not None:
         return pcast(x, tuple(sorted(axes)), to="varying")
-    return lax.pvary(x, tuple(sorted(axes)))
+    # pvary: older JAX's name for pcast(..., to="varying"), which current JAX no longer declares.
+    return lax.pvary(x, tuple(sorted(axes)))  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def sum_to_vma_of(ct: jax.Array, primal: jax.Array) -> jax.Array:

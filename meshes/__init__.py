@@ -90,10 +90,7 @@ class MeshPreset:
         for a in self.axes:
             if a.name == axis:
                 return self.links[a.link]
-        raise PresetError(
-            f"mesh preset {self.name!r} has no axis {axis!r}; its axes are "
-            f"{[a.name for a in self.axes]}"
-        )
+        raise PresetError(f"mesh preset {self.name!r} has no axis {axis!r}; its axes are {[a.name for a in self.axes]}")
 
 
 def preset_names() -> list[str]:
@@ -166,9 +163,7 @@ def parse_preset(name: str, raw: Mapping[str, Any]) -> MeshPreset:
         axes.append(axis)
     order = [a.name for a in axes]
     if order != [n for n in AXIS_NAMES if n in order]:
-        raise PresetError(
-            f"mesh preset {name!r}: axes {order} must follow the order {AXIS_NAMES}"
-        )
+        raise PresetError(f"mesh preset {name!r}: axes {order} must follow the order {AXIS_NAMES}")
     return MeshPreset(
         name=name,
         description=str(raw.get("description", "")),

@@ -21,9 +21,7 @@ def mount_source_subpackages(package: str, package_dir: str) -> None:
         init = root / name / "__init__.py"
         if not init.is_file():
             continue
-        spec = importlib.util.spec_from_file_location(
-            full, init, submodule_search_locations=[str(root / name)]
-        )
+        spec = importlib.util.spec_from_file_location(full, init, submodule_search_locations=[str(root / name)])
         if spec is None or spec.loader is None:
             continue
         module = importlib.util.module_from_spec(spec)

@@ -32,15 +32,17 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     from mlsys_jax.mesh import abstract_mesh
     from mlsys_jax.models import build_model
     from mlsys_jax.parallel import Plan, resolve_mesh, rules
-    from mlsys_jax.train.optim import OptimConfig, adamw
     from mlsys_jax.parallel.memory import human_bytes, memory_per_device
+    from mlsys_jax.train.optim import OptimConfig, adamw
     from mlsys_jax.train.report import make_console, plan_table
 
     console = console or make_console()
     preset, sizes, strategy = resolve_mesh(cfg.mesh, cfg.strategy, cfg.sequence_parallel)
-    the_plan = Plan(abstract_mesh(preset if preset is not None else sizes),
-                    rules(strategy, sequence_parallel=cfg.sequence_parallel),
-                    device=preset.device if preset is not None else None)
+    the_plan = Plan(
+        abstract_mesh(preset if preset is not None else sizes),
+        rules(strategy, sequence_parallel=cfg.sequence_parallel),
+        device=preset.device if preset is not None else None,
+    )
     model = build_model(cfg.model)
     optimizer = adamw(OptimConfig(), model.specs)
     console.print(plan_table(the_plan, model, optimizer, cfg.mesh))
@@ -50,11 +52,12 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
         return True
     fits = mem.total <= mem.hbm
     verdict = "[green]fits" if fits else "[red]does not fit"
-    console.print(f"{verdict}[/]: {human_bytes(mem.total)} of state per device, "
-                  f"{human_bytes(mem.hbm)} HBM ({mem.total / mem.hbm:.0%}), before activations")
+    console.print(
+        f"{verdict}[/]: {human_bytes(mem.total)} of state per device, "
+        f"{human_bytes(mem.hbm)} HBM ({mem.total / mem.hbm:.0%}), before activations"
+    )
     if not fits:
-        console.print("Fix: a strategy that shards more of the state (fsdp, fsdp_tp) or a mesh "
-                      "with more devices.")
+        console.print("Fix: a strategy that shards more of the state (fsdp, fsdp_tp) or a mesh with more devices.")
     return fits
 
 
@@ -69,8 +72,17 @@ def user_errors() -> tuple[type[Exception], ...]:
     from mlsys_jax.parallel.errors import PlanError
     from mlsys_jax.train.checkpoint import CheckpointError
     from mlsys_jax.train.data import DataError
-    return (ConfigError, PlanError, MeshError, PresetError, KernelUnavailable, CheckpointError,
-            DataError, DistributedError)
+
+    return (
+        ConfigError,
+        PlanError,
+        MeshError,
+        PresetError,
+        KernelUnavailable,
+        CheckpointError,
+        DataError,
+        DistributedError,
+    )
 
 
 def run_failures() -> tuple[type[Exception], ...]:
@@ -79,6 +91,7 @@ def run_failures() -> tuple[type[Exception], ...]:
     from mlsys_jax.train.checkpoint import CheckpointWriteError
     from mlsys_jax.train.loop import TrainingDiverged
     from mlsys_jax.train.metrics import MetricsWriteError
+
     return (TrainingDiverged, CheckpointWriteError, MetricsWriteError)
 
 
@@ -115,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         cfg = tyro.extras.subcommand_cli_from_dict(
-            {"train": RunConfig, "plan": PlanConfig}, args=argv,
-            description="mlsys-jax: train across a device mesh, or plan one first.", config=FLAT,
+            {"train": RunConfig, "plan": PlanConfig},
+            args=argv,
+            description="mlsys-jax: train across a device mesh, or plan one first.",
+            config=FLAT,
         )
         if isinstance(cfg, PlanConfig):
             return 0 if plan(cfg) else 1

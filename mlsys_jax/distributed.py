@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 
@@ -33,8 +34,7 @@ def initialize(
     Otherwise give all three of ``coordinator_address``, ``num_processes`` and ``process_id``.
     Calling it again in an initialized process does nothing.
     """
-    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
-             "process_id": process_id}
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes, "process_id": process_id}
     named = [k for k, v in given.items() if v is not None]
     if named and len(named) != 3:
         missing = [k for k in given if k not in named]
@@ -50,7 +50,7 @@ def initialize(
     if is_initialized():
         return
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    kwargs = dict(initialization_timeout=timeout_s)
+    kwargs: dict[str, Any] = {"initialization_timeout": timeout_s}
     if local_device_ids is not None:
         kwargs["local_device_ids"] = list(local_device_ids)
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
@@ -65,13 +65,21 @@ class Cluster:
     process_id: int
 
     def describe(self, local_devices: int) -> str:
-        return (f"cluster: {self.detector}, processes: {self.num_processes}, this process: "
-                f"{self.process_id}, local devices: {local_devices}")
+        return (
+            f"cluster: {self.detector}, processes: {self.num_processes}, this process: "
+            f"{self.process_id}, local devices: {local_devices}"
+        )
 
 
 #: What JAX's detectors are called in messages.
-DETECTOR_NAMES = {"SlurmCluster": "SLURM", "OmpiCluster": "Open MPI", "GkeTpuCluster": "TPU (GKE)",
-                  "GceTpuCluster": "TPU (GCE)", "K8sCluster": "Kubernetes", "Mpi4pyCluster": "MPI (mpi4py)"}
+DETECTOR_NAMES = {
+    "SlurmCluster": "SLURM",
+    "OmpiCluster": "Open MPI",
+    "GkeTpuCluster": "TPU (GKE)",
+    "GceTpuCluster": "TPU (GCE)",
+    "K8sCluster": "Kubernetes",
+    "Mpi4pyCluster": "MPI (mpi4py)",
+}
 
 
 def detect_cluster() -> Cluster | None:
@@ -96,8 +104,12 @@ def detect_cluster() -> Cluster | None:
     return None
 
 
-def join(cluster: Cluster | None, coordinator_address: str | None = None, num_processes: int | None = None,
-         process_id: int | None = None) -> Cluster | None:
+def join(
+    cluster: Cluster | None,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> Cluster | None:
     """Join the job: the explicit settings when given, else a detected cluster of more than one
     process (JAX reads the coordinator from the launcher's environment). Returns what was joined."""
     if coordinator_address or num_processes or process_id is not None:

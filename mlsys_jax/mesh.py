@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -54,14 +55,11 @@ def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
     unknown = [k for k in sizes if k not in AXIS_NAMES]
     if unknown:
         raise MeshError(
-            f"unknown mesh axis {unknown[0]!r}; mesh axes are {list(AXIS_NAMES)}. "
-            f"Fix: rename it to one of those."
+            f"unknown mesh axis {unknown[0]!r}; mesh axes are {list(AXIS_NAMES)}. Fix: rename it to one of those."
         )
     bad = {k: v for k, v in sizes.items() if not isinstance(v, (int, np.integer)) or (v < 1 and v != -1)}
     if bad:
-        raise MeshError(
-            f"mesh axis sizes must be positive integers (or one -1 for 'the rest'); got {bad}"
-        )
+        raise MeshError(f"mesh axis sizes must be positive integers (or one -1 for 'the rest'); got {bad}")
     rest = [k for k, v in sizes.items() if v == -1]
     if len(rest) > 1:
         raise MeshError(f"only one mesh axis may be -1 ('the rest'); got {rest}")
@@ -89,7 +87,7 @@ def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
 def make_mesh(
     spec: str | MeshPreset | Mapping[str, int] | None = None,
     *,
-    devices: Sequence[jax.Device] | None = None,
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm] (no jaxlib stubs)
     **sizes: int,
 ) -> Mesh:
     """Build a mesh from axis sizes (``make_mesh(data=2, fsdp=2, tensor=2)``), a preset name
@@ -123,7 +121,9 @@ def make_mesh(
 
 
 def hybrid_device_array(
-    devices: Sequence[jax.Device], sizes: Mapping[str, int], slices: Mapping[str, int]
+    devices: Sequence[jax.Device],  # pyright: ignore[reportInvalidTypeForm] (no jaxlib stubs)
+    sizes: Mapping[str, int],
+    slices: Mapping[str, int],
 ) -> np.ndarray:
     """Lay devices out so that the axes in ``slices`` cross slices (DCN) as their outer factor
     and everything else stays inside a slice (ICI).
@@ -135,9 +135,7 @@ def hybrid_device_array(
     ici = tuple(sizes[n] // dcn[i] for i, n in enumerate(AXIS_NAMES))
     num_slices = math.prod(dcn)
     groups = _slice_groups(devices, num_slices)
-    blocks = [
-        mesh_utils.create_device_mesh(ici, group, allow_split_physical_axes=True) for group in groups
-    ]
+    blocks = [mesh_utils.create_device_mesh(ici, group, allow_split_physical_axes=True) for group in groups]
     # (slice..., ici...) -> interleave each axis's DCN factor outside its ICI factor.
     stacked = np.stack(blocks).reshape(dcn + ici)
     n = len(AXIS_NAMES)
@@ -145,7 +143,7 @@ def hybrid_device_array(
     return stacked.transpose(order).reshape(tuple(sizes[a] for a in AXIS_NAMES))
 
 
-def _slice_groups(devices: Sequence[jax.Device], num_slices: int) -> list[list[jax.Device]]:
+def _slice_groups(devices: Sequence[Any], num_slices: int) -> list[list[Any]]:
     per_slice = len(devices) // num_slices
     for attr in ("slice_index", "process_index"):
         keys = sorted({getattr(d, attr, None) for d in devices}, key=str)

@@ -67,7 +67,7 @@ class ParamSpec:
     def nbytes(self) -> int:
         return self.size * jnp.dtype(self.dtype).itemsize
 
-    def stacked(self, n: int, axis_name: str = "layers") -> "ParamSpec":
+    def stacked(self, n: int, axis_name: str = "layers") -> ParamSpec:
         """The same parameter repeated ``n`` times along a new leading axis (for ``lax.scan``)."""
         inner = self.init
 

@@ -16,9 +16,31 @@ from mlsys_jax.train.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = str(Path(json.__file__).parent)  # the standard library's json package: small, real text
-FLAGS = ["--mesh", "cpu-8", "--strategy", "fsdp_tp", "--model", "tiny", "--batch", "16", "--seq", "64",
-         "--steps", "40", "--ckpt-every", "5", "--eval-every", "20", "--eval-batches", "1",
-         "--sample-tokens", "8", "--data", CORPUS, "--no-progress"]
+FLAGS = [
+    "--mesh",
+    "cpu-8",
+    "--strategy",
+    "fsdp_tp",
+    "--model",
+    "tiny",
+    "--batch",
+    "16",
+    "--seq",
+    "64",
+    "--steps",
+    "40",
+    "--ckpt-every",
+    "5",
+    "--eval-every",
+    "20",
+    "--eval-batches",
+    "1",
+    "--sample-tokens",
+    "8",
+    "--data",
+    CORPUS,
+    "--no-progress",
+]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -34,7 +56,7 @@ def recipe(*args: str) -> list[str]:
 
 
 def run(*args: str, timeout: int = 600, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(recipe(*args), capture_output=True, text=True, env=env(**extra), timeout=timeout)
+    return subprocess.run(recipe(*args), check=False, capture_output=True, text=True, env=env(**extra), timeout=timeout)
 
 
 def by_step(records: list[dict], key: str) -> dict:
@@ -45,8 +67,9 @@ def logged_steps(log: Path) -> list[int]:
     return [r["step"] for r in (read_jsonl(log) if log.exists() else []) if "loss" in r]
 
 
-def start_and_wait(command: list[str], until: Callable[[], bool], *, timeout: float = 300,
-                   **popen: object) -> subprocess.Popen:
+def start_and_wait(
+    command: list[str], until: Callable[[], bool], *, timeout: float = 300, **popen: object
+) -> subprocess.Popen:
     """Start ``command`` and poll ``until()`` (bounded); fails if the process ends first."""
     popen.setdefault("stdout", subprocess.DEVNULL)
     popen.setdefault("stderr", subprocess.DEVNULL)

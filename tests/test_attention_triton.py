@@ -86,21 +86,38 @@ def _case(name):
         seg_pair = (_segments(batch, seq_q, [9, 18]), _segments(batch, seq_k, [30]))
     else:
         seg_pair = None
-    rows = tuple(None if x is None else jnp.asarray(x, jnp.int32) for x in ROWS.get(name, (None, None)))
-    opts = AttentionOptions(causal=causal, sm_scale=head_dim ** -0.5, window=window, blocks=BLOCKS,
-                            interpret=True)
+    q_offset, kv_lengths = ROWS.get(name, (None, None))
+    rows = (
+        None if q_offset is None else jnp.asarray(q_offset, jnp.int32),
+        None if kv_lengths is None else jnp.asarray(kv_lengths, jnp.int32),
+    )
+    opts = AttentionOptions(causal=causal, sm_scale=head_dim**-0.5, window=window, blocks=BLOCKS, interpret=True)
     return q, k, v, do, seg_pair, rows, opts, TOL[dtype]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _with_grads(name, impl):
     """The output and dq, dk, dv of one case through ``flash_attention`` with ``implementation=impl``."""
     q, k, v, do, seg_pair, (q_offset, kv_lengths), opts, _ = _case(name)
 
     def run(q, k, v, do):
-        o, pull = jax.vjp(lambda q, k, v: flash_attention(
-            q, k, v, causal=opts.causal, sliding_window=opts.window, segment_ids=seg_pair,
-            q_offset=q_offset, kv_lengths=kv_lengths, implementation=impl, blocks=BLOCKS), q, k, v)
+        o, pull = jax.vjp(
+            lambda q, k, v: flash_attention(
+                q,
+                k,
+                v,
+                causal=opts.causal,
+                sliding_window=opts.window,
+                segment_ids=seg_pair,
+                q_offset=q_offset,
+                kv_lengths=kv_lengths,
+                implementation=impl,
+                blocks=BLOCKS,
+            ),
+            q,
+            k,
+            v,
+        )
         return (o, *pull(do))
 
     return jax.jit(run)(q, k, v, do)
@@ -115,20 +132,30 @@ def test_output_and_gradients_match_reference(name):
         _assert_close(x, ref, tol, label)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _forward(name):
     """The kernel's and the reference's (o, lse) for one case."""
     q, k, v, _, seg_pair, rows, opts, _ = _case(name)
     q_seg, kv_seg = seg_pair if seg_pair else (None, None)
-    got = jax.jit(lambda q, k, v, rows: triton_attention.forward(q, k, v, q_seg, kv_seg, *rows, opts))(q, k, v, rows)
+    got = jax.jit(lambda q, k, v, rows: triton_attention.forward(q, k, v, q_seg, kv_seg, rows[0], rows[1], opts))(
+        q, k, v, rows
+    )
     want = attention_reference_with_lse(q, k, v, q_seg, kv_seg, *rows, opts)
     return got, want
 
 
-@pytest.mark.parametrize("name", ["mqa8_cross_segments_with_empty_document",
-                                  "causal_window_queries_past_keys", "bf16_mqa8_causal_window_segments",
-                                  "mqa4_causal_window_decode_against_cache", "bf16_gqa2_lengths_with_an_empty_row",
-                                  "d80_window_offsets", "bf16_d96_causal_offsets_lengths_segments"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "mqa8_cross_segments_with_empty_document",
+        "causal_window_queries_past_keys",
+        "bf16_mqa8_causal_window_segments",
+        "mqa4_causal_window_decode_against_cache",
+        "bf16_gqa2_lengths_with_an_empty_row",
+        "d80_window_offsets",
+        "bf16_d96_causal_offsets_lengths_segments",
+    ],
+)
 def test_forward_output_and_lse_match_reference(name):
     (o, lse), (o_ref, lse_ref) = _forward(name)
     tol = TOL[CASES[name][-1]]
@@ -152,8 +179,9 @@ def test_queries_past_the_window_of_every_key_get_zeros():
     assert np.all(np.isfinite(np.asarray(lse[:, :, :31])))
 
 
-@pytest.mark.parametrize("name,row", [("mqa4_causal_window_decode_against_cache", 2),
-                                      ("bf16_gqa2_lengths_with_an_empty_row", 1)])
+@pytest.mark.parametrize(
+    "name,row", [("mqa4_causal_window_decode_against_cache", 2), ("bf16_gqa2_lengths_with_an_empty_row", 1)]
+)
 def test_a_row_without_visible_keys_gets_zeros_and_zero_gradients(name, row):
     (_, lse), _ = _forward(name)
     o, dq, dk, dv = _with_grads(name, "pallas_triton")
@@ -196,31 +224,39 @@ def test_kv_heads_reach_the_kernels_unrepeated():
     assert not any(len(s) == 4 and s[1] in (40, 48) and s[2] == 8 for s in shapes)
 
 
-@pytest.mark.parametrize("dtype,causal,window,segments,kv_heads,head_dim,offsets,lengths", [
-    (jnp.bfloat16, True, None, False, 2, 64, False, False),
-    (jnp.float32, False, 37, True, 3, 64, False, False),
-    (jnp.bfloat16, True, 64, True, 2, 80, True, True),
-    (jnp.float32, False, None, False, 6, 96, False, True),
-    (jnp.float16, True, None, False, 1, 128, True, False),
-])
+@pytest.mark.parametrize(
+    "dtype,causal,window,segments,kv_heads,head_dim,offsets,lengths",
+    [
+        (jnp.bfloat16, True, None, False, 2, 64, False, False),
+        (jnp.float32, False, 37, True, 3, 64, False, False),
+        (jnp.bfloat16, True, 64, True, 2, 80, True, True),
+        (jnp.float32, False, None, False, 6, 96, False, True),
+        (jnp.float16, True, None, False, 1, 128, True, False),
+    ],
+)
 def test_kernels_lower_through_triton(dtype, causal, window, segments, kv_heads, head_dim, offsets, lengths):
     """Lowering for CUDA runs Pallas's Triton lowering without a GPU: the kernels must pass it."""
     q = jax.ShapeDtypeStruct((2, 300, 6, head_dim), dtype)
     k = jax.ShapeDtypeStruct((2, 200, kv_heads, head_dim), dtype)
-    segs = (jax.ShapeDtypeStruct((2, 300), jnp.int32), jax.ShapeDtypeStruct((2, 200), jnp.int32)) \
-        if segments else None
+    segs = (jax.ShapeDtypeStruct((2, 300), jnp.int32), jax.ShapeDtypeStruct((2, 200), jnp.int32)) if segments else None
     row = jax.ShapeDtypeStruct((2,), jnp.int32)
     rows = (row if offsets else None, row if lengths else None)
-    opts = AttentionOptions(causal=causal, sm_scale=0.125, window=window,
-                            blocks=AttentionBlocks(block_q=128, block_k=64, num_warps=8, num_stages=3))
+    opts = AttentionOptions(
+        causal=causal,
+        sm_scale=0.125,
+        window=window,
+        blocks=AttentionBlocks(block_q=128, block_k=64, num_warps=8, num_stages=3),
+    )
 
     def forward_backward(q, k, v, segs, rows, do):
         q_seg, kv_seg = segs if segs else (None, None)
-        o, lse = triton_attention.forward(q, k, v, q_seg, kv_seg, *rows, opts)
-        return o, lse, triton_attention.backward(q, k, v, q_seg, kv_seg, *rows, o, lse, do, opts)
+        q_offset, kv_lengths = rows
+        o, lse = triton_attention.forward(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, opts)
+        return o, lse, triton_attention.backward(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, o, lse, do, opts)
 
     exported = jax.export.export(
-        jax.jit(forward_backward), platforms=["cuda"],
+        jax.jit(forward_backward),
+        platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(q, k, k, segs, rows, q)
     assert exported.mlir_module().count("xla.gpu.triton(") == 3  # forward, dK/dV, dQ
@@ -228,29 +264,45 @@ def test_kernels_lower_through_triton(dtype, causal, window, segments, kv_heads,
 
 # --- block skipping -----------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _visibility(causal, window, size=128):
     """Which key position (column) each query position (row) sees, before any key-value length."""
-    return np.asarray(visible(jnp.arange(size)[:, None], jnp.arange(size)[None, :],
-                              causal=causal, window=window))
+    return np.asarray(visible(jnp.arange(size)[:, None], jnp.arange(size)[None, :], causal=causal, window=window))
 
 
 def _tile_visibility(seq_q, seq_k, block_q, block_k, causal, window, q_offset=None, kv_len=None):
     """Which (query block, key block) tiles hold a visible entry, queries starting at ``q_offset``."""
     start = q_offset or 0
-    mask = _visibility(causal, window)[start:start + seq_q, :seq_k] & (np.arange(seq_k) < (
-        seq_k if kv_len is None else kv_len))
+    mask = _visibility(causal, window)[start : start + seq_q, :seq_k] & (
+        np.arange(seq_k) < (seq_k if kv_len is None else kv_len)
+    )
     nq, nk = -(-seq_q // block_q), -(-seq_k // block_k)
-    return np.array([[mask[i * block_q:(i + 1) * block_q, j * block_k:(j + 1) * block_k].any()
-                      for j in range(nk)] for i in range(nq)])
+    return np.array(
+        [
+            [mask[i * block_q : (i + 1) * block_q, j * block_k : (j + 1) * block_k].any() for j in range(nk)]
+            for i in range(nq)
+        ]
+    )
 
 
 MASKS = [(c, w) for c in (False, True) for w in (None, 1, 5, 16, 40)]
 SHAPES = list(itertools.product((1, 16, 17, 40), (1, 15, 40, 64), ((16, 16), (16, 32), (32, 16))))
 # (q_offset, kv_len) per row: none, a chunk or token past the start, lengths cutting the keys
 # short (to nothing, mid-block, past the end), and both at once.
-ROW_BOUNDS = [(None, None), (3, None), (33, None), (80, None), (None, 0), (None, 9), (None, 70),
-              (24, 0), (24, 17), (50, 40), (87, 64)]
+ROW_BOUNDS = [
+    (None, None),
+    (3, None),
+    (33, None),
+    (80, None),
+    (None, 0),
+    (None, 9),
+    (None, 70),
+    (24, 0),
+    (24, 17),
+    (50, 40),
+    (87, 64),
+]
 
 
 @pytest.mark.parametrize("causal,window", MASKS)
@@ -258,7 +310,7 @@ def test_block_ranges_visit_exactly_the_blocks_with_visible_entries(causal, wind
     for (seq_q, seq_k, (block_q, block_k)), (q_offset, kv_len) in itertools.product(SHAPES, ROW_BOUNDS):
         tiles = _tile_visibility(seq_q, seq_k, block_q, block_k, causal, window, q_offset, kv_len)
         where = (seq_q, seq_k, block_q, block_k, causal, window, q_offset, kv_len)
-        bounds = dict(causal=causal, window=window, q_offset=q_offset, kv_len=kv_len)
+        bounds = {"causal": causal, "window": window, "q_offset": q_offset, "kv_len": kv_len}
         for i, row in enumerate(tiles):
             lo, hi = triton_attention.key_block_range(i, block_q, block_k, seq_q, seq_k, **bounds)
             assert 0 <= lo <= hi <= len(row), (where, i, lo, hi)
@@ -276,21 +328,35 @@ def test_block_ranges_visit_exactly_the_blocks_with_visible_entries(causal, wind
 def test_block_ranges_agree_on_traced_block_indices(causal, window, q_offset, kv_len):
     """Inside kernels the block index is a program id or loop counter, and the offset and length
     a row's scalars, not Python ints."""
-    traced_row = lambda x: None if x is None else jnp.int32(x)  # noqa: E731
-    for block_range, seq_q, seq_k in ((triton_attention.key_block_range, 40, 100),
-                                      (triton_attention.query_block_range, 100, 40)):
-        ranges = functools.partial(block_range, block_q=16, block_k=16, seq_q=seq_q, seq_k=seq_k,
-                                   causal=causal, window=window)
-        traced = jax.jit(jax.vmap(lambda b: jnp.stack(ranges(
-            b, q_offset=traced_row(q_offset), kv_len=traced_row(kv_len)))))(jnp.arange(7, dtype=jnp.int32))
+    traced_row = lambda x: None if x is None else jnp.int32(x)
+    for block_range, seq_q, seq_k in (
+        (triton_attention.key_block_range, 40, 100),
+        (triton_attention.query_block_range, 100, 40),
+    ):
+        ranges = functools.partial(
+            block_range, block_q=16, block_k=16, seq_q=seq_q, seq_k=seq_k, causal=causal, window=window
+        )
+        traced = jax.jit(
+            jax.vmap(lambda b, r=ranges: jnp.stack(r(b, q_offset=traced_row(q_offset), kv_len=traced_row(kv_len))))
+        )(jnp.arange(7, dtype=jnp.int32))
         np.testing.assert_array_equal(traced, [ranges(b, q_offset=q_offset, kv_len=kv_len) for b in range(7)])
 
 
 # --- what the backend serves --------------------------------------------------------------------
 
+
 def _args(**over):
-    args = dict(dtype=jnp.float32, head_dim=64, seq_q=40, seq_k=40, heads=8, kv_heads=2,
-                causal=True, segments=False, window=None)
+    args = {
+        "dtype": jnp.float32,
+        "head_dim": 64,
+        "seq_q": 40,
+        "seq_k": 40,
+        "heads": 8,
+        "kv_heads": 2,
+        "causal": True,
+        "segments": False,
+        "window": None,
+    }
     args.update(over)
     return args
 

@@ -8,7 +8,7 @@ import pytest
 import mlsys_jax as mj
 from mlsys_jax import train
 from mlsys_jax.models import get_config, llama
-from mlsys_jax.train.checkpoint import CheckpointError, Checkpointer
+from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError
 from mlsys_jax.train.config import compare_settings
 
 MODEL = llama.language_model(get_config("tiny", dtype="float32"))
@@ -36,8 +36,9 @@ def test_saved_as_fsdp_on_8_restores_as_tp_on_4(devices, tmp_path, trained_fsdp_
     target = train.abstract_state(tp4, MODEL.specs, OPT)
     restored = Checkpointer(tmp_path).restore(target)
     assert restored.step == 1 and restored.data_state == {"next_index": 1} and restored.meta == {"run": "a"}
-    for got, want, abstract in zip(jax.tree.leaves(restored.state), jax.tree.leaves(trained_fsdp_state),
-                                   jax.tree.leaves(target)):
+    for got, want, abstract in zip(
+        jax.tree.leaves(restored.state), jax.tree.leaves(trained_fsdp_state), jax.tree.leaves(target)
+    ):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert got.sharding.is_equivalent_to(abstract.sharding, got.ndim)
         assert {d.id for d in got.sharding.device_set} == {0, 1, 2, 3}
@@ -79,10 +80,22 @@ def test_empty_folder_has_nothing_to_restore(tmp_path):
 
 
 def test_a_resume_may_change_how_it_runs_but_not_what_it_computes():
-    saved = {"model": "tiny", "seq": 128, "steps": 100, "lr": 3e-3, "mesh": "cpu-8",
-             "model_config": {"d_model": 64, "dtype": "bfloat16"}}
-    now = {"model": "small", "seq": 128, "steps": 200, "lr": 1e-3, "mesh": "data=8",
-           "model_config": {"d_model": 128, "dtype": "float32"}}
+    saved = {
+        "model": "tiny",
+        "seq": 128,
+        "steps": 100,
+        "lr": 3e-3,
+        "mesh": "cpu-8",
+        "model_config": {"d_model": 64, "dtype": "bfloat16"},
+    }
+    now = {
+        "model": "small",
+        "seq": 128,
+        "steps": 200,
+        "lr": 1e-3,
+        "mesh": "data=8",
+        "model_config": {"d_model": 128, "dtype": "float32"},
+    }
     change = compare_settings(saved, now)
     assert [k for k, _, _ in change.refused] == ["model", "model_config.d_model"]
     assert [k for k, _, _ in change.allowed] == ["lr", "mesh", "model_config.dtype", "steps"]

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from mlsys_jax.kernels.cross_entropy import (
     LINEAR_CROSS_ENTROPY,
@@ -36,9 +37,11 @@ def make_inputs(shape=(50,), d=32, vocab=300, dtype=jnp.float32, seed=0):
 
 def loss_and_grads(implementation, hidden, weight, labels, **kw):
     """Per-token losses and the gradients of their sum wrt (hidden, weight)."""
+
     def total(h, w, lab):
         per_token = linear_cross_entropy(h, w, lab, implementation=implementation, **kw)
         return per_token.sum(), per_token
+
     step = jax.jit(jax.value_and_grad(total, argnums=(0, 1), has_aux=True))
     (_, per_token), grads = step(hidden, weight, labels)
     return per_token, grads[0], grads[1]
@@ -52,8 +55,7 @@ def fp32_case(implementation):
 
 
 def assert_close(actual, expected, tol):
-    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32), rtol=tol, atol=tol)
 
 
 def test_reference_equals_log_softmax_cross_entropy_with_z_loss():
@@ -130,6 +132,7 @@ def test_label_outside_vocabulary_counts_as_logit_zero_in_every_backend():
 
 # --- tensor parallelism over the vocabulary ------------------------------------------------------
 
+
 @pytest.mark.parametrize("implementation", ("xla", "chunked", "pallas_tpu"))
 def test_vocab_parallel_in_shard_map_matches_unsharded_reference(devices, implementation):
     mesh = Mesh(np.array(devices).reshape(4, 2), ("data", "tensor"))
@@ -137,11 +140,13 @@ def test_vocab_parallel_in_shard_map_matches_unsharded_reference(devices, implem
     ref = loss_and_grads("xla", hidden, weight, labels, z_loss=1e-2)
 
     def local(h, w, lab):
-        return linear_cross_entropy(h, w, lab, z_loss=1e-2, implementation=implementation,
-                                    blocks=BLOCKS, vocab_axis="tensor")
+        return linear_cross_entropy(
+            h, w, lab, z_loss=1e-2, implementation=implementation, blocks=BLOCKS, vocab_axis="tensor"
+        )
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P(None, "tensor"), P("data")),
-                            out_specs=P("data"))  # check_vma=True, the default
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(P("data"), P(None, "tensor"), P("data")), out_specs=P("data")
+    )  # check_vma=True, the default
 
     def total(h, w):
         per_token = sharded(h, w, labels)
@@ -154,6 +159,7 @@ def test_vocab_parallel_in_shard_map_matches_unsharded_reference(devices, implem
 
 
 # --- dispatch and errors ---------------------------------------------------------------------------
+
 
 def test_dispatch_picks_chunked_on_cpu_and_pallas_runs_interpreted():
     hidden, weight, _ = make_inputs(shape=(4,), vocab=16)
@@ -187,14 +193,17 @@ def test_weight_of_wrong_shape_raises_naming_the_fix():
 def test_pallas_blocks_that_are_not_powers_of_two_are_refused():
     hidden, weight, labels = make_inputs(shape=(4,), vocab=16)
     with pytest.raises(ValueError, match="block_tokens=24 must be a power of two"):
-        linear_cross_entropy(hidden, weight, labels, implementation="pallas_triton",
-                             blocks=LossBlocks(block_tokens=24, block_vocab=128))
+        linear_cross_entropy(
+            hidden, weight, labels, implementation="pallas_triton", blocks=LossBlocks(block_tokens=24, block_vocab=128)
+        )
     with pytest.raises(ValueError, match="block_vocab=64 must be a multiple of 128"):
-        linear_cross_entropy(hidden, weight, labels, implementation="pallas_tpu",
-                             blocks=LossBlocks(block_tokens=16, block_vocab=64))
+        linear_cross_entropy(
+            hidden, weight, labels, implementation="pallas_tpu", blocks=LossBlocks(block_tokens=16, block_vocab=64)
+        )
 
 
 # --- memory ------------------------------------------------------------------------------------------
+
 
 def compiled_temp_bytes(implementation, tokens, d, vocab, blocks=None):
     hidden = jax.ShapeDtypeStruct((tokens, d), jnp.bfloat16)
@@ -205,7 +214,9 @@ def compiled_temp_bytes(implementation, tokens, d, vocab, blocks=None):
         return linear_cross_entropy(h, w, lab, implementation=implementation, blocks=blocks).sum()
 
     step = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))
-    return step.lower(hidden, weight, labels).compile().memory_analysis().temp_size_in_bytes
+    mem = step.lower(hidden, weight, labels).compile().memory_analysis()
+    assert mem is not None
+    return mem.temp_size_in_bytes
 
 
 def test_chunked_backward_needs_under_a_quarter_of_the_unfused_temp_memory():

@@ -9,6 +9,13 @@ import mlsys_jax as mj
 from mlsys_jax.train import data
 
 
+def batch_at(dataset, i: int) -> dict[str, np.ndarray]:
+    """Batch ``i`` of a dataset (grain types an element as possibly None; ours never is)."""
+    batch = dataset[i]
+    assert batch is not None
+    return batch
+
+
 @pytest.fixture(scope="module")
 def stream():
     return np.arange(10_000, dtype=np.uint16) % 251
@@ -64,29 +71,29 @@ def test_too_little_text_for_a_batch(stream):
 
 
 def test_windows_are_next_token_pairs(stream):
-    batch = data.train_dataset(stream, seq_len=16, global_batch=4, seed=0)[0]
+    batch = batch_at(data.train_dataset(stream, seq_len=16, global_batch=4, seed=0), 0)
     assert batch["inputs"].shape == batch["targets"].shape == (4, 16)
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     for row, idx in zip(batch["inputs"], batch["index"]):
-        np.testing.assert_array_equal(row, stream[idx * 16: idx * 16 + 16])
+        np.testing.assert_array_equal(row, stream[idx * 16 : idx * 16 + 16])
 
 
 def test_every_window_once_per_epoch_in_a_new_order_each_epoch(stream):
     n = data.num_windows(stream, 32)  # 312 windows
     ds = data.train_dataset(stream, seq_len=32, global_batch=8, seed=1)
     per_epoch = n // 8
-    first = np.concatenate([ds[i]["index"] for i in range(per_epoch)])
+    first = np.concatenate([batch_at(ds, i)["index"] for i in range(per_epoch)])
     assert len(set(first.tolist())) == len(first) == per_epoch * 8
-    second = np.concatenate([ds[i]["index"] for i in range(per_epoch + 1, 2 * per_epoch)])
-    assert not np.array_equal(first[8:8 + len(second)], second)
+    second = np.concatenate([batch_at(ds, i)["index"] for i in range(per_epoch + 1, 2 * per_epoch)])
+    assert not np.array_equal(first[8 : 8 + len(second)], second)
 
 
 def test_same_seed_same_order_other_seed_other_order(stream):
     a = data.train_dataset(stream, seq_len=32, global_batch=8, seed=0)
     b = data.train_dataset(stream, seq_len=32, global_batch=8, seed=0)
     c = data.train_dataset(stream, seq_len=32, global_batch=8, seed=1)
-    np.testing.assert_array_equal(a[3]["inputs"], b[3]["inputs"])
-    assert not np.array_equal(a[3]["index"], c[3]["index"])
+    np.testing.assert_array_equal(batch_at(a, 3)["inputs"], batch_at(b, 3)["inputs"])
+    assert not np.array_equal(batch_at(a, 3)["index"], batch_at(c, 3)["index"])
 
 
 def test_processes_read_disjoint_rows_that_make_up_the_global_batch(stream):
@@ -95,8 +102,9 @@ def test_processes_read_disjoint_rows_that_make_up_the_global_batch(stream):
     second = data.train_dataset(stream, seq_len=32, global_batch=8, seed=0, rows=(4, 8))
     for i in range(5):
         np.testing.assert_array_equal(
-            np.concatenate([first[i]["inputs"], second[i]["inputs"]]), whole[i]["inputs"])
-        assert data.batch_digest(first[i]) == data.batch_digest(whole[i])
+            np.concatenate([batch_at(first, i)["inputs"], batch_at(second, i)["inputs"]]), batch_at(whole, i)["inputs"]
+        )
+        assert data.batch_digest(batch_at(first, i)) == data.batch_digest(batch_at(whole, i))
 
 
 def test_iterator_state_resumes_exactly(stream):
@@ -122,7 +130,7 @@ def test_rows_and_global_arrays_follow_the_batch_sharding(devices, stream):
     plan = mj.Plan(mj.make_mesh(data=2, fsdp=2, tensor=2), mj.rules("dp_fsdp_tp"))
     sharding = plan.activation_sharding(("batch", "seq"))
     assert data.local_rows(sharding, 8, 32) == (0, 8)  # one process holds every row
-    batch = data.train_dataset(stream, seq_len=32, global_batch=8, seed=0)[0]
+    batch = batch_at(data.train_dataset(stream, seq_len=32, global_batch=8, seed=0), 0)
     arrays = data.to_global(batch, {"inputs": sharding, "targets": sharding}, 8)
     assert arrays["inputs"].sharding == sharding
     np.testing.assert_array_equal(np.asarray(arrays["inputs"]), batch["inputs"])

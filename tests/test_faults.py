@@ -38,8 +38,13 @@ def test_sigterm_saves_the_step_it_is_on_and_the_same_command_resumes_exactly(tm
     _, reference, _ = uninterrupted
     command = recipe(*FLAGS, "--ckpt-dir", str(tmp_path))
     log = tmp_path / "metrics.jsonl"
-    proc = start_and_wait(command, lambda: max(logged_steps(log), default=0) >= 12,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_and_wait(
+        command,
+        lambda: max(logged_steps(log), default=0) >= 12,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-2000:]
@@ -49,7 +54,7 @@ def test_sigterm_saves_the_step_it_is_on_and_the_same_command_resumes_exactly(tm
     assert 12 <= at < 40 and f"SIGTERM received: saved step {at} in {tmp_path}" in out
     assert max(Checkpointer(tmp_path).all_steps()) == at  # the step it was on, not the last interval
 
-    again = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=600)
+    again = subprocess.run(command, check=False, capture_output=True, text=True, env=env(), timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from step {at}" in again.stdout
     records = read_jsonl(log)
@@ -105,8 +110,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_p
 
 def test_a_second_run_on_the_same_folder_is_refused_while_the_first_runs(tmp_path):
     log = tmp_path / "metrics.jsonl"
-    first = start_and_wait(recipe(*flags(steps="100000"), "--ckpt-dir", str(tmp_path)),
-                           lambda: (tmp_path / "5").exists())
+    first = start_and_wait(
+        recipe(*flags(steps="100000"), "--ckpt-dir", str(tmp_path)), lambda: (tmp_path / "5").exists()
+    )
     try:
         second = run(*flags(steps="100000"), "--ckpt-dir", str(tmp_path))
         assert second.returncode == 2 and "Traceback" not in second.stderr
@@ -139,17 +145,23 @@ def test_a_model_that_cannot_fit_is_refused_in_seconds_before_anything_is_alloca
 
 def test_a_full_disk_is_one_message_naming_the_step_and_older_checkpoints_stay(tmp_path):
     log = tmp_path / "metrics.jsonl"
-    proc = start_and_wait(recipe(*FLAGS, "--ckpt-dir", str(tmp_path)), lambda: (tmp_path / "5").exists(),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_and_wait(
+        recipe(*FLAGS, "--ckpt-dir", str(tmp_path)),
+        lambda: (tmp_path / "5").exists(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     # From now on no file of the run may grow past a little more than the metrics log: the next
     # checkpoint's array files cannot be written (EFBIG, as a full disk gives ENOSPC).
     cap = log.stat().st_size + 20_000
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (cap, cap))
-    out, err = proc.communicate(timeout=300)
+    _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err[-2000:]
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-3000:]
-    assert err.startswith(f"error: saving step 10 to {tmp_path} failed: File too large; the earlier checkpoints "
-                          "(steps [5]) are intact")
+    assert err.startswith(
+        f"error: saving step 10 to {tmp_path} failed: File too large; the earlier checkpoints (steps [5]) are intact"
+    )
     ckpt = Checkpointer(tmp_path)
     assert ckpt.all_steps() == [5]
     ckpt.close()

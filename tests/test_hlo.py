@@ -23,7 +23,9 @@ F32 = 4
 
 def compile_text(fn, *args, mesh, in_specs, out_specs) -> str:
     mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    return jax.jit(mapped).lower(*args).compile().as_text()
+    text = jax.jit(mapped).lower(*args).compile().as_text()
+    assert text is not None
+    return text
 
 
 def only(colls, kind):
@@ -42,8 +44,9 @@ def mesh8(devices):
 
 def test_psum_is_an_all_reduce_of_the_operand(mesh8):
     x = jnp.zeros((64, 16), jnp.float32)  # per device (8, 16) over data x fsdp
-    text = compile_text(lambda a: jax.lax.psum(a, "fsdp"), x, mesh=mesh8,
-                        in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
+    text = compile_text(
+        lambda a: jax.lax.psum(a, "fsdp"), x, mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp"))
+    )
     c = only(comm.collectives(text), "all-reduce")
     assert c.shapes == ((8, 16),) and c.dtype == "f32"
     assert c.payload_bytes == c.operand_bytes == 8 * 16 * F32
@@ -54,8 +57,13 @@ def test_psum_is_an_all_reduce_of_the_operand(mesh8):
 
 def test_all_gather_payload_is_the_gathered_result(mesh8):
     x = jnp.zeros((64, 16), jnp.float32)
-    text = compile_text(lambda a: jax.lax.all_gather(a, "data", tiled=True), x, mesh=mesh8,
-                        in_specs=P(("data", "fsdp")), out_specs=P("fsdp"))
+    text = compile_text(
+        lambda a: jax.lax.all_gather(a, "data", tiled=True),
+        x,
+        mesh=mesh8,
+        in_specs=P(("data", "fsdp")),
+        out_specs=P("fsdp"),
+    )
     c = only(comm.collectives(text), "all-gather")
     assert c.shapes == ((16, 16),)
     assert c.result_bytes == c.payload_bytes == 16 * 16 * F32
@@ -66,8 +74,13 @@ def test_all_gather_payload_is_the_gathered_result(mesh8):
 
 def test_reduce_scatter_payload_is_the_operand(mesh8):
     x = jnp.zeros((64, 16), jnp.float32)
-    text = compile_text(lambda a: jax.lax.psum_scatter(a, ("data", "fsdp"), tiled=True), x,
-                        mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
+    text = compile_text(
+        lambda a: jax.lax.psum_scatter(a, ("data", "fsdp"), tiled=True),
+        x,
+        mesh=mesh8,
+        in_specs=P(("data", "fsdp")),
+        out_specs=P(("data", "fsdp")),
+    )
     c = only(comm.collectives(text), "reduce-scatter")
     assert c.group_size == 8
     assert c.operand_bytes == c.payload_bytes == 8 * 16 * F32
@@ -78,8 +91,13 @@ def test_reduce_scatter_payload_is_the_operand(mesh8):
 def test_ppermute_is_a_collective_permute_that_sends_its_operand(mesh8):
     perm = [(i, (i + 1) % 4) for i in range(4)]
     x = jnp.zeros((64, 16), jnp.float32)
-    text = compile_text(lambda a: jax.lax.ppermute(a, "fsdp", perm), x, mesh=mesh8,
-                        in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
+    text = compile_text(
+        lambda a: jax.lax.ppermute(a, "fsdp", perm),
+        x,
+        mesh=mesh8,
+        in_specs=P(("data", "fsdp")),
+        out_specs=P(("data", "fsdp")),
+    )
     c = only(comm.collectives(text), "collective-permute")
     assert c.payload_bytes == 8 * 16 * F32 and c.traffic_bytes == 8 * 16 * F32
     assert set(c.pairs) == {(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4)}
@@ -88,8 +106,13 @@ def test_ppermute_is_a_collective_permute_that_sends_its_operand(mesh8):
 
 def test_all_to_all_counts_every_tuple_element(mesh8):
     x = jnp.zeros((64, 16), jnp.float32)
-    text = compile_text(lambda a: jax.lax.all_to_all(a, "fsdp", 0, 0, tiled=True), x,
-                        mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
+    text = compile_text(
+        lambda a: jax.lax.all_to_all(a, "fsdp", 0, 0, tiled=True),
+        x,
+        mesh=mesh8,
+        in_specs=P(("data", "fsdp")),
+        out_specs=P(("data", "fsdp")),
+    )
     c = only(comm.collectives(text), "all-to-all")
     assert c.payload_bytes == 8 * 16 * F32  # 4 pieces of (2, 16) or one (8, 16): same bytes
     assert c.group_size == 4
@@ -98,8 +121,14 @@ def test_all_to_all_counts_every_tuple_element(mesh8):
 
 def test_tuple_all_reduce_sums_its_elements(mesh8):
     x, y = jnp.zeros((8, 16), jnp.float32), jnp.zeros((8, 3), jnp.bfloat16)
-    text = compile_text(lambda a, b: jax.lax.psum((a, b.astype(jnp.float32)), "data"), x, y,
-                        mesh=mesh8, in_specs=(P(), P()), out_specs=(P(), P()))
+    text = compile_text(
+        lambda a, b: jax.lax.psum((a, b.astype(jnp.float32)), "data"),
+        x,
+        y,
+        mesh=mesh8,
+        in_specs=(P(), P()),
+        out_specs=(P(), P()),
+    )
     colls = [c for c in comm.collectives(text) if c.kind == "all-reduce"]
     total = sum(c.payload_bytes for c in colls)
     assert total == (8 * 16 + 8 * 3) * F32
@@ -121,8 +150,7 @@ def scan_psum(length: int):
 
 def test_psum_inside_a_scan_counts_once_per_step(mesh8):
     x = jnp.zeros((64, 16), jnp.float32)
-    text = compile_text(scan_psum(5), x, mesh=mesh8, in_specs=P(("data", "fsdp")),
-                        out_specs=P(("data", "fsdp")))
+    text = compile_text(scan_psum(5), x, mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
     c = only(comm.collectives(text), "all-reduce")
     assert c.count == 5 and c.trip_counts == (5,) and c.exact
     assert c.total_payload_bytes == 5 * 8 * 16 * F32
@@ -139,13 +167,12 @@ def test_nested_scans_multiply(mesh8):
     x = jnp.zeros((64, 16), jnp.float32)
     text = compile_text(f, x, mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
     c = only(comm.collectives(text), "all-reduce")
-    assert c.count == 12 and sorted(c.trip_counts) == [3, 4]
+    assert c.count == 12 and c.trip_counts in ((3, 4), (4, 3))
 
 
 def test_trip_count_is_derived_from_the_condition_when_not_recorded(mesh8):
     x = jnp.zeros((64, 16), jnp.float32)
-    text = compile_text(scan_psum(5), x, mesh=mesh8, in_specs=P(("data", "fsdp")),
-                        out_specs=P(("data", "fsdp")))
+    text = compile_text(scan_psum(5), x, mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
     stripped = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
     assert "known_trip_count" not in stripped
     c = only(comm.collectives(stripped), "all-reduce")
@@ -171,17 +198,20 @@ def test_data_dependent_loop_counts_once_and_says_so(mesh8):
 # ---- replica groups -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("{{0,1},{2,3}}", ((0, 1), (2, 3))),
-    ("{}", ((0, 1, 2, 3),)),
-    ("[4,2]<=[8]", ((0, 1), (2, 3), (4, 5), (6, 7))),
-    ("[2,4]<=[4,2]T(1,0)", ((0, 2, 4, 6), (1, 3, 5, 7))),
-    ("[4,2]<=[2,2,2]T(2,1,0)", ((0, 4), (2, 6), (1, 5), (3, 7))),
-    ("mesh['a'=4,'b'=2] {'a'}", ((0, 2, 4, 6), (1, 3, 5, 7))),
-    ("mesh['a'=4,'b'=2] {'b'}", ((0, 1), (2, 3), (4, 5), (6, 7))),
-    ("mesh['a'=4,'b'=2], device_ids=([2,2,2]T(0,2,1)) {'a'}", ((0, 1, 4, 5), (2, 3, 6, 7))),
-    ("mesh['a'=4,'b'=2] {'a':(2)2}", ((0, 2), (1, 3), (4, 6), (5, 7))),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("{{0,1},{2,3}}", ((0, 1), (2, 3))),
+        ("{}", ((0, 1, 2, 3),)),
+        ("[4,2]<=[8]", ((0, 1), (2, 3), (4, 5), (6, 7))),
+        ("[2,4]<=[4,2]T(1,0)", ((0, 2, 4, 6), (1, 3, 5, 7))),
+        ("[4,2]<=[2,2,2]T(2,1,0)", ((0, 4), (2, 6), (1, 5), (3, 7))),
+        ("mesh['a'=4,'b'=2] {'a'}", ((0, 2, 4, 6), (1, 3, 5, 7))),
+        ("mesh['a'=4,'b'=2] {'b'}", ((0, 1), (2, 3), (4, 5), (6, 7))),
+        ("mesh['a'=4,'b'=2], device_ids=([2,2,2]T(0,2,1)) {'a'}", ((0, 1, 4, 5), (2, 3, 6, 7))),
+        ("mesh['a'=4,'b'=2] {'a':(2)2}", ((0, 2), (1, 3), (4, 6), (5, 7))),
+    ],
+)
 def test_replica_group_forms(text, expected):
     groups = comm.parse_replica_groups(text, 4 if text == "{}" else 8)
     assert groups == expected
@@ -191,8 +221,7 @@ def test_groups_of_an_auto_partitioned_program_span_the_right_mesh_axes(devices)
     mesh = mj.make_mesh(data=2, fsdp=2, tensor=2)
     sizes = dict(mesh.shape)
     sh = NamedSharding(mesh, P(("data", "tensor"), "fsdp"))
-    f = jax.jit(lambda x: (x.sum(0), x.sum(1)), in_shardings=sh,
-                out_shardings=NamedSharding(mesh, P()))
+    f = jax.jit(lambda x: (x.sum(0), x.sum(1)), in_shardings=sh, out_shardings=NamedSharding(mesh, P()))
     text = f.lower(jax.ShapeDtypeStruct((16, 16), jnp.float32)).compile().as_text()
     spans = {comm.collective_axes(c, sizes) for c in comm.collectives(text) if c.kind == "all-reduce"}
     assert spans == {("data", "tensor"), ("fsdp",)}
@@ -288,10 +317,13 @@ ENTRY %main (x: bf16[8], m: pred[8]) -> OUT {
 """
 
 
-@pytest.mark.parametrize("use, program", [
-    ("bf16[8]{0} convert(%ar)", "bf16"),  # result narrowed straight back: a bf16 reduction
-    ("f32[8]{0} multiply(%ar, %ar)", None),  # result used in f32: the program reduced in f32
-])
+@pytest.mark.parametrize(
+    "use, program",
+    [
+        ("bf16[8]{0} convert(%ar)", "bf16"),  # result narrowed straight back: a bf16 reduction
+        ("f32[8]{0} multiply(%ar, %ar)", None),  # result used in f32: the program reduced in f32
+    ],
+)
 def test_reduction_reads_as_bf16_only_when_its_result_is_narrowed_back(use, program):
     out = use.split(" ", 1)[0]
     text = MASKED_SUM.replace("OUT", out).replace("USE", use)
@@ -330,10 +362,16 @@ def test_text_without_an_entry_is_refused():
 # ---- traffic and cost ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, factor", [
-    ("all-reduce", 2 * 7 / 8), ("all-gather", 7 / 8), ("reduce-scatter", 7 / 8),
-    ("all-to-all", 7 / 8), ("collective-permute", 1.0),
-])
+@pytest.mark.parametrize(
+    "kind, factor",
+    [
+        ("all-reduce", 2 * 7 / 8),
+        ("all-gather", 7 / 8),
+        ("reduce-scatter", 7 / 8),
+        ("all-to-all", 7 / 8),
+        ("collective-permute", 1.0),
+    ],
+)
 def test_ring_traffic_formulas(kind, factor):
     assert comm.ring_traffic(kind, 1024, 8) == pytest.approx(factor * 1024)
     assert comm.ring_traffic(kind, 1024, 1) == 0.0
@@ -341,9 +379,18 @@ def test_ring_traffic_formulas(kind, factor):
 
 def test_alpha_beta_time_on_a_hand_computed_case():
     s = 1 << 20
-    c = hlo.Collective(name="ar", kind="all-reduce", dtypes=("f32",), shapes=((s // 4,),),
-                       operand_bytes=s, result_bytes=s, element_bytes=(s,), group_size=8,
-                       groups=(tuple(range(8)),), count=3)
+    c = hlo.Collective(
+        name="ar",
+        kind="all-reduce",
+        dtypes=("f32",),
+        shapes=((s // 4,),),
+        operand_bytes=s,
+        result_bytes=s,
+        element_bytes=(s,),
+        group_size=8,
+        groups=(tuple(range(8)),),
+        count=3,
+    )
     link = Link("nv", bandwidth=100e9, latency=2e-6)
     one = 14 * 2e-6 + (2 * 7 / 8 * s) / 100e9  # 2(n-1) steps, 2(n-1)/n S bytes
     assert comm.collective_time(c, link) == pytest.approx(one)
@@ -352,22 +399,24 @@ def test_alpha_beta_time_on_a_hand_computed_case():
 
 
 def test_each_collective_is_charged_at_the_slowest_link_it_crosses(devices):
-    preset = parse_preset("two-slices", {
-        "strategy": "dp_fsdp",
-        "device": {"kind": "x", "platform": "cpu", "peak_bf16_flops": 1.0, "hbm_bytes": 1,
-                   "hbm_bandwidth": 1.0},
-        "axes": [{"name": "data", "size": 2, "link": "dcn", "slices": 2},
-                 {"name": "fsdp", "size": 4, "link": "ici"}],
-        "links": {"dcn": {"bandwidth": 1e9, "latency": 1e-5},
-                  "ici": {"bandwidth": 1e11, "latency": 1e-6}},
-    })
+    preset = parse_preset(
+        "two-slices",
+        {
+            "strategy": "dp_fsdp",
+            "device": {"kind": "x", "platform": "cpu", "peak_bf16_flops": 1.0, "hbm_bytes": 1, "hbm_bandwidth": 1.0},
+            "axes": [
+                {"name": "data", "size": 2, "link": "dcn", "slices": 2},
+                {"name": "fsdp", "size": 4, "link": "ici"},
+            ],
+            "links": {"dcn": {"bandwidth": 1e9, "latency": 1e-5}, "ici": {"bandwidth": 1e11, "latency": 1e-6}},
+        },
+    )
     mesh = mj.make_mesh(data=2, fsdp=4)
     x = jnp.zeros((64, 16), jnp.float32)
     spec = P(("data", "fsdp"))
     link_of = comm.preset_links(preset, dict(mesh.shape))
     for axes, link in ((("fsdp",), "ici"), (("data",), "dcn"), (("data", "fsdp"), "dcn")):
-        text = compile_text(lambda a: jax.lax.psum(a, axes), x, mesh=mesh, in_specs=spec,
-                            out_specs=spec)
+        text = compile_text(lambda a, axes=axes: jax.lax.psum(a, axes), x, mesh=mesh, in_specs=spec, out_specs=spec)
         c = only(comm.collectives(text), "all-reduce")
         assert comm.collective_axes(c, dict(mesh.shape)) == axes
         assert link_of(c).name == link
@@ -401,10 +450,13 @@ ENTRY %main (x: bf16[16], i: s32[]) -> f32[8] {
 """
 
 
-@pytest.mark.parametrize("reducer, program", [
-    ("sum.clone_promoted", "bf16"),  # the backend's promotion pass widened a bf16 all-reduce
-    ("sum", None),  # an f32 reduction of bf16 values that the program asked for
-])
+@pytest.mark.parametrize(
+    "reducer, program",
+    [
+        ("sum.clone_promoted", "bf16"),  # the backend's promotion pass widened a bf16 all-reduce
+        ("sum", None),  # an f32 reduction of bf16 values that the program asked for
+    ],
+)
 def test_promoted_all_reduce_of_sliced_bf16_values_reads_as_bf16(reducer, program):
     (c,) = comm.collectives(PROMOTED.replace("REDUCER", reducer))
     assert c.dtype == "f32" and c.program_dtypes == (program,)

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import mlsys_jax as mj
 from mlsys_jax.comm.hlo import collectives
@@ -50,12 +51,22 @@ def test_attention_per_batch_and_head_shard_matches_one_device(mesh, impl, kv_sp
     v = jax.random.normal(keys[2], (b, s, kv, d))
     batch = ("data", "fsdp")
     kv_heads = "tensor" if kv_split else None
-    qs, ks, vs = put(mesh, q, batch, None, "tensor"), put(mesh, k, batch, None, kv_heads), put(mesh, v, batch, None, kv_heads)
+    qs, ks, vs = (
+        put(mesh, q, batch, None, "tensor"),
+        put(mesh, k, batch, None, kv_heads),
+        put(mesh, v, batch, None, kv_heads),
+    )
     blocks = AttentionBlocks(16, 16, 16, 16)
     local = functools.partial(flash_attention, causal=True, implementation=impl, blocks=blocks)
-    sharded = functools.partial(sharded_flash_attention, mesh=mesh, q_spec=P(batch, None, "tensor"),
-                                kv_spec=P(batch, None, kv_heads), causal=True, implementation=impl,
-                                blocks=blocks)
+    sharded = functools.partial(
+        sharded_flash_attention,
+        mesh=mesh,
+        q_spec=P(batch, None, "tensor"),
+        kv_spec=P(batch, None, kv_heads),
+        causal=True,
+        implementation=impl,
+        blocks=blocks,
+    )
     np.testing.assert_allclose(sharded(qs, ks, vs), local(q, k, v), rtol=2e-5, atol=2e-5)
     for got, want in zip(grads_of(sharded, (0, 1, 2))(qs, ks, vs), grads_of(local, (0, 1, 2))(q, k, v)):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
@@ -79,13 +90,15 @@ def test_rms_norm_per_row_shard_matches_one_device(mesh, impl):
 def test_loss_per_token_shard_with_the_vocabulary_split_matches_one_device(mesh, impl):
     t, d, vocab = 32, 64, 512
     h = jax.random.normal(jax.random.key(3), (4, t // 4, d))
-    w = jax.random.normal(jax.random.key(4), (d, vocab)) * d ** -0.5
+    w = jax.random.normal(jax.random.key(4), (d, vocab)) * d**-0.5
     y = jax.random.randint(jax.random.key(5), (4, t // 4), 0, vocab).at[0, 0].set(-1)
     hs, ws, ys = put(mesh, h, ("data", "fsdp")), put(mesh, w, None, "tensor"), put(mesh, y, ("data", "fsdp"))
-    run = functools.partial(linear_cross_entropy, ignore_index=-1, implementation=impl,
-                            blocks=LossBlocks(block_tokens=16, block_vocab=128))
-    sharded = lambda h, w, y: sharded_token_loss(run, h, w, y, mesh=mesh, token_spec=P(("data", "fsdp")),
-                                                 vocab_axes=("tensor",))
+    run = functools.partial(
+        linear_cross_entropy, ignore_index=-1, implementation=impl, blocks=LossBlocks(block_tokens=16, block_vocab=128)
+    )
+    sharded = lambda h, w, y: sharded_token_loss(
+        run, h, w, y, mesh=mesh, token_spec=P(("data", "fsdp")), vocab_axes=("tensor",)
+    )
     np.testing.assert_allclose(sharded(hs, ws, ys), run(h, w, y), rtol=1e-5, atol=1e-5)
     total = lambda f: jax.grad(lambda h, w, y: jnp.sum(f(h, w, y)), argnums=(0, 1))
     for got, want in zip(total(sharded)(hs, ws, ys), total(run)(h, w, y)):

@@ -56,8 +56,9 @@ def train_three_steps(cfg, plan=None):
     for b in batches():
         state, metrics = step(state, {k: jax.device_put(v, step.batch_shardings[k]) for k, v in b.items()})
         losses.append(float(metrics["loss"]))
-    gathered = sum(c.payload_bytes * c.count for c in collectives(step.lower(8, 16).compile())
-                   if c.kind == "all-gather")
+    gathered = sum(
+        c.payload_bytes * c.count for c in collectives(step.lower(8, 16).compile()) if c.kind == "all-gather"
+    )
     return np.array(losses), state, gathered
 
 
@@ -80,10 +81,10 @@ def test_three_fsdp_tp_steps_with_all_kernels_match_the_xla_model(xla_run):
 
 
 OTHER_PLANS = {
-    "fsdp+sequence_parallel": (dict(fsdp=4, sequence=2), mj.rules("fsdp", sequence_parallel=True)),
+    "fsdp+sequence_parallel": ({"fsdp": 4, "sequence": 2}, mj.rules("fsdp", sequence_parallel=True)),
     # 4 kv heads on 8 tensor shards: each shard slices the one K/V head its query heads read.
-    "tp": (dict(tensor=8), mj.rules("tp").override(params={"kv_heads": None}, activations={"kv_heads": None})),
-    "dp_fsdp_tp": (dict(data=2, fsdp=2, tensor=2), mj.rules("dp_fsdp_tp")),
+    "tp": ({"tensor": 8}, mj.rules("tp").override(params={"kv_heads": None}, activations={"kv_heads": None})),
+    "dp_fsdp_tp": ({"data": 2, "fsdp": 2, "tensor": 2}, mj.rules("dp_fsdp_tp")),
 }
 
 
@@ -91,7 +92,7 @@ OTHER_PLANS = {
 @pytest.mark.parametrize("name", list(OTHER_PLANS))
 def test_kernels_give_the_same_losses_under_other_plans(xla_run, name):
     sizes, rules = OTHER_PLANS[name]
-    plan = mj.Plan(mj.make_mesh(**sizes), rules)
+    plan = mj.Plan(mj.make_mesh(sizes), rules)
     losses, _, gathered = train_three_steps(KERNELS.replace(loss_impl="chunked"), plan)
     np.testing.assert_allclose(losses, xla_run[0], rtol=2e-5)
     at_most_frozen(gathered, name, "kernels_chunked")
@@ -110,6 +111,8 @@ def test_the_run_can_say_which_kernel_each_operation_uses():
 
     assert said(XLA) == {}
     assert said(XLA.replace(attention_impl="pallas", norm_impl="pallas", loss_impl="fused")) == {
-        "attention": "pallas_triton (interpret mode)", "rms_norm": "pallas_triton (interpret mode)",
-        "loss": "chunked"}
+        "attention": "pallas_triton (interpret mode)",
+        "rms_norm": "pallas_triton (interpret mode)",
+        "loss": "chunked",
+    }
     assert said(XLA.replace(attention_impl="auto"))["attention"] == "xla"

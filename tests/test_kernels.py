@@ -40,8 +40,11 @@ def textbook(q, k, v, mask):
 
 def qkv(b=2, s=12, h=4, kv=2, d=8, seed=0):
     keys = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(keys[0], (b, s, h, d)), jax.random.normal(keys[1], (b, s, kv, d)),
-            jax.random.normal(keys[2], (b, s, kv, d)))
+    return (
+        jax.random.normal(keys[0], (b, s, h, d)),
+        jax.random.normal(keys[1], (b, s, kv, d)),
+        jax.random.normal(keys[2], (b, s, kv, d)),
+    )
 
 
 @pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 3), (False, 3)])
@@ -65,33 +68,51 @@ def test_segment_ids_keep_documents_apart_and_an_unseen_query_gets_zeros():
     mask = q_seg[0][:, None] == kv_seg[0][None, :]
     np.testing.assert_allclose(got, textbook(q, k, v, mask), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[:, 7:], 0.0)
-    grads = jax.grad(lambda q: flash_attention(q, k, v, segment_ids=(q_seg, kv_seg),
-                                               implementation="xla").sum())(q)
+    grads = jax.grad(lambda q: flash_attention(q, k, v, segment_ids=(q_seg, kv_seg), implementation="xla").sum())(q)
     assert np.isfinite(grads).all() and not grads[:, 7:].any()
 
 
 @pytest.mark.parametrize("causal,window", [(True, None), (True, 3), (False, 4), (False, None)])
 def test_query_offsets_and_key_lengths_mask_where_each_query_really_is(causal, window):
     keys = jax.random.split(jax.random.key(3), 3)
-    q = jax.random.normal(keys[0], (3, 5, 4, 8))       # a chunk of 5 queries per row
-    k = jax.random.normal(keys[1], (3, 12, 2, 8))      # against 12 cached keys
+    q = jax.random.normal(keys[0], (3, 5, 4, 8))  # a chunk of 5 queries per row
+    k = jax.random.normal(keys[1], (3, 12, 2, 8))  # against 12 cached keys
     v = jax.random.normal(keys[2], (3, 12, 2, 8))
     offsets, lengths = np.array([7, 0, 3]), np.array([12, 5, 2])
-    got = flash_attention(q, k, v, causal=causal, sliding_window=window, q_offset=jnp.array(offsets),
-                          kv_lengths=jnp.array(lengths), implementation="xla")
+    got = flash_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        sliding_window=window,
+        q_offset=jnp.array(offsets),
+        kv_lengths=jnp.array(lengths),
+        implementation="xla",
+    )
     for b in range(3):
-        i = offsets[b] + np.arange(5)[:, None]           # where each query really is
+        i = offsets[b] + np.arange(5)[:, None]  # where each query really is
         j = np.arange(12)[None, :]
         mask = np.broadcast_to(j < lengths[b], (5, 12)).copy()
         if causal:
             mask &= j <= i
         if window:
             mask &= (i - j < window) & ((j - i < window) | causal)
-        np.testing.assert_allclose(got[b:b + 1], textbook(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask),
-                                   rtol=1e-5, atol=1e-5)
-    grads = jax.grad(lambda q, k: flash_attention(
-        q, k, v, causal=causal, sliding_window=window, q_offset=jnp.array(offsets),
-        kv_lengths=jnp.array(lengths), implementation="xla").sum(), argnums=(0, 1))(q, k)
+        np.testing.assert_allclose(
+            got[b : b + 1], textbook(q[b : b + 1], k[b : b + 1], v[b : b + 1], mask), rtol=1e-5, atol=1e-5
+        )
+    grads = jax.grad(
+        lambda q, k: flash_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            sliding_window=window,
+            q_offset=jnp.array(offsets),
+            kv_lengths=jnp.array(lengths),
+            implementation="xla",
+        ).sum(),
+        argnums=(0, 1),
+    )(q, k)
     assert all(np.isfinite(g).all() for g in grads)
     assert not grads[1][2, 2:].any()  # keys past a row's length get no gradient
 
@@ -103,8 +124,15 @@ def test_a_chunk_at_its_offset_sees_what_its_rows_of_the_whole_sequence_see():
     np.testing.assert_allclose(chunk, whole[:, 8:], rtol=1e-6, atol=1e-6)
     # One decoded token against a cache whose tail is not written yet.
     garbage = k.at[:, 10:].set(1e3)
-    token = flash_attention(q[:, 9:10], garbage, v, causal=True, q_offset=jnp.array([9, 9]),
-                            kv_lengths=jnp.array([10, 10]), implementation="xla")
+    token = flash_attention(
+        q[:, 9:10],
+        garbage,
+        v,
+        causal=True,
+        q_offset=jnp.array([9, 9]),
+        kv_lengths=jnp.array([10, 10]),
+        implementation="xla",
+    )
     np.testing.assert_allclose(token, whole[:, 9:10], rtol=1e-6, atol=1e-6)
 
 
@@ -117,9 +145,21 @@ def test_offsets_and_lengths_need_one_int_per_row():
 
 
 def test_cudnn_is_passed_over_for_query_offsets_with_its_reason():
-    pick = FLASH_ATTENTION.choose(None, platform="gpu", dtype=jnp.bfloat16, head_dim=64, seq_q=1,
-                                  seq_k=128, heads=4, kv_heads=2, causal=True, segments=False,
-                                  window=None, offsets=True, lengths=True)
+    pick = FLASH_ATTENTION.choose(
+        None,
+        platform="gpu",
+        dtype=jnp.bfloat16,
+        head_dim=64,
+        seq_q=1,
+        seq_k=128,
+        heads=4,
+        kv_heads=2,
+        causal=True,
+        segments=False,
+        window=None,
+        offsets=True,
+        lengths=True,
+    )
     assert "query offsets" in dict(pick.passed_over)["cudnn"]
 
 
@@ -141,8 +181,19 @@ def test_cudnn_is_passed_over_with_a_reason_for_what_it_cannot_serve():
     choice = choose(q, k, segment_ids=jnp.zeros(q.shape[:2], jnp.int32))
     assert choice.backend.name == "xla"
     gpu = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-    pick = FLASH_ATTENTION.choose(None, platform="gpu", dtype=gpu.dtype, head_dim=8, seq_q=12, seq_k=12,
-                           heads=4, kv_heads=2, causal=True, segments=False, window=None)
+    pick = FLASH_ATTENTION.choose(
+        None,
+        platform="gpu",
+        dtype=gpu.dtype,
+        head_dim=8,
+        seq_q=12,
+        seq_k=12,
+        heads=4,
+        kv_heads=2,
+        causal=True,
+        segments=False,
+        window=None,
+    )
     reasons = dict(pick.passed_over)
     assert "bf16 or fp16" in reasons["cudnn"]
     assert "cudnn" in pick.describe()
@@ -172,14 +223,16 @@ def test_pallas_means_interpreted_kernels_on_cpu_and_native_ones_elsewhere():
     assert reg.choose("pallas_a", platform="cpu").interpret
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(k=jnp.zeros((2, 12, 3, 8)), v=jnp.zeros((2, 12, 3, 8))), "kv_heads=3 must divide heads=4"),
-    (dict(k=jnp.zeros((2, 12, 2, 8), jnp.bfloat16), v=jnp.zeros((2, 12, 2, 8), jnp.bfloat16)),
-     "share one dtype"),
-    (dict(segment_ids=jnp.zeros((2, 5), jnp.int32)), r"segment ids must be \(batch, seq\)"),
-    (dict(sliding_window=0), "sliding_window must be a positive int"),
-    (dict(q=jnp.zeros((12, 4, 8))), r"q must be \(batch, seq, heads, head_dim\)"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"k": jnp.zeros((2, 12, 3, 8)), "v": jnp.zeros((2, 12, 3, 8))}, "kv_heads=3 must divide heads=4"),
+        ({"k": jnp.zeros((2, 12, 2, 8), jnp.bfloat16), "v": jnp.zeros((2, 12, 2, 8), jnp.bfloat16)}, "share one dtype"),
+        ({"segment_ids": jnp.zeros((2, 5), jnp.int32)}, r"segment ids must be \(batch, seq\)"),
+        ({"sliding_window": 0}, "sliding_window must be a positive int"),
+        ({"q": jnp.zeros((12, 4, 8))}, r"q must be \(batch, seq, heads, head_dim\)"),
+    ],
+)
 def test_bad_attention_inputs_get_one_clear_error(change, match):
     q, k, v = qkv()
     args = {"q": q, "k": k, "v": v} | change
@@ -203,8 +256,7 @@ def test_backend_tables_are_explicit_and_their_orders_name_only_their_backends()
         for names in registry.order.values():
             assert set(names) <= set(registry.names()), registry.op
     with pytest.raises(ValueError, match=r"the gpu order names \['pallas_mosaic_gpu'\]"):
-        Registry("toy", {"gpu": ("ref", "pallas_mosaic_gpu")},
-                 backends=[Backend("ref", ("gpu",), lambda x: x)])
+        Registry("toy", {"gpu": ("ref", "pallas_mosaic_gpu")}, backends=[Backend("ref", ("gpu",), lambda x: x)])
 
 
 def test_autotune_times_candidates_caches_the_winner_and_kernels_read_it(tmp_path):
@@ -243,6 +295,7 @@ def test_a_damaged_autotune_cache_is_reported_and_ignored(tmp_path):
 def test_tuning_a_kernel_caches_a_config_its_plain_calls_then_use(tmp_path, monkeypatch):
     from mlsys_jax.kernels import norms, tuning
     from mlsys_jax.kernels.autotune import CACHE_ENV, resolve_blocks
+
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "tune.json"))
     x = jax.random.normal(jax.random.key(0), (24, 128))
     w = jnp.ones((128,))
@@ -250,12 +303,17 @@ def test_tuning_a_kernel_caches_a_config_its_plain_calls_then_use(tmp_path, monk
     best, trials = tuning.tune_rms_norm(x, w, implementation="pallas_triton", candidates=candidates)
     assert best in candidates and all(t.seconds is not None for t in trials)
     assert resolve_blocks("rms_norm", RMS_NORM.backends["pallas_triton"], x) == best
-    np.testing.assert_allclose(norms.rms_norm(x, w, implementation="pallas_triton"),
-                               norms.rms_norm(x, w, implementation="xla"), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        norms.rms_norm(x, w, implementation="pallas_triton"),
+        norms.rms_norm(x, w, implementation="xla"),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_every_tiled_backend_has_tuning_candidates_that_are_valid_configs():
     from mlsys_jax.kernels import tuning
+
     for registry in (FLASH_ATTENTION, RMS_NORM, LAYER_NORM, LINEAR_CROSS_ENTROPY):
         for backend in registry.backends.values():
             if backend.blocks is None:

@@ -12,12 +12,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: What each layer's modules may not import (prefixes of ``mlsys_jax`` module names).
 FORBIDDEN = {
-    "kernels": ("mlsys_jax.comm", "mlsys_jax.models", "mlsys_jax.parallel", "mlsys_jax.train",
-                "mlsys_jax.serve", "mlsys_jax.mesh", "mlsys_jax.cli", "mlsys_jax.distributed"),
-    "mlsys_jax/comm": ("mlsys_jax.models", "mlsys_jax.parallel", "mlsys_jax.train", "mlsys_jax.serve",
-                       "mlsys_jax.cli"),
-    "mlsys_jax/models": ("mlsys_jax.parallel", "mlsys_jax.train", "mlsys_jax.serve", "mlsys_jax.mesh",
-                         "mlsys_jax.meshes", "mlsys_jax.comm", "mlsys_jax.cli", "mlsys_jax.distributed"),
+    "kernels": (
+        "mlsys_jax.comm",
+        "mlsys_jax.models",
+        "mlsys_jax.parallel",
+        "mlsys_jax.train",
+        "mlsys_jax.serve",
+        "mlsys_jax.mesh",
+        "mlsys_jax.cli",
+        "mlsys_jax.distributed",
+    ),
+    "mlsys_jax/comm": ("mlsys_jax.models", "mlsys_jax.parallel", "mlsys_jax.train", "mlsys_jax.serve", "mlsys_jax.cli"),
+    "mlsys_jax/models": (
+        "mlsys_jax.parallel",
+        "mlsys_jax.train",
+        "mlsys_jax.serve",
+        "mlsys_jax.mesh",
+        "mlsys_jax.meshes",
+        "mlsys_jax.comm",
+        "mlsys_jax.cli",
+        "mlsys_jax.distributed",
+    ),
     "mlsys_jax/parallel": ("mlsys_jax.train", "mlsys_jax.serve", "mlsys_jax.cli"),
 }
 
@@ -54,8 +69,13 @@ def defined_functions() -> dict[str, list[str]]:
 
 def test_each_reference_is_defined_once_in_the_kernels():
     found = defined_functions()
-    for name in ("attention_reference", "rms_norm_reference", "layer_norm_reference",
-                 "linear_cross_entropy_reference", "token_losses"):
+    for name in (
+        "attention_reference",
+        "rms_norm_reference",
+        "layer_norm_reference",
+        "linear_cross_entropy_reference",
+        "token_losses",
+    ):
         assert len(found[name]) == 1 and found[name][0].startswith("kernels/"), (name, found[name])
     # The model's former copies are gone.
     for name in ("attention_xla", "attention_cudnn", "cross_entropy_sums", "logits_projection"):

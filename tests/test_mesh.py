@@ -11,7 +11,8 @@ import pytest
 import mlsys_jax as mj
 from mlsys_jax.mesh import MeshError
 from mlsys_jax.meshes import AXIS_NAMES, PresetError, load_preset, parse_preset, preset_names
-from mlsys_jax.parallel import fit_preset
+from mlsys_jax.parallel import RULE_PRESETS, fit_preset
+
 
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -53,11 +54,11 @@ def test_size_one_axes_and_subsets_of_devices(devices):
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        (dict(data=4, fsdp=4), "need 16 devices but 8 are available"),
-        (dict(tensr=8), "unknown mesh axis 'tensr'"),
-        (dict(data=0, fsdp=8), "positive integers"),
-        (dict(data=-1, fsdp=-1), "only one mesh axis may be -1"),
-        (dict(data=3, fsdp=-1), "does not divide the 8 devices"),
+        ({"data": 4, "fsdp": 4}, "need 16 devices but 8 are available"),
+        ({"tensr": 8}, "unknown mesh axis 'tensr'"),
+        ({"data": 0, "fsdp": 8}, "positive integers"),
+        ({"data": -1, "fsdp": -1}, "only one mesh axis may be -1"),
+        ({"data": 3, "fsdp": -1}, "does not divide the 8 devices"),
     ],
 )
 def test_wrong_sizes_get_one_clear_error(devices, kwargs, needle):
@@ -93,7 +94,7 @@ def test_required_presets_ship_with_hardware_figures():
         for axis in preset.axes:
             link = preset.link_of(axis.name)
             assert link.bandwidth > 0 and link.latency > 0
-        assert preset.strategy in mj.parallel.RULE_PRESETS
+        assert preset.strategy in RULE_PRESETS
 
 
 def test_gpu_and_tpu_presets_describe_their_machines():
@@ -122,18 +123,28 @@ def test_preset_files_are_checked():
     with pytest.raises(PresetError, match="is not one of"):
         parse_preset("bad", {**base, "axes": [{"name": "model", "size": 8, "link": "ici"}]})
     with pytest.raises(PresetError, match="must follow the order"):
-        parse_preset("bad", {**base, "axes": [{"name": "tensor", "size": 2, "link": "ici"},
-                                              {"name": "data", "size": 4, "link": "ici"}]})
+        parse_preset(
+            "bad",
+            {
+                **base,
+                "axes": [{"name": "tensor", "size": 2, "link": "ici"}, {"name": "data", "size": 4, "link": "ici"}],
+            },
+        )
 
 
 def test_hybrid_layout_keeps_each_slice_contiguous(devices):
-    preset = parse_preset("two-slices", {
-        "strategy": "dp_fsdp",
-        "device": {"kind": "cpu", "platform": "cpu", "peak_bf16_flops": 1, "hbm_bytes": 1, "hbm_bandwidth": 1},
-        "links": {"ici": {"bandwidth": 2, "latency": 1}, "dcn": {"bandwidth": 1, "latency": 1}},
-        "axes": [{"name": "data", "size": 4, "slices": 2, "link": "dcn"},
-                 {"name": "fsdp", "size": 2, "link": "ici"}],
-    })
+    preset = parse_preset(
+        "two-slices",
+        {
+            "strategy": "dp_fsdp",
+            "device": {"kind": "cpu", "platform": "cpu", "peak_bf16_flops": 1, "hbm_bytes": 1, "hbm_bandwidth": 1},
+            "links": {"ici": {"bandwidth": 2, "latency": 1}, "dcn": {"bandwidth": 1, "latency": 1}},
+            "axes": [
+                {"name": "data", "size": 4, "slices": 2, "link": "dcn"},
+                {"name": "fsdp", "size": 2, "link": "ici"},
+            ],
+        },
+    )
     mesh = mj.make_mesh(preset)
     ids = np.vectorize(lambda d: d.id)(mesh.devices).reshape(4, 2)
     # data = 0, 1 live in the first slice (devices 0-3), data = 2, 3 in the second.
@@ -157,8 +168,9 @@ def test_two_slice_tpu_preset_builds_on_512_simulated_devices(python, repo_root)
         print("ok", dict(mesh.shape))
         """
     )
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=repo_root,
-                         env=clean_env(), timeout=300)
+    out = subprocess.run(
+        [python, "-c", code], check=False, capture_output=True, text=True, cwd=repo_root, env=clean_env(), timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'data': 2" in out.stdout and "'fsdp': 256" in out.stdout
 
@@ -175,11 +187,17 @@ def test_strategy_refits_a_preset_onto_its_own_axes():
 
 
 def test_sequence_parallel_strategy_keeps_the_sequence_axis():
-    preset = parse_preset("sp", {
-        "strategy": "fsdp",
-        "device": {"kind": "cpu", "platform": "cpu", "peak_bf16_flops": 1, "hbm_bytes": 1, "hbm_bandwidth": 1},
-        "links": {"ici": {"bandwidth": 1, "latency": 1}},
-        "axes": [{"name": "fsdp", "size": 4, "link": "ici"}, {"name": "sequence", "size": 2, "link": "ici"}],
-    })
-    assert {a.name: a.size for a in fit_preset(preset, "fsdp", sequence_parallel=True).axes} == {"fsdp": 4, "sequence": 2}
+    preset = parse_preset(
+        "sp",
+        {
+            "strategy": "fsdp",
+            "device": {"kind": "cpu", "platform": "cpu", "peak_bf16_flops": 1, "hbm_bytes": 1, "hbm_bandwidth": 1},
+            "links": {"ici": {"bandwidth": 1, "latency": 1}},
+            "axes": [{"name": "fsdp", "size": 4, "link": "ici"}, {"name": "sequence", "size": 2, "link": "ici"}],
+        },
+    )
+    assert {a.name: a.size for a in fit_preset(preset, "fsdp", sequence_parallel=True).axes} == {
+        "fsdp": 4,
+        "sequence": 2,
+    }
     assert {a.name: a.size for a in fit_preset(preset, "fsdp").axes} == {"fsdp": 8}

@@ -78,8 +78,8 @@ def test_rope_scores_depend_only_on_relative_position():
     cos, sin = rope_angles(jnp.arange(40), 16, 10_000.0)
 
     def score(m, n):
-        qm = apply_rope(q, cos[m:m + 1], sin[m:m + 1])
-        kn = apply_rope(k, cos[n:n + 1], sin[n:n + 1])
+        qm = apply_rope(q, cos[m : m + 1], sin[m : m + 1])
+        kn = apply_rope(k, cos[n : n + 1], sin[n : n + 1])
         return float(jnp.sum(qm * kn))
 
     assert score(7, 3) == pytest.approx(score(30, 26), rel=1e-4)
@@ -103,8 +103,8 @@ def test_remat_policies_give_the_same_gradients(params, policy):
 def test_layers_run_as_one_scan_whatever_the_depth():
     for depth in (2, 12):
         cfg = CFG.replace(n_layers=depth)
-        p = jax.eval_shape(lambda: init_params(llama.param_specs(cfg), jax.random.key(0)))
-        jaxpr = jax.make_jaxpr(lambda p, t: llama.forward(p, t, cfg))(p, tokens())
+        p = jax.eval_shape(lambda c=cfg: init_params(llama.param_specs(c), jax.random.key(0)))
+        jaxpr = jax.make_jaxpr(lambda p, t, c=cfg: llama.forward(p, t, c))(p, tokens())
         scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
         assert len(scans) == 1 and scans[0].params["length"] == depth
 
@@ -126,6 +126,7 @@ def test_kv_heads_must_divide_heads():
 
 def test_cudnn_attention_refuses_a_cpu_with_a_fix():
     from mlsys_jax.kernels import KernelUnavailable
+
     q = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
     with pytest.raises(KernelUnavailable, match="cudnn.*runs on gpu, not cpu"):
         flash_attention(q, q, q, causal=True, implementation="cudnn")

@@ -30,7 +30,7 @@ def pieces(name):
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
 def test_forward_and_loss_reproduce_the_model_before_it_was_split(fixture, name):
-    cfg, model, params = pieces(name)
+    _, model, params = pieces(name)
     tokens, mask = fixture[f"{name}/tokens"], fixture[f"{name}/mask"]
     logits = jax.jit(lambda p, t: base.forward(model, p, t))(params, tokens[:, :-1])
     np.testing.assert_allclose(logits, fixture[f"{name}/logits"], rtol=0, atol=1e-6)
@@ -56,12 +56,15 @@ def test_stage_by_stage_composition_equals_the_whole_model(fixture, name):
 
 
 def test_layers_run_as_one_scan_over_any_slice():
-    cfg, model, params = pieces("tiny")
+    _, model, params = pieces("tiny")
     tokens = jnp.zeros((1, 8), jnp.int32)
     x = model.embed(params, tokens, base.default_positions(tokens), base.UNPLACED)
     for start, stop in ((0, 2), (1, 2)):
-        jaxpr = jax.make_jaxpr(lambda layers, x: base.run_layers(
-            model, base.layer_slice(layers, start, stop), x, base.default_positions(tokens)))(params["layers"], x)
+        jaxpr = jax.make_jaxpr(
+            lambda layers, x, start=start, stop=stop: base.run_layers(
+                model, base.layer_slice(layers, start, stop), x, base.default_positions(tokens)
+            )
+        )(params["layers"], x)
         scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
         assert len(scans) == 1 and scans[0].params["length"] == stop - start
 
@@ -71,7 +74,7 @@ def test_cache_write_puts_each_row_at_its_own_position():
     new = jnp.arange(1.0, 3 * 2 * 2 + 1).reshape(3, 2, 1, 2)
     got = np.asarray(cache_write(cache, new, jnp.array([0, 3, 4])))
     for b, start in enumerate((0, 3, 4)):
-        np.testing.assert_array_equal(got[b, start:start + 2], new[b])
+        np.testing.assert_array_equal(got[b, start : start + 2], new[b])
         assert not np.delete(got[b], [start, start + 1], axis=0).any()
 
 
@@ -83,7 +86,7 @@ def test_buckets_are_powers_of_two_with_a_floor():
 # ---- decoding under a plan --------------------------------------------------------------------
 
 LENGTHS = np.array([3, 7, 12, 5])  # prompts of mixed lengths in one batch
-TOTAL = 20                          # each row's whole sequence
+TOTAL = 20  # each row's whole sequence
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +131,7 @@ def greedy_by_full_rerun(model, plan, params, prompts, new_tokens):
             top2 = np.sort(last)[-2:]
             margins[b].append(top2[1] - top2[0])
             r.append(int(np.argmax(last)))
-    return [np.array(r[len(p):]) for r, p in zip(rows, prompts)], margins
+    return [np.array(r[len(p) :]) for r, p in zip(rows, prompts)], margins
 
 
 def test_greedy_tokens_with_the_cache_equal_a_full_rerun_where_the_choice_is_clear(decoding):

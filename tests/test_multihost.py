@@ -15,9 +15,27 @@ from mlsys_jax import distributed
 from mlsys_jax.train.metrics import losses_by_step, read_jsonl
 
 CORPUS = str(Path(json.__file__).parent)
-FLAGS = ["--mesh", "cpu-8", "--model", "tiny", "--batch", "16", "--seq", "64", "--steps", "3",
-         "--eval-every", "3", "--eval-batches", "1", "--sample-tokens", "0", "--data", CORPUS,
-         "--no-progress"]
+FLAGS = [
+    "--mesh",
+    "cpu-8",
+    "--model",
+    "tiny",
+    "--batch",
+    "16",
+    "--seq",
+    "64",
+    "--steps",
+    "3",
+    "--eval-every",
+    "3",
+    "--eval-batches",
+    "1",
+    "--sample-tokens",
+    "0",
+    "--data",
+    CORPUS,
+    "--no-progress",
+]
 
 
 def env() -> dict[str, str]:
@@ -36,8 +54,14 @@ def free_port() -> int:
 def single(repo_root, tmp_path_factory):
     """The same run as one process of eight devices: its metrics records."""
     folder = tmp_path_factory.mktemp("one")
-    out = subprocess.run([sys.executable, str(repo_root / "recipes" / "train_lm.py"), *FLAGS, "--ckpt-dir",
-                          str(folder)], capture_output=True, text=True, env=env(), timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(repo_root / "recipes" / "train_lm.py"), *FLAGS, "--ckpt-dir", str(folder)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return read_jsonl(folder / "metrics.jsonl")
 
@@ -48,15 +72,20 @@ def assert_same_run(one, two):
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
     # The same examples in every global batch.
     assert [r["data"] for r in one if "loss" in r] == [r["data"] for r in two if "loss" in r]
-    val = lambda recs: [r["val_loss"] for r in recs if r.get("event") == "end"][0]  # noqa: E731
+    val = lambda recs: next(r["val_loss"] for r in recs if r.get("event") == "end")
     assert val(two) == pytest.approx(val(one), rel=1e-5)
 
 
 def two_processes(repo_root, folder, per_process_args, per_process_env):
     script = str(repo_root / "recipes" / "train_lm.py")
     procs = [
-        subprocess.Popen([sys.executable, script, *FLAGS, "--ckpt-dir", str(folder), *per_process_args(i)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**env(), **per_process_env(i)})
+        subprocess.Popen(
+            [sys.executable, script, *FLAGS, "--ckpt-dir", str(folder), *per_process_args(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**env(), **per_process_env(i)},
+        )
         for i in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -69,10 +98,20 @@ def two_processes(repo_root, folder, per_process_args, per_process_env):
 def test_two_processes_of_four_match_one_process_of_eight(repo_root, tmp_path, single):
     port = free_port()
     outs = two_processes(
-        repo_root, tmp_path,
-        lambda i: ["--simulate-devices", "4", "--coordinator", f"localhost:{port}", "--num-processes", "2",
-                   "--process-id", str(i)],
-        lambda i: {})
+        repo_root,
+        tmp_path,
+        lambda i: [
+            "--simulate-devices",
+            "4",
+            "--coordinator",
+            f"localhost:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        ],
+        lambda i: {},
+    )
     assert outs[0][0].startswith("cluster: explicit settings, processes: 2, this process: 0, local devices: 4")
     assert "8 devices, 2 process(es)" in outs[0][0]
     assert "plan:" not in outs[1][0] and "steps 0->3" not in outs[1][0]  # only process 0 prints
@@ -85,8 +124,14 @@ def test_two_processes_of_four_match_one_process_of_eight(repo_root, tmp_path, s
 def test_two_processes_started_by_slurm_join_one_job_without_any_cluster_flag(repo_root, tmp_path, single):
     """What ``srun --ntasks 2 python recipes/train_lm.py`` gives each process: SLURM's variables."""
     port = free_port()
-    slurm = lambda i: {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": "2",  # noqa: E731
-                       "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i), "JAX_COORDINATOR_PORT": str(port)}
+    slurm = lambda i: {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_STEP_NODELIST": "localhost",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": str(i),
+        "SLURM_LOCALID": str(i),
+        "JAX_COORDINATOR_PORT": str(port),
+    }
     outs = two_processes(repo_root, tmp_path, lambda i: [], slurm)
     assert outs[0][0].startswith("cluster: SLURM, processes: 2, this process: 0, local devices: 4")
     assert "8 devices, 2 process(es)" in outs[0][0]
@@ -100,8 +145,13 @@ def test_a_cluster_is_detected_from_its_launcher_environment_alone(monkeypatch):
     for var in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST"):
         monkeypatch.delenv(var, raising=False)
     assert distributed.detect_cluster() is None
-    for name, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
-                        "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}.items():
+    for name, value in {
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "node[1-2]",
+        "SLURM_NTASKS": "2",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "0",
+    }.items():
         monkeypatch.setenv(name, value)
     assert distributed.detect_cluster() == distributed.Cluster("SLURM", 2, 1)
     assert not distributed.is_initialized()  # detecting joins nothing

@@ -15,8 +15,22 @@ import pytest
 def wheel(repo_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(repo_root)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(out),
+            str(repo_root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     (path,) = out.glob("mlsys_jax-*.whl")
@@ -42,7 +56,10 @@ def test_presets_load_by_name_from_an_installed_wheel(wheel, tmp_path):
     target = tmp_path / "site"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert install.returncode == 0, install.stderr[-3000:]
     code = textwrap.dedent(
@@ -56,8 +73,9 @@ def test_presets_load_by_name_from_an_installed_wheel(wheel, tmp_path):
         """
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.startswith("512 ") and "gpu-h200x8" in run.stdout
 
@@ -67,11 +85,14 @@ def test_a_source_tree_on_the_path_maps_the_same_names(repo_root, tmp_path):
     tree = tmp_path / "checkout"
     for folder in ("mlsys_jax", "kernels", "meshes"):
         shutil.copytree(repo_root / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    code = ("import mlsys_jax.kernels, mlsys_jax.meshes as m; "
-            "print(m.load_preset('cpu-8').num_devices, mlsys_jax.kernels.__file__, m.__file__)")
+    code = (
+        "import mlsys_jax.kernels, mlsys_jax.meshes as m; "
+        "print(m.load_preset('cpu-8').num_devices, mlsys_jax.kernels.__file__, m.__file__)"
+    )
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=tmp_path, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     count, kernels_file, meshes_file = run.stdout.split()
     assert count == "8"

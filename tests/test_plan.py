@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 
 import mlsys_jax as mj
 from mlsys_jax.meshes import AXIS_NAMES
@@ -23,15 +24,23 @@ def plan_for(strategy, devices=None, **sizes):
 @pytest.mark.parametrize(
     "strategy, sizes, expected",
     [
-        ("dp", dict(data=8), {"layers/wq": P(), "embed": P(), "layers/w_down": P()}),
-        ("fsdp", dict(fsdp=8), {"layers/wq": P(None, "fsdp"), "embed": P(None, "fsdp"),
-                                "layers/w_down": P(None, None, "fsdp")}),
-        ("fsdp_tp", dict(fsdp=4, tensor=2), {"layers/wq": P(None, "fsdp", "tensor"),
-                                             "embed": P("tensor", "fsdp"),
-                                             "layers/w_down": P(None, "tensor", "fsdp"),
-                                             "layers/wo": P(None, "tensor", None, "fsdp")}),
-        ("dp_fsdp_tp", dict(data=2, fsdp=2, tensor=2), {"head": P("fsdp", "tensor"),
-                                                        "final_norm": P("fsdp")}),
+        ("dp", {"data": 8}, {"layers/wq": P(), "embed": P(), "layers/w_down": P()}),
+        (
+            "fsdp",
+            {"fsdp": 8},
+            {"layers/wq": P(None, "fsdp"), "embed": P(None, "fsdp"), "layers/w_down": P(None, None, "fsdp")},
+        ),
+        (
+            "fsdp_tp",
+            {"fsdp": 4, "tensor": 2},
+            {
+                "layers/wq": P(None, "fsdp", "tensor"),
+                "embed": P("tensor", "fsdp"),
+                "layers/w_down": P(None, "tensor", "fsdp"),
+                "layers/wo": P(None, "tensor", None, "fsdp"),
+            },
+        ),
+        ("dp_fsdp_tp", {"data": 2, "fsdp": 2, "tensor": 2}, {"head": P("fsdp", "tensor"), "final_norm": P("fsdp")}),
     ],
 )
 def test_rule_presets_place_parameters(devices, strategy, sizes, expected):
@@ -83,12 +92,14 @@ def test_planning_needs_no_devices():
     big = llama.param_specs(get_config("70b"))
     placements = plan.placements(big)
     assert sum(p.bytes_per_device for p in placements) * 64 == pytest.approx(
-        sum(p.nbytes for p in placements), rel=1e-3)
+        sum(p.nbytes for p in placements), rel=1e-3
+    )
     with pytest.raises(mj.PlanError, match="abstract"):
         plan.init(big, jax.random.key(0))
 
 
 # ---- every plan error, with path and fix ------------------------------------------------------
+
 
 def error_of(fn):
     with pytest.raises(mj.PlanError) as err:
@@ -98,8 +109,16 @@ def error_of(fn):
 
 def test_dimension_not_divisible(devices):
     msg = error_of(lambda: plan_for("tp", tensor=8).placements(SPECS))
-    for part in ("layers/wk", "(2, 64, 4, 16)", "'kv_heads'", "size 4", "('tensor',)", "8", "Fix",
-                 "rules.override(params={'kv_heads': None})"):
+    for part in (
+        "layers/wk",
+        "(2, 64, 4, 16)",
+        "'kv_heads'",
+        "size 4",
+        "('tensor',)",
+        "8",
+        "Fix",
+        "rules.override(params={'kv_heads': None})",
+    ):
         assert part in msg, (part, msg)
 
 
@@ -125,8 +144,7 @@ def test_mesh_axis_used_twice_in_one_spec(devices):
 
 
 def test_conflicting_rules(devices):
-    rules = mj.Rules(params=[*mj.rules("fsdp").params, ("embed", "tensor")],
-                     activations=mj.rules("fsdp").activations)
+    rules = mj.Rules(params=[*mj.rules("fsdp").params, ("embed", "tensor")], activations=mj.rules("fsdp").activations)
     msg = error_of(lambda: mj.Plan(mj.make_mesh(fsdp=4, tensor=2), rules).placements(SPECS))
     for part in ("conflicting", "'embed'", "'fsdp'", "'tensor'", "embed", "(384, 64)", "Fix"):
         assert part in msg, (part, msg)
@@ -134,8 +152,7 @@ def test_conflicting_rules(devices):
 
 def test_activation_batch_not_divisible_is_refused_while_tracing(devices):
     plan = plan_for("dp", data=8)
-    msg = error_of(lambda: jax.jit(lambda x: plan.constrain(x, ("batch", "embed"), "tokens"))
-                   .lower(jnp.zeros((6, 4))))
+    msg = error_of(lambda: jax.jit(lambda x: plan.constrain(x, ("batch", "embed"), "tokens")).lower(jnp.zeros((6, 4))))
     assert "'tokens'" in msg and "(6, 4)" in msg and "'batch'" in msg and "Fix" in msg
 
 

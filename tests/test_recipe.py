@@ -12,12 +12,30 @@ from mlsys_jax.train.metrics import losses_by_step, read_jsonl
 
 
 def test_help_lists_every_flag():
-    out = subprocess.run(recipe("--help"), capture_output=True, text=True, env=env(), timeout=120)
+    out = subprocess.run(recipe("--help"), check=False, capture_output=True, text=True, env=env(), timeout=120)
     assert out.returncode == 0, out.stderr
-    for flag in ("--mesh", "--strategy", "--model", "--steps", "--batch", "--seq", "--lr", "--data",
-                 "--ckpt-dir", "--resume", "--simulate-devices", "--attention-impl", "--norm-impl",
-                 "--loss-impl", "--on-nan", "--sync-every-step", "--metrics-every", "--force", "--cluster",
-                 "--debug"):
+    for flag in (
+        "--mesh",
+        "--strategy",
+        "--model",
+        "--steps",
+        "--batch",
+        "--seq",
+        "--lr",
+        "--data",
+        "--ckpt-dir",
+        "--resume",
+        "--simulate-devices",
+        "--attention-impl",
+        "--norm-impl",
+        "--loss-impl",
+        "--on-nan",
+        "--sync-every-step",
+        "--metrics-every",
+        "--force",
+        "--cluster",
+        "--debug",
+    ):
         assert flag in out.stdout, flag
 
 
@@ -32,7 +50,7 @@ def test_a_run_prints_its_plan_logs_metrics_and_samples(uninterrupted):
     assert sorted(losses) == list(range(1, 41))
     assert losses[40] < losses[1] - 1.0
     assert by_step(records, "val_loss").keys() == {20, 40}
-    end = [r for r in records if r.get("event") == "end"][0]
+    end = next(r for r in records if r.get("event") == "end")
     assert end["val_loss"] is not None and len(end["samples"]) == 4
 
 
@@ -54,7 +72,7 @@ def test_sigkill_then_the_same_command_resumes_exactly(tmp_path, uninterrupted):
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL and killed_at < 40, "the run ended before it was killed"
 
-    again = subprocess.run(command, capture_output=True, text=True, env=env(), timeout=600)
+    again = subprocess.run(command, check=False, capture_output=True, text=True, env=env(), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     records = read_jsonl(log)
     starts = [r["step"] for r in records if r.get("event") == "start"]
@@ -67,7 +85,13 @@ def test_sigkill_then_the_same_command_resumes_exactly(tmp_path, uninterrupted):
     # (beyond redoing the steps after the checkpoint) and none skipped.
     assert losses_by_step(records) == losses_by_step(reference)
     assert by_step(records, "data") == by_step(reference, "data")
-    after = [r for r in records[records.index(next(r for r in records if r.get("event") == "start" and r["step"] == resumed_from)):] if "loss" in r]
+    after = [
+        r
+        for r in records[
+            records.index(next(r for r in records if r.get("event") == "start" and r["step"] == resumed_from)) :
+        ]
+        if "loss" in r
+    ]
     assert [r["step"] for r in after] == list(range(resumed_from + 1, 41))
 
 
@@ -75,27 +99,59 @@ def test_sigkill_then_the_same_command_resumes_exactly(tmp_path, uninterrupted):
 def test_a_finished_run_resumes_to_nothing_and_no_resume_refuses_to_overwrite(tmp_path):
     quick = [f for f in FLAGS]
     quick[quick.index("--steps") + 1] = "5"
-    first = subprocess.run(recipe(*quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
-                           capture_output=True, text=True, env=env(), timeout=600)
+    first = subprocess.run(
+        recipe(*quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert first.returncode == 0, first.stderr[-2000:]
-    again = subprocess.run(recipe(*quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
-                           capture_output=True, text=True, env=env(), timeout=600)
+    again = subprocess.run(
+        recipe(*quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert again.returncode == 0 and "nothing to train: the checkpoint is at step 5" in again.stdout
     assert sorted(losses_by_step(read_jsonl(tmp_path / "metrics.jsonl"))) == [1, 2, 3, 4, 5]
-    second = subprocess.run(recipe(*quick, "--ckpt-dir", str(tmp_path), "--no-resume"),
-                            capture_output=True, text=True, env=env(), timeout=600)
+    second = subprocess.run(
+        recipe(*quick, "--ckpt-dir", str(tmp_path), "--no-resume"),
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert second.returncode != 0
     assert "--no-resume" in second.stderr and "new --ckpt-dir" in second.stderr
-    other = subprocess.run(recipe(*quick, "--ckpt-dir", str(tmp_path), "--seq", "32"),
-                           capture_output=True, text=True, env=env(), timeout=600)
+    other = subprocess.run(
+        recipe(*quick, "--ckpt-dir", str(tmp_path), "--seq", "32"),
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert other.returncode == 2 and "seq: saved 64, now 32" in other.stderr
     assert "Traceback" not in other.stderr and "data order" in other.stderr
     # How long to train and how fast to learn may change on resume; the recipe says what changed.
-    longer = subprocess.run(recipe(*quick, "--ckpt-dir", str(tmp_path), "--steps", "7", "--lr", "1e-3",
-                                   "--sample-tokens", "0"), capture_output=True, text=True, env=env(), timeout=600)
+    longer = subprocess.run(
+        recipe(*quick, "--ckpt-dir", str(tmp_path), "--steps", "7", "--lr", "1e-3", "--sample-tokens", "0"),
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=600,
+    )
     assert longer.returncode == 0, longer.stderr[-2000:]
-    assert "settings changed since that checkpoint (allowed): lr: saved 0.003, now 0.001, steps: saved 5, now 7" \
+    assert (
+        "settings changed since that checkpoint (allowed): lr: saved 0.003, now 0.001, steps: saved 5, now 7"
         in longer.stdout
+    )
     assert sorted(losses_by_step(read_jsonl(tmp_path / "metrics.jsonl"))) == [1, 2, 3, 4, 5, 6, 7]
     start = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "start"][-1]
     assert start["settings"]["steps"] == 7 and start["settings"]["lr"] == 1e-3
@@ -103,6 +159,7 @@ def test_a_finished_run_resumes_to_nothing_and_no_resume_refuses_to_overwrite(tm
 
 def test_a_nonsensical_interval_is_refused_before_any_work():
     from mlsys_jax.train.config import RunConfig
+
     with pytest.raises(ValueError, match="--eval-every must be at least 1, got 0. Fix"):
         RunConfig.of(eval_every=0)
     with pytest.raises(ValueError, match="--sample-tokens cannot be negative"):
@@ -110,8 +167,14 @@ def test_a_nonsensical_interval_is_refused_before_any_work():
 
 
 def test_a_model_no_family_knows_is_one_message_and_exit_status_2(tmp_path):
-    run = subprocess.run(recipe("--model", "lama:small", "--ckpt-dir", str(tmp_path)),
-                         capture_output=True, text=True, env=env(), timeout=300)
+    run = subprocess.run(
+        recipe("--model", "lama:small", "--ckpt-dir", str(tmp_path)),
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=300,
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("error: unknown model family 'lama'") and "Did you mean 'llama'" in run.stderr
     assert not any(tmp_path.iterdir())  # refused before anything was written

@@ -23,7 +23,7 @@ from mlsys_jax.models import build_model, get_config, llama
 from mlsys_jax.models.base import ConfigError
 from mlsys_jax.parallel.memory import FitError, check_fit, memory_per_device
 from mlsys_jax.train import integrity
-from mlsys_jax.train.checkpoint import CheckpointError, Checkpointer, summarize
+from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError, summarize
 from mlsys_jax.train.config import RunConfig, run_settings
 from mlsys_jax.train.lock import FolderLock
 
@@ -47,8 +47,9 @@ def test_a_learning_rate_that_cannot_train_is_refused_when_parsed(lr):
 
 
 def test_the_recorded_settings_are_the_ones_the_run_used():
-    settings = run_settings(RunConfig.of(model="tiny", dtype="float32", remat="full", lr=1e-3, steps=7,
-                                         strategy="fsdp"))
+    settings = run_settings(
+        RunConfig.of(model="tiny", dtype="float32", remat="full", lr=1e-3, steps=7, strategy="fsdp")
+    )
     assert settings["model_config"]["dtype"] == "float32" and settings["model_config"]["remat"] == "full"
     assert settings["lr"] == 1e-3 and settings["steps"] == 7 and settings["strategy"] == "fsdp"
     assert "ckpt_dir" not in settings and "progress" not in settings
@@ -77,16 +78,18 @@ def test_the_fit_check_counts_state_and_activations_against_the_presets_memory()
     opt = train.adamw(train.OptimConfig(), small.specs)
     mem = memory_per_device(plan, small, opt, batch=16, seq=128)
     state = train.abstract_state(plan, small.specs, opt)
-    shard_bytes = lambda tree: sum(np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize  # noqa: E731
-                                   for x in jax.tree.leaves(tree))
+    shard_bytes = lambda tree: sum(
+        np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+    )
     assert mem.params == shard_bytes(state.params) and mem.opt_state == shard_bytes(state.opt_state)
-    assert mem.fits and mem.activations > 0
+    assert mem.fits and (mem.activations or 0) > 0
     longer = memory_per_device(plan, small, opt, batch=16, seq=100_000)
     with pytest.raises(FitError, match=r"activations ~.*a device has 2.00 GiB.*--seq.*--force"):
         check_fit(longer, "small")
     remat = build_model("small", remat="full")
-    assert memory_per_device(plan, remat, opt, batch=16, seq=4096).activations < \
-        memory_per_device(plan, small, opt, batch=16, seq=4096).activations
+    with_remat = memory_per_device(plan, remat, opt, batch=16, seq=4096).activations or 0
+    without = memory_per_device(plan, small, opt, batch=16, seq=4096).activations or 0
+    assert 0 < with_remat < without
     big = build_model("70b")
     huge = memory_per_device(plan, big, train.adamw(train.OptimConfig(), big.specs), batch=16, seq=128)
     with pytest.raises(FitError, match=r"parameters .* GiB \+ gradients .* optimizer state .*shards more"):
@@ -149,8 +152,7 @@ def test_a_fingerprint_ignores_placement_and_sees_one_changed_bit(guarded):
     moved = jax.device_put(state, train.state_shardings(other, MODEL.specs, opt))
     assert integrity.inspect(moved) == integrity.inspect(state)
     w = state.params["embed"]
-    flipped = jax.lax.bitcast_convert_type(
-        jax.lax.bitcast_convert_type(w, jnp.uint32).at[3, 5].add(1), jnp.float32)
+    flipped = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(w, jnp.uint32).at[3, 5].add(1), jnp.float32)
     changed = state._replace(params={**state.params, "embed": flipped})
     finite, prints = integrity.inspect(changed)
     assert finite and integrity.mismatches(integrity.inspect(state)[1], prints) == [".params['embed']"]
@@ -173,8 +175,10 @@ def test_a_step_whose_settings_file_is_missing_is_set_aside_and_the_one_before_r
     assert again.all_steps() == [1]
     # Refusing a checkpoint of other settings is not damage: nothing is set aside for it.
     with pytest.raises(CheckpointError, match="other"):
-        again.restore_intact(train.abstract_state(plan, MODEL.specs, opt),
-                             accept=lambda meta: (_ for _ in ()).throw(CheckpointError("other")))
+        again.restore_intact(
+            train.abstract_state(plan, MODEL.specs, opt),
+            accept=lambda meta: (_ for _ in ()).throw(CheckpointError("other")),
+        )
     assert again.all_steps() == [1]
     again.close()
 
@@ -191,8 +195,10 @@ def test_a_disk_error_is_named_by_its_cause_however_deeply_wrapped():
 
 
 # ---- one writer per folder ----------------------------------------------------------------------
-HOLD = "import sys, time; from mlsys_jax.train.lock import FolderLock; lock = FolderLock(sys.argv[1]); lock.acquire('hold'); " \
-       "print('held', flush=True); time.sleep(600)"
+HOLD = (
+    "import sys, time; from mlsys_jax.train.lock import FolderLock; lock = FolderLock(sys.argv[1]); lock.acquire('hold'); "
+    "print('held', flush=True); time.sleep(600)"
+)
 
 
 def test_a_second_job_is_refused_the_folder_until_the_first_dies(tmp_path):
@@ -210,12 +216,15 @@ def test_a_second_job_is_refused_the_folder_until_the_first_dies(tmp_path):
 
 
 # ---- errors -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, message", [
-    (["--mesh", "data=2,data=4"], "error: mesh axis 'data' is given twice"),
-    (["--mesh", "../cpu-8"], "error: mesh preset name '../cpu-8' is not a name"),
-    (["--ckpt-dir", "CKPT_FILE/sub"], "error: --ckpt-dir"),
-    (["--model", "lama:tiny"], "error: unknown model family 'lama'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mesh", "data=2,data=4"], "error: mesh axis 'data' is given twice"),
+        (["--mesh", "../cpu-8"], "error: mesh preset name '../cpu-8' is not a name"),
+        (["--ckpt-dir", "CKPT_FILE/sub"], "error: --ckpt-dir"),
+        (["--model", "lama:tiny"], "error: unknown model family 'lama'"),
+    ],
+)
 def test_a_user_error_is_one_message_and_exit_status_2(tmp_path, capsys, args, message):
     (tmp_path / "file").write_text("not a folder")
     args = [a.replace("CKPT_FILE", str(tmp_path / "file")) for a in args]
@@ -229,8 +238,25 @@ def test_a_user_error_is_one_message_and_exit_status_2(tmp_path, capsys, args, m
 def test_the_rest_of_a_cpu_mesh_without_a_device_count_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "mlsys_jax.cli", "train", "--mesh", "fsdp=-1", "--model", "tiny",
-                          "--ckpt-dir", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlsys_jax.cli",
+            "train",
+            "--mesh",
+            "fsdp=-1",
+            "--model",
+            "tiny",
+            "--ckpt-dir",
+            str(tmp_path / "run"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.startswith("error: --mesh 'fsdp=-1': fsdp=-1 ('the rest') came to 1 device")
     assert "--simulate-devices" in out.stderr and time.perf_counter() - t0 < 120

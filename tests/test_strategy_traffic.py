@@ -21,6 +21,7 @@ def load_bench():
     was split (``FROZEN_TRAFFIC``: bytes per device per step, as compiled and under the reading)."""
     path = Path(__file__).resolve().parent.parent / "bench" / "strategies.py"
     spec = importlib.util.spec_from_file_location("bench_strategies", path)
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -23,8 +23,17 @@ from mlsys_jax.kernels.attention.vjp import pallas_vjp
 from mlsys_jax.kernels.autotune import resolve_blocks
 from mlsys_jax.kernels.dispatch import Registry
 
-__all__ = ["flash_attention", "FLASH_ATTENTION", "AttentionBlocks", "AttentionOptions", "pallas_vjp",
-           "attention_reference", "attention_reference_with_lse", "visible", "choose"]
+__all__ = [
+    "FLASH_ATTENTION",
+    "AttentionBlocks",
+    "AttentionOptions",
+    "attention_reference",
+    "attention_reference_with_lse",
+    "choose",
+    "flash_attention",
+    "pallas_vjp",
+    "visible",
+]
 
 FLASH_ATTENTION = Registry(
     "flash_attention",
@@ -55,8 +64,7 @@ def _check_inputs(q, k, v, segment_ids, sliding_window, q_offset, kv_lengths):
         )
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
         raise ValueError(f"flash_attention: sliding_window must be a positive int or None, got {sliding_window!r}")
-    positions = tuple(_per_row(name, x, q.shape[0]) for name, x in
-                      (("q_offset", q_offset), ("kv_lengths", kv_lengths)))
+    positions = tuple(_per_row(name, x, q.shape[0]) for name, x in (("q_offset", q_offset), ("kv_lengths", kv_lengths)))
     if segment_ids is None:
         return (None, None) + positions
     if isinstance(segment_ids, (tuple, list)):
@@ -91,22 +99,48 @@ def _per_row(name: str, x, batch: int) -> jax.Array | None:
     return x.astype(jnp.int32)
 
 
-def choose(q, k, *, causal: bool = False, segment_ids=None, sliding_window: int | None = None,
-           q_offset=None, kv_lengths=None, implementation: str | None = None):
+def choose(
+    q,
+    k,
+    *,
+    causal: bool = False,
+    segment_ids=None,
+    sliding_window: int | None = None,
+    q_offset=None,
+    kv_lengths=None,
+    implementation: str | None = None,
+):
     """The backend ``flash_attention`` would run for these arguments (see ``Choice.describe``)."""
     return FLASH_ATTENTION.choose(
-        implementation, dtype=q.dtype, head_dim=q.shape[-1], seq_q=q.shape[1], seq_k=k.shape[1],
-        heads=q.shape[2], kv_heads=k.shape[2], causal=causal, segments=segment_ids is not None,
-        window=sliding_window, offsets=q_offset is not None, lengths=kv_lengths is not None,
+        implementation,
+        dtype=q.dtype,
+        head_dim=q.shape[-1],
+        seq_q=q.shape[1],
+        seq_k=k.shape[1],
+        heads=q.shape[2],
+        kv_heads=k.shape[2],
+        causal=causal,
+        segments=segment_ids is not None,
+        window=sliding_window,
+        offsets=q_offset is not None,
+        lengths=kv_lengths is not None,
     )
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
-                    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
-                    sm_scale: float | None = None, sliding_window: int | None = None,
-                    q_offset: jax.Array | int | None = None, kv_lengths: jax.Array | int | None = None,
-                    implementation: str | None = None, blocks: AttentionBlocks | None = None
-                    ) -> jax.Array:
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = False,
+    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+    sm_scale: float | None = None,
+    sliding_window: int | None = None,
+    q_offset: jax.Array | int | None = None,
+    kv_lengths: jax.Array | int | None = None,
+    implementation: str | None = None,
+    blocks: AttentionBlocks | None = None,
+) -> jax.Array:
     """softmax(sm_scale q k^T + mask) v without materializing the scores.
 
     q: (batch, seq_q, heads, head_dim); k, v: (batch, seq_k, kv_heads, head_dim). ``causal``
@@ -118,12 +152,23 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     sees no key gets zeros. ``implementation``: None picks the best backend here, "pallas" the
     best Pallas one, or a backend's name ("xla", "cudnn", "pallas_triton", "pallas_tpu").
     """
-    q_seg, kv_seg, q_off, kv_len = _check_inputs(q, k, v, segment_ids, sliding_window, q_offset,
-                                                  kv_lengths)
-    choice = choose(q, k, causal=causal, segment_ids=segment_ids, sliding_window=sliding_window,
-                    q_offset=q_offset, kv_lengths=kv_lengths, implementation=implementation)
+    q_seg, kv_seg, q_off, kv_len = _check_inputs(q, k, v, segment_ids, sliding_window, q_offset, kv_lengths)
+    choice = choose(
+        q,
+        k,
+        causal=causal,
+        segment_ids=segment_ids,
+        sliding_window=sliding_window,
+        q_offset=q_offset,
+        kv_lengths=kv_lengths,
+        implementation=implementation,
+    )
     if blocks is None:
         blocks = resolve_blocks("flash_attention", choice.backend, q, k)
-    opts = AttentionOptions(causal=causal, sm_scale=q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
-                            window=sliding_window, blocks=blocks or AttentionBlocks())
+    opts = AttentionOptions(
+        causal=causal,
+        sm_scale=q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
+        window=sliding_window,
+        blocks=blocks or AttentionBlocks(),
+    )
     return choice(q, k, v, q_seg, kv_seg, q_off, kv_len, opts)

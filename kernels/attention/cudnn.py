@@ -32,9 +32,16 @@ def run(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, opts: AttentionOptions):
     window = None
     if opts.window is not None:
         window = (opts.window - 1, 0 if opts.causal else opts.window - 1)
-    return jax.nn.dot_product_attention(q, k, v, scale=opts.sm_scale, is_causal=opts.causal,
-                                        key_value_seq_lengths=kv_lengths,
-                                        local_window_size=window, implementation="cudnn")
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=opts.sm_scale,
+        is_causal=opts.causal,
+        key_value_seq_lengths=kv_lengths,
+        local_window_size=window,
+        implementation="cudnn",
+    )
 
 
 BACKEND = Backend("cudnn", ("gpu",), run, check)

@@ -23,9 +23,16 @@ from mlsys_jax.kernels.attention.options import AttentionOptions
 from mlsys_jax.kernels.dispatch import Backend
 
 
-def visible(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool, window: int | None,
-            q_seg: jax.Array | None = None, kv_seg: jax.Array | None = None,
-            kv_len: jax.Array | None = None) -> jax.Array:
+def visible(
+    q_pos: jax.Array,
+    k_pos: jax.Array,
+    *,
+    causal: bool,
+    window: int | None,
+    q_seg: jax.Array | None = None,
+    kv_seg: jax.Array | None = None,
+    kv_len: jax.Array | None = None,
+) -> jax.Array:
     """Whether key position ``k_pos`` is visible to query position ``q_pos`` (broadcasting).
 
     Causal: k <= q. Sliding window w: q - k < w (and k - q < w when not causal). Segment ids:
@@ -46,10 +53,16 @@ def visible(q_pos: jax.Array, k_pos: jax.Array, *, causal: bool, window: int | N
     return ok
 
 
-def attention_reference_with_lse(q: jax.Array, k: jax.Array, v: jax.Array,
-                                 q_seg: jax.Array | None, kv_seg: jax.Array | None,
-                                 q_offset: jax.Array | None, kv_lengths: jax.Array | None,
-                                 opts: AttentionOptions) -> tuple[jax.Array, jax.Array]:
+def attention_reference_with_lse(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_seg: jax.Array | None,
+    kv_seg: jax.Array | None,
+    q_offset: jax.Array | None,
+    kv_lengths: jax.Array | None,
+    opts: AttentionOptions,
+) -> tuple[jax.Array, jax.Array]:
     """Output (batch, seq_q, heads, head_dim) in q's dtype and log-sum-exp (batch, heads, seq_q) fp32.
 
     ``q_offset`` and ``kv_lengths`` are (batch,) ints or None.
@@ -67,8 +80,9 @@ def attention_reference_with_lse(q: jax.Array, k: jax.Array, v: jax.Array,
     kv_len = None if kv_lengths is None else kv_lengths[:, None, None, None, None]
     qs = None if q_seg is None else q_seg[:, None, None, :, None]
     ks = None if kv_seg is None else kv_seg[:, None, None, None, :]
-    mask = visible(q_pos, jnp.arange(t)[None, :], causal=opts.causal, window=opts.window,
-                   q_seg=qs, kv_seg=ks, kv_len=kv_len)
+    mask = visible(
+        q_pos, jnp.arange(t)[None, :], causal=opts.causal, window=opts.window, q_seg=qs, kv_seg=ks, kv_len=kv_len
+    )
     mask = jnp.broadcast_to(mask, scores.shape)
     # Hidden scores take the lowest finite float, so exp(s - max) is 0 for them while a row with
     # nothing visible stays finite (its probabilities are then zeroed, its lse set to +inf).
@@ -83,9 +97,16 @@ def attention_reference_with_lse(q: jax.Array, k: jax.Array, v: jax.Array,
     return out.reshape(b, s, h, d).astype(q.dtype), lse.reshape(b, h, s)
 
 
-def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-                        kv_seg: jax.Array | None, q_offset: jax.Array | None,
-                        kv_lengths: jax.Array | None, opts: AttentionOptions) -> jax.Array:
+def attention_reference(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_seg: jax.Array | None,
+    kv_seg: jax.Array | None,
+    q_offset: jax.Array | None,
+    kv_lengths: jax.Array | None,
+    opts: AttentionOptions,
+) -> jax.Array:
     """The reference output alone, differentiated by JAX's autodiff."""
     return attention_reference_with_lse(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, opts)[0]
 

@@ -27,8 +27,19 @@ from mlsys_jax.kernels.attention.reference import visible
 from mlsys_jax.kernels.attention.vjp import pallas_backend
 from mlsys_jax.kernels.lowering import tpu_interpret, tpu_params
 
-__all__ = ["forward", "backward", "check", "block_visible", "kv_block_range", "q_block_range",
-           "kv_block_index", "q_block_index", "DEFAULTS", "candidates", "BACKEND"]
+__all__ = [
+    "BACKEND",
+    "DEFAULTS",
+    "backward",
+    "block_visible",
+    "candidates",
+    "check",
+    "forward",
+    "kv_block_index",
+    "kv_block_range",
+    "q_block_index",
+    "q_block_range",
+]
 
 LANES = 128  # the minor (lane) width of a TPU vreg: last block dims are multiples of it
 SUBLANES = 8  # the second-minor (sublane) width
@@ -51,6 +62,7 @@ def _round_up(n: int, m: int) -> int:
 # The functions below take Python ints or traced int32 scalars (grid indices and prefetched
 # per-row scalars inside kernels and index maps); None for q_offset or kv_len means absent.
 
+
 def _allowed_offsets(causal: bool, window: int | None) -> tuple[int | None, int | None]:
     """Bounds (lo, hi) of the visible d = q - k, None where unbounded."""
     lo = 0 if causal else (None if window is None else 1 - window)
@@ -69,8 +81,9 @@ def _last_key(k0, block_k: int, kv_len):
     return last if kv_len is None else jnp.minimum(last, kv_len - 1)
 
 
-def block_visible(q_block, k_block, *, block_q: int, block_k: int, causal: bool,
-                  window: int | None, q_offset=None, kv_len=None):
+def block_visible(
+    q_block, k_block, *, block_q: int, block_k: int, causal: bool, window: int | None, q_offset=None, kv_len=None
+):
     """Whether tile (q_block, k_block) holds a (query, key) pair visible under the causal, window
     and length masks, queries shifted by ``q_offset``; segment ids and padding are not
     considered. A Python True when nothing masks."""
@@ -86,8 +99,17 @@ def block_visible(q_block, k_block, *, block_q: int, block_k: int, causal: bool,
     return ok
 
 
-def kv_block_range(q_block, *, block_q: int, block_k: int, num_k_blocks: int, causal: bool,
-                   window: int | None, q_offset=None, kv_len=None):
+def kv_block_range(
+    q_block,
+    *,
+    block_q: int,
+    block_k: int,
+    num_k_blocks: int,
+    causal: bool,
+    window: int | None,
+    q_offset=None,
+    kv_len=None,
+):
     """(first, last) key block that query block ``q_block`` can see, clipped to the grid."""
     lo, hi = _allowed_offsets(causal, window)
     q0 = _shift(q_block * block_q, q_offset)
@@ -98,16 +120,24 @@ def kv_block_range(q_block, *, block_q: int, block_k: int, num_k_blocks: int, ca
     return _clip(first, num_k_blocks), _clip(last, num_k_blocks)
 
 
-def q_block_range(k_block, *, block_q: int, block_k: int, num_q_blocks: int, causal: bool,
-                  window: int | None, q_offset=None, kv_len=None):
+def q_block_range(
+    k_block,
+    *,
+    block_q: int,
+    block_k: int,
+    num_q_blocks: int,
+    causal: bool,
+    window: int | None,
+    q_offset=None,
+    kv_len=None,
+):
     """(first, last) query block that can see key block ``k_block``, clipped to the grid; one
     block when a length hides the whole key block."""
     lo, hi = _allowed_offsets(causal, window)
     neg = None if q_offset is None else -q_offset  # query positions -> query indices
     k0 = k_block * block_k
     first = 0 if lo is None else _div(jnp.maximum(_shift(k0 + lo, neg), 0), block_q)
-    last = (num_q_blocks - 1 if hi is None
-            else _div(_shift(_last_key(k0, block_k, kv_len) + hi, neg), block_q))
+    last = num_q_blocks - 1 if hi is None else _div(_shift(_last_key(k0, block_k, kv_len) + hi, neg), block_q)
     if kv_len is not None:
         last = jnp.where(k0 < kv_len, last, first)
     return _clip(first, num_q_blocks), _clip(last, num_q_blocks)
@@ -123,28 +153,63 @@ def _clip(i, n: int):
     return jnp.minimum(jnp.maximum(i, 0), n - 1)
 
 
-def kv_block_index(q_block, k_step, *, block_q: int, block_k: int, num_k_blocks: int,
-                   causal: bool, window: int | None, q_offset=None, kv_len=None):
+def kv_block_index(
+    q_block,
+    k_step,
+    *,
+    block_q: int,
+    block_k: int,
+    num_k_blocks: int,
+    causal: bool,
+    window: int | None,
+    q_offset=None,
+    kv_len=None,
+):
     """The key block the K/V index map fetches at grid step ``k_step`` of query block
     ``q_block``: ``k_step`` moved into the visible range, so skipped steps repeat a neighbour's
     block, which the pipeline does not fetch again."""
-    first, last = kv_block_range(q_block, block_q=block_q, block_k=block_k,
-                                 num_k_blocks=num_k_blocks, causal=causal, window=window,
-                                 q_offset=q_offset, kv_len=kv_len)
+    first, last = kv_block_range(
+        q_block,
+        block_q=block_q,
+        block_k=block_k,
+        num_k_blocks=num_k_blocks,
+        causal=causal,
+        window=window,
+        q_offset=q_offset,
+        kv_len=kv_len,
+    )
     return _clip(jnp.minimum(jnp.maximum(k_step, first), last), num_k_blocks)
 
 
-def q_block_index(k_block, q_step, *, block_q: int, block_k: int, num_q_blocks: int,
-                  causal: bool, window: int | None, q_offset=None, kv_len=None):
+def q_block_index(
+    k_block,
+    q_step,
+    *,
+    block_q: int,
+    block_k: int,
+    num_q_blocks: int,
+    causal: bool,
+    window: int | None,
+    q_offset=None,
+    kv_len=None,
+):
     """The query block the Q/dO index maps of the dK/dV kernel fetch at step ``q_step`` of key
     block ``k_block`` (see ``kv_block_index``)."""
-    first, last = q_block_range(k_block, block_q=block_q, block_k=block_k,
-                                num_q_blocks=num_q_blocks, causal=causal, window=window,
-                                q_offset=q_offset, kv_len=kv_len)
+    first, last = q_block_range(
+        k_block,
+        block_q=block_q,
+        block_k=block_k,
+        num_q_blocks=num_q_blocks,
+        causal=causal,
+        window=window,
+        q_offset=q_offset,
+        kv_len=kv_len,
+    )
     return _clip(jnp.minimum(jnp.maximum(q_step, first), last), num_q_blocks)
 
 
 # --- static description of one call ------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class _Tiling:
@@ -165,8 +230,7 @@ class _Tiling:
 
     @property
     def masked(self) -> bool:
-        return (self.causal or self.window is not None or self.segments or self.padded_keys
-                or self.lengths)
+        return self.causal or self.window is not None or self.segments or self.padded_keys or self.lengths
 
     @property
     def num_scalars(self) -> int:
@@ -182,27 +246,49 @@ class _Tiling:
         return q_offset, kv_len
 
     def visible(self, q_block, k_block, row=(None, None)):
-        return block_visible(q_block, k_block, block_q=self.block_q, block_k=self.block_k,
-                             causal=self.causal, window=self.window, q_offset=row[0],
-                             kv_len=row[1])
+        return block_visible(
+            q_block,
+            k_block,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            causal=self.causal,
+            window=self.window,
+            q_offset=row[0],
+            kv_len=row[1],
+        )
 
     def k_index(self, q_block, k_step, row=(None, None)):
-        return kv_block_index(q_block, k_step, block_q=self.block_q, block_k=self.block_k,
-                              num_k_blocks=self.num_k_blocks, causal=self.causal,
-                              window=self.window, q_offset=row[0], kv_len=row[1])
+        return kv_block_index(
+            q_block,
+            k_step,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            num_k_blocks=self.num_k_blocks,
+            causal=self.causal,
+            window=self.window,
+            q_offset=row[0],
+            kv_len=row[1],
+        )
 
     def q_index(self, k_block, q_step, row=(None, None)):
-        return q_block_index(k_block, q_step, block_q=self.block_q, block_k=self.block_k,
-                             num_q_blocks=self.num_q_blocks, causal=self.causal,
-                             window=self.window, q_offset=row[0], kv_len=row[1])
+        return q_block_index(
+            k_block,
+            q_step,
+            block_q=self.block_q,
+            block_k=self.block_k,
+            num_q_blocks=self.num_q_blocks,
+            causal=self.causal,
+            window=self.window,
+            q_offset=row[0],
+            kv_len=row[1],
+        )
 
     def mask(self, q_block, k_block, shape, q_axis, q_seg=None, kv_seg=None, row=(None, None)):
         """Visibility of a (block_q, block_k) tile, or its transpose when ``q_axis`` is 1."""
         q0 = _shift(q_block * self.block_q, row[0])
         q_pos = q0 + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
         k_pos = k_block * self.block_k + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
-        ok = visible(q_pos, k_pos, causal=self.causal, window=self.window, q_seg=q_seg,
-                     kv_seg=kv_seg, kv_len=row[1])
+        ok = visible(q_pos, k_pos, causal=self.causal, window=self.window, q_seg=q_seg, kv_seg=kv_seg, kv_len=row[1])
         if self.padded_keys:
             ok = ok & (k_pos < self.seq_k)
         return ok
@@ -220,14 +306,31 @@ def _block(name: str, block: int, n: int, interpret: bool) -> int:
     return min(block, _round_up(n, align))
 
 
-def _tiling(opts: AttentionOptions, segments: bool, seq_q: int, seq_k: int, block_q: int,
-            block_k: int, q_offset: jax.Array | None, kv_lengths: jax.Array | None) -> _Tiling:
+def _tiling(
+    opts: AttentionOptions,
+    segments: bool,
+    seq_q: int,
+    seq_k: int,
+    block_q: int,
+    block_k: int,
+    q_offset: jax.Array | None,
+    kv_lengths: jax.Array | None,
+) -> _Tiling:
     padded_q, padded_k = _round_up(seq_q, block_q), _round_up(seq_k, block_k)
-    return _Tiling(causal=opts.causal, window=opts.window, segments=segments,
-                   sm_scale=float(opts.sm_scale), seq_k=seq_k, block_q=block_q, block_k=block_k,
-                   num_q_blocks=padded_q // block_q, num_k_blocks=padded_k // block_k,
-                   padded_keys=padded_k != seq_k, offsets=q_offset is not None,
-                   lengths=kv_lengths is not None)
+    return _Tiling(
+        causal=opts.causal,
+        window=opts.window,
+        segments=segments,
+        sm_scale=float(opts.sm_scale),
+        seq_k=seq_k,
+        block_q=block_q,
+        block_k=block_k,
+        num_q_blocks=padded_q // block_q,
+        num_k_blocks=padded_k // block_k,
+        padded_keys=padded_k != seq_k,
+        offsets=q_offset is not None,
+        lengths=kv_lengths is not None,
+    )
 
 
 def _scalars(q_offset: jax.Array | None, kv_lengths: jax.Array | None) -> list[jax.Array]:
@@ -240,11 +343,16 @@ def _grid(t: _Tiling, grid, in_specs, out_specs, scratch_shapes) -> dict:
     SMEM, and index maps and kernels take their refs after the grid indices / before the blocks;
     without them the call is a plain grid."""
     if not t.num_scalars:
-        return dict(grid=grid, in_specs=in_specs, out_specs=out_specs,
-                    scratch_shapes=scratch_shapes)
-    return dict(grid_spec=pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=t.num_scalars, grid=grid, in_specs=in_specs, out_specs=out_specs,
-        scratch_shapes=scratch_shapes))
+        return {"grid": grid, "in_specs": in_specs, "out_specs": out_specs, "scratch_shapes": scratch_shapes}
+    return {
+        "grid_spec": pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=t.num_scalars,
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            scratch_shapes=scratch_shapes,
+        )
+    }
 
 
 def _lanes(x: jax.Array, n: int) -> jax.Array:
@@ -257,7 +365,7 @@ def _lanes(x: jax.Array, n: int) -> jax.Array:
 
 def _heads_major(x: jax.Array, seq: int, head_dim: int) -> jax.Array:
     """(B, S, H, D) -> (B, H, seq, head_dim), zero-padded."""
-    b, s, h, d = x.shape
+    _, s, _, d = x.shape
     x = jnp.pad(x, ((0, 0), (0, seq - s), (0, 0), (0, head_dim - d)))
     return jnp.transpose(x, (0, 2, 1, 3))
 
@@ -280,8 +388,9 @@ def _seg_row(seg: jax.Array, seq: int) -> jax.Array:
 
 # --- forward ------------------------------------------------------------------------------------
 
+
 def _forward_kernel(*refs, t: _Tiling):
-    row, refs = t.row(pl.program_id(0), refs[:t.num_scalars]), refs[t.num_scalars:]
+    row, refs = t.row(pl.program_id(0), refs[: t.num_scalars]), refs[t.num_scalars :]
     if t.segments:
         q_seg_ref, kv_seg_ref, *refs = refs
     q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
@@ -300,8 +409,7 @@ def _forward_kernel(*refs, t: _Tiling):
         s = jax.lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32)
         s = s * t.sm_scale
         if t.masked:
-            segs = ((_lanes(q_seg_ref[...], t.block_k), kv_seg_ref[...]) if t.segments
-                    else (None, None))
+            segs = (_lanes(q_seg_ref[...], t.block_k), kv_seg_ref[...]) if t.segments else (None, None)
             s = jnp.where(t.mask(qi, kb, s.shape, 0, *segs, row=row), s, -jnp.inf)
         m_prev = m_sc[...]  # (block_q, 128): the row max repeated across lanes
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -323,9 +431,16 @@ def _forward_kernel(*refs, t: _Tiling):
 
 
 @functools.partial(jax.jit, static_argnums=(7,))
-def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-            kv_seg: jax.Array | None, q_offset: jax.Array | None, kv_lengths: jax.Array | None,
-            opts: AttentionOptions) -> tuple[jax.Array, jax.Array]:
+def forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_seg: jax.Array | None,
+    kv_seg: jax.Array | None,
+    q_offset: jax.Array | None,
+    kv_lengths: jax.Array | None,
+    opts: AttentionOptions,
+) -> tuple[jax.Array, jax.Array]:
     """Attention output (B, S, H, D) in q's dtype and log-sum-exp (B, H, S) in fp32.
 
     Jitted per ``opts``, so eager calls compile the kernel once per configuration.
@@ -333,9 +448,16 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     b, s, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     group = h // kvh
-    t = _tiling(opts, q_seg is not None, s, tk,
-                _block("block_q", opts.blocks.block_q, s, opts.interpret),
-                _block("block_k", opts.blocks.block_k, tk, opts.interpret), q_offset, kv_lengths)
+    t = _tiling(
+        opts,
+        q_seg is not None,
+        s,
+        tk,
+        _block("block_q", opts.blocks.block_q, s, opts.interpret),
+        _block("block_k", opts.blocks.block_k, tk, opts.interpret),
+        q_offset,
+        kv_lengths,
+    )
     bq, bk, nq, nk = t.block_q, t.block_k, t.num_q_blocks, t.num_k_blocks
     dp = _round_up(d, LANES)
     qt = _heads_major(q, nq * bq, dp)
@@ -349,20 +471,28 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     kv_spec = pl.BlockSpec((_SQ, _SQ, bk, dp), k_map)
     in_specs, args = [q_spec, kv_spec, kv_spec], [qt, kt, vt]
     if t.segments:
-        in_specs = [pl.BlockSpec((_SQ, bq, LANES), lambda bi, hi, qi, ki, *_: (bi, qi, 0)),
-                    pl.BlockSpec((_SQ, 1, bk), lambda *i: (i[0], 0, k_map(*i)[2])),
-                    *in_specs]
+        in_specs = [
+            pl.BlockSpec((_SQ, bq, LANES), lambda bi, hi, qi, ki, *_: (bi, qi, 0)),
+            pl.BlockSpec((_SQ, 1, bk), lambda *i: (i[0], 0, k_map(*i)[2])),
+            *in_specs,
+        ]
+        assert q_seg is not None and kv_seg is not None
         args = [_seg_column(q_seg, nq * bq), _seg_row(kv_seg, nk * bk), *args]
 
     o, lse = pl.pallas_call(
         functools.partial(_forward_kernel, t=t),
-        **_grid(t, (b, h, nq, nk), in_specs,
-                [q_spec, pl.BlockSpec((_SQ, _SQ, bq, LANES),
-                                      lambda bi, hi, qi, ki, *_: (bi, hi, qi, 0))],
-                [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
-                 pltpu.VMEM((bq, dp), jnp.float32)]),
-        out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype),
-                   jax.ShapeDtypeStruct((b, h, nq * bq, LANES), jnp.float32)],
+        **_grid(
+            t,
+            (b, h, nq, nk),
+            in_specs,
+            [q_spec, pl.BlockSpec((_SQ, _SQ, bq, LANES), lambda bi, hi, qi, ki, *_: (bi, hi, qi, 0))],
+            [
+                pltpu.VMEM((bq, LANES), jnp.float32),
+                pltpu.VMEM((bq, LANES), jnp.float32),
+                pltpu.VMEM((bq, dp), jnp.float32),
+            ],
+        ),
+        out_shape=[jax.ShapeDtypeStruct(qt.shape, q.dtype), jax.ShapeDtypeStruct((b, h, nq * bq, LANES), jnp.float32)],
         compiler_params=tpu_params((_PARALLEL,) * 3 + (_ARBITRARY,)),
         interpret=tpu_interpret(opts.interpret),
         name="flash_attention_tpu_fwd",
@@ -372,8 +502,9 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
 
 # --- backward -----------------------------------------------------------------------------------
 
+
 def _dkv_kernel(*refs, t: _Tiling, group: int):
-    row, refs = t.row(pl.program_id(0), refs[:t.num_scalars]), refs[t.num_scalars:]
+    row, refs = t.row(pl.program_id(0), refs[: t.num_scalars]), refs[t.num_scalars :]
     if t.segments:
         q_seg_ref, kv_seg_ref, *refs = refs
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc = refs
@@ -391,16 +522,13 @@ def _dkv_kernel(*refs, t: _Tiling, group: int):
         # Transposed tiles (block_k, block_q): per-query lse and delta are lane-dense rows.
         st = jax.lax.dot_general(k, q, _NT, preferred_element_type=jnp.float32) * t.sm_scale
         if t.masked:
-            segs = ((q_seg_ref[...], _lanes(kv_seg_ref[...], t.block_q)) if t.segments
-                    else (None, None))
+            segs = (q_seg_ref[...], _lanes(kv_seg_ref[...], t.block_q)) if t.segments else (None, None)
             st = jnp.where(t.mask(qb, kb, st.shape, 1, *segs, row=row), st, -jnp.inf)
         pt = jnp.exp(st - lse_ref[...])  # lse = +inf (no visible key, or padding) gives 0
-        dv_sc[...] += jax.lax.dot_general(pt.astype(do.dtype), do, _NN,
-                                          preferred_element_type=jnp.float32)
+        dv_sc[...] += jax.lax.dot_general(pt.astype(do.dtype), do, _NN, preferred_element_type=jnp.float32)
         dpt = jax.lax.dot_general(v, do, _NT, preferred_element_type=jnp.float32)
         dst = pt * (dpt - delta_ref[...])
-        dk_sc[...] += jax.lax.dot_general(dst.astype(q.dtype), q, _NN,
-                                          preferred_element_type=jnp.float32)
+        dk_sc[...] += jax.lax.dot_general(dst.astype(q.dtype), q, _NN, preferred_element_type=jnp.float32)
 
     @pl.when((g == group - 1) & (qi == t.num_q_blocks - 1))
     def _finish():
@@ -409,7 +537,7 @@ def _dkv_kernel(*refs, t: _Tiling, group: int):
 
 
 def _dq_kernel(*refs, t: _Tiling):
-    row, refs = t.row(pl.program_id(0), refs[:t.num_scalars]), refs[t.num_scalars:]
+    row, refs = t.row(pl.program_id(0), refs[: t.num_scalars]), refs[t.num_scalars :]
     if t.segments:
         q_seg_ref, kv_seg_ref, *refs = refs
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc = refs
@@ -425,16 +553,14 @@ def _dq_kernel(*refs, t: _Tiling):
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * t.sm_scale
         if t.masked:
-            segs = ((_lanes(q_seg_ref[...], t.block_k), kv_seg_ref[...]) if t.segments
-                    else (None, None))
+            segs = (_lanes(q_seg_ref[...], t.block_k), kv_seg_ref[...]) if t.segments else (None, None)
             s = jnp.where(t.mask(qi, kb, s.shape, 0, *segs, row=row), s, -jnp.inf)
         lse = jnp.expand_dims(lse_ref[0], -1)  # lane-dense row -> (block_q, 1) column
         delta = jnp.expand_dims(delta_ref[0], -1)
         p = jnp.exp(s - lse)
         dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta)
-        dq_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, _NN,
-                                          preferred_element_type=jnp.float32)
+        dq_sc[...] += jax.lax.dot_general(ds.astype(k.dtype), k, _NN, preferred_element_type=jnp.float32)
 
     @pl.when(ki == t.num_k_blocks - 1)
     def _finish():
@@ -442,25 +568,39 @@ def _dq_kernel(*refs, t: _Tiling):
 
 
 @functools.partial(jax.jit, static_argnums=(10,))
-def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-             kv_seg: jax.Array | None, q_offset: jax.Array | None, kv_lengths: jax.Array | None,
-             o: jax.Array, lse: jax.Array, do: jax.Array,
-             opts: AttentionOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
+def backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_seg: jax.Array | None,
+    kv_seg: jax.Array | None,
+    q_offset: jax.Array | None,
+    kv_lengths: jax.Array | None,
+    o: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    opts: AttentionOptions,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Gradients (dq, dk, dv) in the input dtypes, recomputing probabilities from ``lse``."""
     b, s, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     group = h // kvh
-    t = _tiling(opts, q_seg is not None, s, tk,
-                _block("block_q_bwd", opts.blocks.block_q_bwd, s, opts.interpret),
-                _block("block_k_bwd", opts.blocks.block_k_bwd, tk, opts.interpret),
-                q_offset, kv_lengths)
+    t = _tiling(
+        opts,
+        q_seg is not None,
+        s,
+        tk,
+        _block("block_q_bwd", opts.blocks.block_q_bwd, s, opts.interpret),
+        _block("block_k_bwd", opts.blocks.block_k_bwd, tk, opts.interpret),
+        q_offset,
+        kv_lengths,
+    )
     bq, bk, nq, nk = t.block_q, t.block_k, t.num_q_blocks, t.num_k_blocks
     sp, tp, dp = nq * bq, nk * bk, _round_up(d, LANES)
 
     delta = jnp.einsum("bshd,bshd->bhs", do.astype(jnp.float32), o.astype(jnp.float32))
     # Padded query rows get lse = +inf and delta = 0, so they add nothing to dK/dV.
-    lse_row = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, sp - s)),
-                      constant_values=jnp.inf)[:, :, None, :]
+    lse_row = jnp.pad(lse.astype(jnp.float32), ((0, 0), (0, 0), (0, sp - s)), constant_values=jnp.inf)[:, :, None, :]
     delta_row = jnp.pad(delta, ((0, 0), (0, 0), (0, sp - s)))[:, :, None, :]
     qt, do_t = _heads_major(q, sp, dp), _heads_major(do, sp, dp)
     kt, vt = _heads_major(k, tp, dp), _heads_major(v, tp, dp)
@@ -481,14 +621,22 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [qt, kt, vt, do_t, lse_row, delta_row]
     if t.segments:
-        in_specs = [pl.BlockSpec((_SQ, 1, bq), lambda *i: (i[0], 0, q_map(*i)[2])),
-                    pl.BlockSpec((_SQ, bk, LANES), lambda bi, ki, kb, g, qi, *_: (bi, kb, 0)),
-                    *in_specs]
+        in_specs = [
+            pl.BlockSpec((_SQ, 1, bq), lambda *i: (i[0], 0, q_map(*i)[2])),
+            pl.BlockSpec((_SQ, bk, LANES), lambda bi, ki, kb, g, qi, *_: (bi, kb, 0)),
+            *in_specs,
+        ]
+        assert q_seg is not None and kv_seg is not None
         args = [_seg_row(q_seg, sp), _seg_column(kv_seg, tp), *args]
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, t=t, group=group),
-        **_grid(t, (b, kvh, nk, group, nq), in_specs, [kv_spec, kv_spec],
-                [pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)]),
+        **_grid(
+            t,
+            (b, kvh, nk, group, nq),
+            in_specs,
+            [kv_spec, kv_spec],
+            [pltpu.VMEM((bk, dp), jnp.float32), pltpu.VMEM((bk, dp), jnp.float32)],
+        ),
         out_shape=[jax.ShapeDtypeStruct(kt.shape, k.dtype), jax.ShapeDtypeStruct(vt.shape, v.dtype)],
         compiler_params=tpu_params((_PARALLEL,) * 3 + (_ARBITRARY,) * 2),
         interpret=interpret,
@@ -505,9 +653,12 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
     args = [qt, kt, vt, do_t, lse_row, delta_row]
     if t.segments:
-        in_specs = [pl.BlockSpec((_SQ, bq, LANES), lambda bi, hi, qi, ki, *_: (bi, qi, 0)),
-                    pl.BlockSpec((_SQ, 1, bk), lambda *i: (i[0], 0, k_map(*i)[2])),
-                    *in_specs]
+        in_specs = [
+            pl.BlockSpec((_SQ, bq, LANES), lambda bi, hi, qi, ki, *_: (bi, qi, 0)),
+            pl.BlockSpec((_SQ, 1, bk), lambda *i: (i[0], 0, k_map(*i)[2])),
+            *in_specs,
+        ]
+        assert q_seg is not None and kv_seg is not None
         args = [_seg_column(q_seg, sp), _seg_row(kv_seg, tp), *args]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, t=t),
@@ -522,8 +673,22 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
 
 # --- what the backend serves --------------------------------------------------------------------
 
-def check(*, dtype, head_dim, seq_q, seq_k, heads, kv_heads, causal, segments, window,
-          offsets: bool = False, lengths: bool = False, **_) -> str | None:
+
+def check(
+    *,
+    dtype,
+    head_dim,
+    seq_q,
+    seq_k,
+    heads,
+    kv_heads,
+    causal,
+    segments,
+    window,
+    offsets: bool = False,
+    lengths: bool = False,
+    **_,
+) -> str | None:
     """Why ``pallas_tpu`` cannot serve these arguments, or None.
 
     head_dim of any size is zero-padded to a multiple of 128 lanes, sequences to whole blocks,
@@ -533,8 +698,7 @@ def check(*, dtype, head_dim, seq_q, seq_k, heads, kv_heads, causal, segments, w
     del head_dim, seq_q, seq_k, heads, kv_heads, causal, segments, window, offsets, lengths
     dtype = jnp.dtype(dtype)
     if dtype == jnp.dtype(jnp.float16):
-        return ("TPUs have no float16 arithmetic; cast q, k, v to bfloat16 (or pass "
-                "implementation='xla')")
+        return "TPUs have no float16 arithmetic; cast q, k, v to bfloat16 (or pass implementation='xla')"
     if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         return f"the TPU kernel takes float32 or bfloat16, not {dtype.name}"
     return None

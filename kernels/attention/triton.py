@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,17 @@ from mlsys_jax.kernels.attention.reference import visible
 from mlsys_jax.kernels.attention.vjp import pallas_backend
 from mlsys_jax.kernels.lowering import triton_params
 
-__all__ = ["forward", "backward", "check", "key_block_range", "query_block_range", "effective_block",
-           "DEFAULTS", "candidates", "BACKEND"]
+__all__ = [
+    "BACKEND",
+    "DEFAULTS",
+    "backward",
+    "candidates",
+    "check",
+    "effective_block",
+    "forward",
+    "key_block_range",
+    "query_block_range",
+]
 
 # A dimension a BlockSpec drops from the kernel's view (``pl.squeezed`` where the API has it).
 _SQ = getattr(pl, "squeezed", None)
@@ -45,6 +55,7 @@ _HEAD_DIM_STEP = 8
 
 
 # --- which blocks can hold a visible entry ------------------------------------------------------
+
 
 def _is_static(*xs) -> bool:
     return all(isinstance(x, int) for x in xs)
@@ -87,9 +98,18 @@ def _as_int(flag):
     return int(flag) if _is_static(flag) else flag.astype(jnp.int32)
 
 
-def key_block_range(q_block, block_q: int, block_k: int, seq_q: int, seq_k: int, *,
-                    causal: bool, window: int | None, q_offset: int | jax.Array | None = None,
-                    kv_len: int | jax.Array | None = None):
+def key_block_range(
+    q_block,
+    block_q: int,
+    block_k: int,
+    seq_q: int,
+    seq_k: int,
+    *,
+    causal: bool,
+    window: int | None,
+    q_offset: int | jax.Array | None = None,
+    kv_len: int | jax.Array | None = None,
+):
     """Key blocks [lo, hi) that can hold a key visible to some query of ``q_block``.
 
     Queries of the block are [q_block * block_q, min(.. + block_q, seq_q)), at those positions
@@ -106,9 +126,18 @@ def key_block_range(q_block, block_q: int, block_k: int, seq_q: int, seq_k: int,
     return _block_interval(first_k, _min(last_k, _key_limit(seq_k, kv_len) - 1), block_k, seq_k)
 
 
-def query_block_range(k_block, block_q: int, block_k: int, seq_q: int, seq_k: int, *,
-                      causal: bool, window: int | None, q_offset: int | jax.Array | None = None,
-                      kv_len: int | jax.Array | None = None):
+def query_block_range(
+    k_block,
+    block_q: int,
+    block_k: int,
+    seq_q: int,
+    seq_k: int,
+    *,
+    causal: bool,
+    window: int | None,
+    q_offset: int | jax.Array | None = None,
+    kv_len: int | jax.Array | None = None,
+):
     """Query blocks [lo, hi) holding some query that sees a key of ``k_block`` (see ``key_block_range``)."""
     first_k = k_block * block_k
     last_k = _min(first_k + block_k, _key_limit(seq_k, kv_len)) - 1
@@ -138,6 +167,7 @@ def _block_interval(first, last, block: int, seq: int):
 
 # --- what the backend accepts -------------------------------------------------------------------
 
+
 def _power_of_two(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
@@ -147,8 +177,10 @@ def check(*, dtype, head_dim: int, **_) -> str | None:
     if jnp.dtype(dtype) not in FLOAT_DTYPES:
         return f"the Triton kernels take float32, bfloat16 or float16, not {jnp.dtype(dtype).name}"
     if head_dim % _HEAD_DIM_STEP or not _HEAD_DIM_STEP <= head_dim <= _MAX_HEAD_DIM:
-        return (f"the Triton kernels need head_dim a multiple of {_HEAD_DIM_STEP} up to "
-                f"{_MAX_HEAD_DIM} (padded to a power-of-two tile), got {head_dim}")
+        return (
+            f"the Triton kernels need head_dim a multiple of {_HEAD_DIM_STEP} up to "
+            f"{_MAX_HEAD_DIM} (padded to a power-of-two tile), got {head_dim}"
+        )
     return None
 
 
@@ -173,18 +205,26 @@ def _head_tile(head_dim: int) -> int:
 
 # --- kernel helpers -----------------------------------------------------------------------------
 
+
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
     """A matmul contracting dim ``contract[0]`` of a with ``contract[1]`` of b, accumulated in fp32.
 
     HIGHEST keeps fp32 inputs in IEEE fp32 on GPU (the default would round them to TF32).
     """
     dims = (((contract[0],), (contract[1],)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
 
 
-def _tile_mask(first_q, block_q: int, first_k, block_k: int, key_limit, opts: AttentionOptions,
-               q_seg: jax.Array | None, kv_seg: jax.Array | None) -> jax.Array | None:
+def _tile_mask(
+    first_q,
+    block_q: int,
+    first_k,
+    block_k: int,
+    key_limit,
+    opts: AttentionOptions,
+    q_seg: jax.Array | None,
+    kv_seg: jax.Array | None,
+) -> jax.Array | None:
     """Which entries of a (block_q, block_k) tile are visible, or None when all of them are.
 
     ``first_q`` is a position (offset included); keys at ``key_limit`` and beyond (padding, or
@@ -195,10 +235,15 @@ def _tile_mask(first_q, block_q: int, first_k, block_k: int, key_limit, opts: At
         return None
     q_pos = (first_q + jnp.arange(block_q, dtype=jnp.int32))[:, None]
     k_pos = (first_k + jnp.arange(block_k, dtype=jnp.int32))[None, :]
-    return visible(q_pos, k_pos, causal=opts.causal, window=opts.window,
-                   q_seg=None if q_seg is None else q_seg[:, None],
-                   kv_seg=None if kv_seg is None else kv_seg[None, :],
-                   kv_len=key_limit if bounded else None)
+    return visible(
+        q_pos,
+        k_pos,
+        causal=opts.causal,
+        window=opts.window,
+        q_seg=None if q_seg is None else q_seg[:, None],
+        kv_seg=None if kv_seg is None else kv_seg[None, :],
+        kv_len=key_limit if bounded else None,
+    )
 
 
 def _scores(q, k, first_q, first_k, key_limit, opts, q_seg, kv_seg) -> jax.Array:
@@ -208,7 +253,11 @@ def _scores(q, k, first_q, first_k, key_limit, opts, q_seg, kv_seg) -> jax.Array
     return s if mask is None else jnp.where(mask, s, -jnp.inf)
 
 
-def _pad(x: jax.Array | None, axis: int, size: int, value=0) -> jax.Array | None:
+@overload
+def _pad(x: jax.Array, axis: int, size: int, value: float = 0) -> jax.Array: ...
+@overload
+def _pad(x: None, axis: int, size: int, value: float = 0) -> None: ...
+def _pad(x: jax.Array | None, axis: int, size: int, value: float = 0) -> jax.Array | None:
     """``x`` padded with ``value`` at the end of ``axis`` up to ``size``."""
     if x is None or x.shape[axis] == size:
         return x
@@ -243,8 +292,18 @@ def _row_inputs(q_offset: jax.Array | None, kv_lengths: jax.Array | None):
 
 # --- forward ------------------------------------------------------------------------------------
 
-def _forward_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, seq_q: int,
-                    seq_k: int, segments: bool, offsets: bool, lengths: bool):
+
+def _forward_kernel(
+    *refs,
+    opts: AttentionOptions,
+    block_q: int,
+    block_k: int,
+    seq_q: int,
+    seq_k: int,
+    segments: bool,
+    offsets: bool,
+    lengths: bool,
+):
     (q_ref, k_ref, v_ref), optional, (o_ref, lse_ref) = _split_refs(refs, 3, segments, offsets, lengths)
     q_seg_ref, kv_seg_ref, offset_ref, length_ref = optional
     q_offset, kv_len, key_limit = _row_scalars(offset_ref, length_ref, seq_k)
@@ -269,11 +328,22 @@ def _forward_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, s
         acc = acc * rescale[:, None] + _dot(p.astype(v.dtype), v, (1, 0))
         return acc, m_new, l * rescale + jnp.sum(p, axis=1)
 
-    lo, hi = key_block_range(q_block, block_q, block_k, seq_q, seq_k, causal=opts.causal,
-                             window=opts.window, q_offset=q_offset, kv_len=kv_len)
-    init = (jnp.zeros((block_q, head_dim), jnp.float32),
-            jnp.full((block_q,), -jnp.inf, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
+    lo, hi = key_block_range(
+        q_block,
+        block_q,
+        block_k,
+        seq_q,
+        seq_k,
+        causal=opts.causal,
+        window=opts.window,
+        q_offset=q_offset,
+        kv_len=kv_len,
+    )
+    init = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), -jnp.inf, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
     acc, m, l = lax.fori_loop(lo, hi, body, init)
     empty = l == 0.0  # a query that sees no key: zeros, lse = +inf
     l_safe = jnp.where(empty, 1.0, l)
@@ -281,9 +351,16 @@ def _forward_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, s
     lse_ref[...] = jnp.where(empty, jnp.inf, (m + jnp.log2(l_safe)) * _LN2)
 
 
-def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-            kv_seg: jax.Array | None, q_offset: jax.Array | None, kv_lengths: jax.Array | None,
-            opts: AttentionOptions) -> tuple[jax.Array, jax.Array]:
+def forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_seg: jax.Array | None,
+    kv_seg: jax.Array | None,
+    q_offset: jax.Array | None,
+    kv_lengths: jax.Array | None,
+    opts: AttentionOptions,
+) -> tuple[jax.Array, jax.Array]:
     """Attention output (B, S, H, D) in q's dtype and log-sum-exp (B, H, S) fp32."""
     b, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -294,30 +371,43 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     pad_q, pad_k, dim = nq * block_q, nk * block_k, _head_tile(head_dim)
     segments = q_seg is not None
 
-    qkv_block = lambda rows: (_SQ, rows, _SQ, dim)  # noqa: E731
+    qkv_block = lambda rows: (_SQ, rows, _SQ, dim)
     in_specs = [
         pl.BlockSpec(qkv_block(block_q), lambda i, bi, h: (bi, i, h, 0)),
         pl.BlockSpec(qkv_block(pad_k), lambda i, bi, h: (bi, 0, lax.div(h, group), 0)),
         pl.BlockSpec(qkv_block(pad_k), lambda i, bi, h: (bi, 0, lax.div(h, group), 0)),
     ]
-    args = [_pad(_pad(q, 1, pad_q), 3, dim), _pad(_pad(k, 1, pad_k), 3, dim),
-            _pad(_pad(v, 1, pad_k), 3, dim)]
+    args = [_pad(_pad(q, 1, pad_q), 3, dim), _pad(_pad(k, 1, pad_k), 3, dim), _pad(_pad(v, 1, pad_k), 3, dim)]
     if segments:
-        in_specs += [pl.BlockSpec((_SQ, block_q), lambda i, bi, h: (bi, i)),
-                     pl.BlockSpec((_SQ, pad_k), lambda i, bi, h: (bi, 0))]
+        in_specs += [
+            pl.BlockSpec((_SQ, block_q), lambda i, bi, h: (bi, i)),
+            pl.BlockSpec((_SQ, pad_k), lambda i, bi, h: (bi, 0)),
+        ]
         args += [_pad(q_seg, 1, pad_q), _pad(kv_seg, 1, pad_k)]
     row_specs, row_args = _row_inputs(q_offset, kv_lengths)
-    kernel = functools.partial(_forward_kernel, opts=opts, block_q=block_q, block_k=block_k,
-                               seq_q=seq_q, seq_k=seq_k, segments=segments,
-                               offsets=q_offset is not None, lengths=kv_lengths is not None)
+    kernel = functools.partial(
+        _forward_kernel,
+        opts=opts,
+        block_q=block_q,
+        block_k=block_k,
+        seq_q=seq_q,
+        seq_k=seq_k,
+        segments=segments,
+        offsets=q_offset is not None,
+        lengths=kv_lengths is not None,
+    )
     o, lse = pl.pallas_call(
         kernel,
         grid=(nq, b, heads),
         in_specs=in_specs + row_specs,
-        out_specs=[pl.BlockSpec(qkv_block(block_q), lambda i, bi, h: (bi, i, h, 0)),
-                   pl.BlockSpec((_SQ, _SQ, block_q), lambda i, bi, h: (bi, h, i))],
-        out_shape=[jax.ShapeDtypeStruct((b, pad_q, heads, dim), q.dtype),
-                   jax.ShapeDtypeStruct((b, heads, pad_q), jnp.float32)],
+        out_specs=[
+            pl.BlockSpec(qkv_block(block_q), lambda i, bi, h: (bi, i, h, 0)),
+            pl.BlockSpec((_SQ, _SQ, block_q), lambda i, bi, h: (bi, h, i)),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, pad_q, heads, dim), q.dtype),
+            jax.ShapeDtypeStruct((b, heads, pad_q), jnp.float32),
+        ],
         compiler_params=triton_params(opts.blocks.num_warps, opts.blocks.num_stages),
         interpret=opts.interpret,
         name="flash_attention_fwd_triton",
@@ -327,18 +417,39 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
 
 # --- backward -----------------------------------------------------------------------------------
 
-def _dkdv_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, seq_q: int,
-                 seq_k: int, group: int, segments: bool, offsets: bool, lengths: bool):
+
+def _dkdv_kernel(
+    *refs,
+    opts: AttentionOptions,
+    block_q: int,
+    block_k: int,
+    seq_q: int,
+    seq_k: int,
+    group: int,
+    segments: bool,
+    offsets: bool,
+    lengths: bool,
+):
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), optional, (dk_ref, dv_ref) = _split_refs(
-        refs, 6, segments, offsets, lengths)
+        refs, 6, segments, offsets, lengths
+    )
     q_seg_ref, kv_seg_ref, offset_ref, length_ref = optional
     q_offset, kv_len, key_limit = _row_scalars(offset_ref, length_ref, seq_k)
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[...]
     k_block = pl.program_id(0)
     first_k = k_block * block_k
     k, v = k_ref[...], v_ref[...]
-    lo, hi = query_block_range(k_block, block_q, block_k, seq_q, seq_k, causal=opts.causal,
-                               window=opts.window, q_offset=q_offset, kv_len=kv_len)
+    lo, hi = query_block_range(
+        k_block,
+        block_q,
+        block_k,
+        seq_q,
+        seq_k,
+        causal=opts.causal,
+        window=opts.window,
+        q_offset=q_offset,
+        kv_len=kv_len,
+    )
 
     def head_body(g, carry):
         def query_body(qb, carry):
@@ -353,6 +464,7 @@ def _dkdv_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, seq_
             ds = p * (_dot(do, v, (1, 1)) - delta_ref[g, rows][:, None])
             dk = dk + _dot(ds.astype(q.dtype), q, (0, 0))
             return dk, dv
+
         return lax.fori_loop(lo, hi, query_body, carry)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -361,10 +473,20 @@ def _dkdv_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, seq_
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, seq_q: int, seq_k: int,
-               segments: bool, offsets: bool, lengths: bool):
+def _dq_kernel(
+    *refs,
+    opts: AttentionOptions,
+    block_q: int,
+    block_k: int,
+    seq_q: int,
+    seq_k: int,
+    segments: bool,
+    offsets: bool,
+    lengths: bool,
+):
     (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref), optional, (dq_ref,) = _split_refs(
-        refs, 6, segments, offsets, lengths)
+        refs, 6, segments, offsets, lengths
+    )
     q_seg_ref, kv_seg_ref, offset_ref, length_ref = optional
     q_offset, kv_len, key_limit = _row_scalars(offset_ref, length_ref, seq_k)
     q_seg = None if q_seg_ref is None else q_seg_ref[...]
@@ -384,16 +506,34 @@ def _dq_kernel(*refs, opts: AttentionOptions, block_q: int, block_k: int, seq_q:
         ds = p * (_dot(do, v_ref[keys, :], (1, 1)) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
-    lo, hi = key_block_range(q_block, block_q, block_k, seq_q, seq_k, causal=opts.causal,
-                             window=opts.window, q_offset=q_offset, kv_len=kv_len)
+    lo, hi = key_block_range(
+        q_block,
+        block_q,
+        block_k,
+        seq_q,
+        seq_k,
+        causal=opts.causal,
+        window=opts.window,
+        q_offset=q_offset,
+        kv_len=kv_len,
+    )
     dq = lax.fori_loop(lo, hi, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * opts.sm_scale).astype(dq_ref.dtype)
 
 
-def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
-             kv_seg: jax.Array | None, q_offset: jax.Array | None, kv_lengths: jax.Array | None,
-             o: jax.Array, lse: jax.Array, do: jax.Array,
-             opts: AttentionOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
+def backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_seg: jax.Array | None,
+    kv_seg: jax.Array | None,
+    q_offset: jax.Array | None,
+    kv_lengths: jax.Array | None,
+    o: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    opts: AttentionOptions,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """dq, dk, dv of the attention output with cotangent ``do``, in the inputs' dtypes."""
     b, seq_q, heads, head_dim = q.shape
     seq_k, kv_heads = k.shape[1], k.shape[2]
@@ -412,9 +552,17 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     lse_p, delta_p = _pad(lse, 2, pad_q, jnp.inf), _pad(delta, 2, pad_q)
     seg_args = [_pad(q_seg, 1, pad_q), _pad(kv_seg, 1, pad_k)] if segments else []
     row_specs, row_args = _row_inputs(q_offset, kv_lengths)
-    statics = dict(opts=opts, block_q=block_q, block_k=block_k, seq_q=seq_q, seq_k=seq_k,
-                   segments=segments, offsets=q_offset is not None, lengths=kv_lengths is not None)
-    rows = lambda n: (_SQ, n, _SQ, dim)  # noqa: E731
+    statics = {
+        "opts": opts,
+        "block_q": block_q,
+        "block_k": block_k,
+        "seq_q": seq_q,
+        "seq_k": seq_k,
+        "segments": segments,
+        "offsets": q_offset is not None,
+        "lengths": kv_lengths is not None,
+    }
+    rows = lambda n: (_SQ, n, _SQ, dim)
 
     # dK, dV: one program per (key block, batch, K/V head), looping over the group's query heads.
     group_rows = pl.BlockSpec((_SQ, pad_q, group, dim), lambda j, bi, kh: (bi, 0, kh, 0))
@@ -422,8 +570,10 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     kv_block = pl.BlockSpec(rows(block_k), lambda j, bi, kh: (bi, j, kh, 0))
     in_specs = [group_rows, kv_block, kv_block, group_rows, group_stats, group_stats]
     if segments:
-        in_specs += [pl.BlockSpec((_SQ, pad_q), lambda j, bi, kh: (bi, 0)),
-                     pl.BlockSpec((_SQ, block_k), lambda j, bi, kh: (bi, j))]
+        in_specs += [
+            pl.BlockSpec((_SQ, pad_q), lambda j, bi, kh: (bi, 0)),
+            pl.BlockSpec((_SQ, block_k), lambda j, bi, kh: (bi, j)),
+        ]
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, group=group, **statics),
         grid=(nk, b, kv_heads),
@@ -441,8 +591,10 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
     stats = pl.BlockSpec((_SQ, _SQ, block_q), lambda i, bi, h: (bi, h, i))
     in_specs = [q_block, kv_full, kv_full, q_block, stats, stats]
     if segments:
-        in_specs += [pl.BlockSpec((_SQ, block_q), lambda i, bi, h: (bi, i)),
-                     pl.BlockSpec((_SQ, pad_k), lambda i, bi, h: (bi, 0))]
+        in_specs += [
+            pl.BlockSpec((_SQ, block_q), lambda i, bi, h: (bi, i)),
+            pl.BlockSpec((_SQ, pad_k), lambda i, bi, h: (bi, 0)),
+        ]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **statics),
         grid=(nq, b, heads),
@@ -461,12 +613,9 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, q_seg: jax.Array | None,
 #: Default tiles per device kind (substring of ``jax.Device.device_kind``); "cpu" is the
 #: interpreter, where every block is a loop step, so blocks are few.
 DEFAULTS = {
-    "H200": AttentionBlocks(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8,
-                            num_stages=3),
-    "H100": AttentionBlocks(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8,
-                            num_stages=3),
-    "A100": AttentionBlocks(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4,
-                            num_stages=2),
+    "H200": AttentionBlocks(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8, num_stages=3),
+    "H100": AttentionBlocks(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=8, num_stages=3),
+    "A100": AttentionBlocks(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64, num_warps=4, num_stages=2),
     "cpu": AttentionBlocks(block_q=32, block_k=32, block_q_bwd=32, block_k_bwd=32),
 }
 
@@ -475,8 +624,13 @@ def candidates(platform: str) -> list[AttentionBlocks]:
     """Tiles autotuning tries: on a GPU, forward 64/128 with half-size backward tiles and a few
     warp/stage counts; interpreted, two small sizes (only to exercise the machinery)."""
     if platform == "gpu":
-        return [AttentionBlocks(bq, bk, bq // 2, bk // 2, w, st) for bq in (64, 128)
-                for bk in (64, 128) for w in (4, 8) for st in (2, 3)]
+        return [
+            AttentionBlocks(bq, bk, bq // 2, bk // 2, w, st)
+            for bq in (64, 128)
+            for bk in (64, 128)
+            for w in (4, 8)
+            for st in (2, 3)
+        ]
     return [AttentionBlocks(bq, bk, bq, bk) for bq in (16, 32) for bk in (16, 32)]
 
 

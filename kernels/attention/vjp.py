@@ -8,7 +8,6 @@ hands them over (the last four are None when absent).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
@@ -25,8 +24,7 @@ def pallas_vjp(forward: Forward, backward: Backward) -> Callable[..., jax.Array]
     opts) -> (o, lse)`` and ``backward(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, o, lse, do,
     opts) -> (dq, dk, dv)``."""
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-    def attend(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, opts):
+    def attend(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, opts) -> jax.Array:
         return forward(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, opts)[0]
 
     def attend_fwd(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, opts):
@@ -38,19 +36,33 @@ def pallas_vjp(forward: Forward, backward: Backward) -> Callable[..., jax.Array]
         dq, dk, dv = backward(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, o, lse, do, opts)
         return dq, dk, dv, None, None, None, None
 
-    attend.defvjp(attend_fwd, attend_bwd)
-    return attend
+    differentiable = jax.custom_vjp(attend, nondiff_argnums=(7,))
+    differentiable.defvjp(attend_fwd, attend_bwd)
+    return differentiable
 
 
-def pallas_backend(name: str, platforms: tuple[str, ...], forward: Forward, backward: Backward,
-                   check: Callable[..., str | None], defaults: Mapping[str, AttentionBlocks],
-                   candidates: Callable[[str], Sequence[AttentionBlocks]]) -> Backend:
+def pallas_backend(
+    name: str,
+    platforms: tuple[str, ...],
+    forward: Forward,
+    backward: Backward,
+    check: Callable[..., str | None],
+    defaults: Mapping[str, AttentionBlocks],
+    candidates: Callable[[str], Sequence[AttentionBlocks]],
+) -> Backend:
     """The backend table's entry for a pair of Pallas kernels."""
     attend = pallas_vjp(forward, backward)
 
     def run(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, opts, *, interpret: bool = False):
-        return attend(q, k, v, q_seg, kv_seg, q_offset, kv_lengths,
-                      dataclasses.replace(opts, interpret=interpret))
+        return attend(q, k, v, q_seg, kv_seg, q_offset, kv_lengths, dataclasses.replace(opts, interpret=interpret))
 
-    return Backend(name, platforms, run, check, interpretable=True, blocks=AttentionBlocks,
-                   defaults=defaults, candidates=candidates)
+    return Backend(
+        name,
+        platforms,
+        run,
+        check,
+        interpretable=True,
+        blocks=AttentionBlocks,
+        defaults=defaults,
+        candidates=candidates,
+    )

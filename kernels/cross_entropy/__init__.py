@@ -26,25 +26,40 @@ from mlsys_jax.kernels.cross_entropy.options import FLOAT_DTYPES, LossBlocks, Lo
 from mlsys_jax.kernels.cross_entropy.reference import linear_cross_entropy_reference, logits, token_losses
 from mlsys_jax.kernels.dispatch import Registry
 
-__all__ = ["linear_cross_entropy", "linear_cross_entropy_reference", "logits", "token_losses",
-           "LINEAR_CROSS_ENTROPY", "LossBlocks", "LossOptions", "fused_vjp", "chunked_stats",
-           "chunked_grads", "choose"]
+__all__ = [
+    "LINEAR_CROSS_ENTROPY",
+    "LossBlocks",
+    "LossOptions",
+    "choose",
+    "chunked_grads",
+    "chunked_stats",
+    "fused_vjp",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "logits",
+    "token_losses",
+]
 
 LINEAR_CROSS_ENTROPY = Registry(
     "linear_cross_entropy",
-    order={"gpu": ("pallas_triton", "chunked", "xla"), "tpu": ("pallas_tpu", "chunked", "xla"),
-           "cpu": ("chunked", "xla")},
+    order={
+        "gpu": ("pallas_triton", "chunked", "xla"),
+        "tpu": ("pallas_tpu", "chunked", "xla"),
+        "cpu": ("chunked", "xla"),
+    },
     backends=(reference.BACKEND, chunked.BACKEND, triton.BACKEND, tpu.BACKEND),
 )
 
 
 # --- the public function ------------------------------------------------------------------------
 
+
 def _check_inputs(hidden, weight, labels, ignore_index, z_loss, vocab_axis) -> tuple[str, ...] | None:
     where = "linear_cross_entropy"
     if hidden.ndim < 1 or weight.ndim != 2:
-        raise ValueError(f"{where}: hidden must be (..., D) and weight (D, V); got shapes "
-                         f"{hidden.shape} and {weight.shape}")
+        raise ValueError(
+            f"{where}: hidden must be (..., D) and weight (D, V); got shapes {hidden.shape} and {weight.shape}"
+        )
     if weight.shape[0] != hidden.shape[-1]:
         raise ValueError(
             f"{where}: weight {weight.shape} must be (D, V) with D = hidden.shape[-1] = "
@@ -52,18 +67,19 @@ def _check_inputs(hidden, weight, labels, ignore_index, z_loss, vocab_axis) -> t
             "embedding table first)."
         )
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"{where}: labels {labels.shape} must have hidden's leading shape "
-                         f"{hidden.shape[:-1]}")
+        raise ValueError(f"{where}: labels {labels.shape} must have hidden's leading shape {hidden.shape[:-1]}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"{where}: labels must be integers, got {labels.dtype}")
     for name, x in (("hidden", hidden), ("weight", weight)):
         if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
             raise ValueError(f"{where}: {name} must be float32, bfloat16 or float16, got {x.dtype}")
     if hidden.dtype != weight.dtype:
-        raise ValueError(f"{where}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share "
-                         "a dtype. Fix: cast the weight to the activations' dtype.")
+        raise ValueError(
+            f"{where}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share "
+            "a dtype. Fix: cast the weight to the activations' dtype."
+        )
     if not isinstance(ignore_index, int):
-        raise ValueError(f"{where}: ignore_index must be a Python int, got {ignore_index!r}")
+        raise ValueError(f"{where}: ignore_index must be a Python int, got {ignore_index!r}")  # noqa: TRY004 - all checks raise ValueError
     if not isinstance(z_loss, (int, float)) or z_loss < 0:
         raise ValueError(f"{where}: z_loss must be a non-negative Python float, got {z_loss!r}")
     if vocab_axis is None:
@@ -71,17 +87,34 @@ def _check_inputs(hidden, weight, labels, ignore_index, z_loss, vocab_axis) -> t
     return (vocab_axis,) if isinstance(vocab_axis, str) else tuple(vocab_axis)
 
 
-def choose(hidden: jax.Array, weight: jax.Array, *, implementation: str | None = None,
-           vocab_axis: Any = None):
+def choose(
+    hidden: jax.Array | jax.ShapeDtypeStruct,
+    weight: jax.Array | jax.ShapeDtypeStruct,
+    *,
+    implementation: str | None = None,
+    vocab_axis: Any = None,
+):
     """The backend ``linear_cross_entropy`` would run for these arguments (see ``Choice.describe``)."""
-    return LINEAR_CROSS_ENTROPY.choose(implementation, dtype=hidden.dtype, d_model=hidden.shape[-1],
-                                       vocab=weight.shape[-1], vocab_parallel=vocab_axis is not None)
+    return LINEAR_CROSS_ENTROPY.choose(
+        implementation,
+        dtype=hidden.dtype,
+        d_model=hidden.shape[-1],
+        vocab=weight.shape[-1],
+        vocab_parallel=vocab_axis is not None,
+    )
 
 
-def linear_cross_entropy(hidden: jax.Array, weight: jax.Array, labels: jax.Array, *,
-                         ignore_index: int = -100, z_loss: float = 0.0,
-                         implementation: str | None = None, blocks: LossBlocks | None = None,
-                         vocab_axis: str | tuple[str, ...] | None = None) -> jax.Array:
+def linear_cross_entropy(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    *,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    implementation: str | None = None,
+    blocks: LossBlocks | None = None,
+    vocab_axis: str | tuple[str, ...] | None = None,
+) -> jax.Array:
     """Per-token cross-entropy of ``hidden @ weight`` against ``labels``, fp32, shape labels.shape.
 
     hidden (..., D) and weight (D, V) share a float dtype; labels (...) are ints. Tokens labelled
@@ -94,6 +127,5 @@ def linear_cross_entropy(hidden: jax.Array, weight: jax.Array, labels: jax.Array
     choice = choose(hidden, weight, implementation=implementation, vocab_axis=axis)
     if blocks is None:
         blocks = resolve_blocks("linear_cross_entropy", choice.backend, hidden, weight)
-    opts = LossOptions(ignore_index=ignore_index, z_loss=float(z_loss), vocab_axis=axis,
-                       blocks=blocks or LossBlocks())
+    opts = LossOptions(ignore_index=ignore_index, z_loss=float(z_loss), vocab_axis=axis, blocks=blocks or LossBlocks())
     return choice(hidden, weight, labels.astype(jnp.int32), opts)

@@ -18,6 +18,7 @@ from mlsys_jax.kernels.vma import vary_like
 
 # --- the primitives ------------------------------------------------------------
 
+
 def _chunks(size: int, block: int) -> tuple[int, int]:
     """(chunk, count): chunks of at most ``block`` covering ``size``; the last one is shifted
     back to end at ``size`` (so no array is padded) and overlaps its predecessor."""
@@ -35,8 +36,7 @@ def _chunk_logits(hc: jax.Array, w: jax.Array, j: jax.Array, bv: int) -> tuple[j
     return cols, logits, cols >= j * bv
 
 
-def chunked_stats(h: jax.Array, w: jax.Array, labels: jax.Array, opts: LossOptions
-                  ) -> tuple[jax.Array, jax.Array]:
+def chunked_stats(h: jax.Array, w: jax.Array, labels: jax.Array, opts: LossOptions) -> tuple[jax.Array, jax.Array]:
     """(lse, label_logit) over this shard's vocabulary by token chunks and an online
     log-sum-exp over vocab chunks; the largest array made is one (block_tokens, block_vocab) tile."""
     n = h.shape[0]
@@ -58,8 +58,7 @@ def chunked_stats(h: jax.Array, w: jax.Array, labels: jax.Array, opts: LossOptio
             ll = ll + jnp.sum(jnp.where(is_label, logits, 0.0), axis=1)
             return (m_new, s, ll), None
 
-        init = (jnp.full((bt,), -jnp.inf, jnp.float32), jnp.zeros((bt,), jnp.float32),
-                jnp.zeros((bt,), jnp.float32))
+        init = (jnp.full((bt,), -jnp.inf, jnp.float32), jnp.zeros((bt,), jnp.float32), jnp.zeros((bt,), jnp.float32))
         init = tuple(vary_like(x, hc, w, lc) for x in init)
         (m, s, ll), _ = lax.scan(vocab_chunk, init, jnp.arange(nv))
         return t0, m + jnp.log(s), ll
@@ -67,16 +66,25 @@ def chunked_stats(h: jax.Array, w: jax.Array, labels: jax.Array, opts: LossOptio
     def step(carry, i):
         lse_all, ll_all = carry
         t0, lse, ll = token_chunk(i)
-        return (lax.dynamic_update_slice_in_dim(lse_all, lse, t0, 0),
-                lax.dynamic_update_slice_in_dim(ll_all, ll, t0, 0)), None
+        return (
+            lax.dynamic_update_slice_in_dim(lse_all, lse, t0, 0),
+            lax.dynamic_update_slice_in_dim(ll_all, ll, t0, 0),
+        ), None
 
     zeros = vary_like(jnp.zeros((n,), jnp.float32), h, w, labels)
     (lse, ll), _ = lax.scan(step, (zeros, zeros), jnp.arange(nt))
     return lse, ll
 
 
-def chunked_grads(h: jax.Array, w: jax.Array, labels: jax.Array, lse: jax.Array, coef: jax.Array,
-                  g_label: jax.Array, opts: LossOptions) -> tuple[jax.Array, jax.Array]:
+def chunked_grads(
+    h: jax.Array,
+    w: jax.Array,
+    labels: jax.Array,
+    lse: jax.Array,
+    coef: jax.Array,
+    g_label: jax.Array,
+    opts: LossOptions,
+) -> tuple[jax.Array, jax.Array]:
     """(dh, dw) with dlogits = softmax * coef - onehot * g_label recomputed per tile, in two
     passes that each own their output: dh by token chunk (summing over vocab chunks), dw by vocab
     chunk (summing over token chunks). Only one chunk of either is ever held in fp32."""
@@ -138,5 +146,12 @@ def candidates(platform: str) -> list[LossBlocks]:
     return [LossBlocks(t, v) for t, v in ((512, 1024), (1024, 2048), (2048, 4096))]
 
 
-BACKEND = Backend("chunked", ("cpu", "gpu", "tpu"), fused_vjp(chunked_stats, chunked_grads),
-                  dtype_check, blocks=LossBlocks, defaults=DEFAULTS, candidates=candidates)
+BACKEND = Backend(
+    "chunked",
+    ("cpu", "gpu", "tpu"),
+    fused_vjp(chunked_stats, chunked_grads),
+    dtype_check,
+    blocks=LossBlocks,
+    defaults=DEFAULTS,
+    candidates=candidates,
+)

@@ -13,7 +13,6 @@ each shard's dw stays local. The whole (tokens, vocab) logits never exist.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +31,7 @@ Grads = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 # --- the fused loss from two primitives ----------------------------------------------------------
+
 
 def fused_vjp(stats: Stats, grads: Grads) -> Callable[..., jax.Array]:
     """A differentiable per-token loss ``loss(h, w, labels, opts)`` (h (..., D), labels (...))
@@ -55,9 +55,10 @@ def fused_vjp(stats: Stats, grads: Grads) -> Callable[..., jax.Array]:
         loss = jnp.where(valid, lse - label_logit + opts.z_loss * lse**2, 0.0)
         return loss, (h, w, labels_local, valid, lse)
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-    def loss(h, w, labels, opts):
+    def primal(h, w, labels, opts) -> jax.Array:
         return forward(h, w, labels, opts)[0]
+
+    loss = jax.custom_vjp(primal, nondiff_argnums=(3,))
 
     def loss_bwd(opts, res, g):
         h, w, labels_local, valid, lse = res
@@ -99,14 +100,26 @@ def _check_pallas_blocks(name: str, blocks: LossBlocks, vocab_multiple: int) -> 
         )
 
 
-def pallas_backend(name: str, platforms: tuple[str, ...], stats: Stats, grads: Grads,
-                   vocab_multiple: int, defaults: Mapping[str, LossBlocks],
-                   candidates: Callable[[str], Sequence[LossBlocks]]) -> Backend:
+def pallas_backend(
+    name: str,
+    platforms: tuple[str, ...],
+    stats: Stats,
+    grads: Grads,
+    vocab_multiple: int,
+    defaults: Mapping[str, LossBlocks],
+    candidates: Callable[[str], Sequence[LossBlocks]],
+) -> Backend:
     """The backend table's entry for a pair of Pallas primitives."""
+
     def kw(opts: LossOptions) -> dict[str, Any]:
         b = opts.blocks
-        return dict(block_tokens=b.block_tokens, block_vocab=b.block_vocab,
-                    num_warps=b.num_warps, num_stages=b.num_stages, interpret=opts.interpret)
+        return {
+            "block_tokens": b.block_tokens,
+            "block_vocab": b.block_vocab,
+            "num_warps": b.num_warps,
+            "num_stages": b.num_stages,
+            "interpret": opts.interpret,
+        }
 
     def stats_(h, w, labels, opts):
         return stats(*_common_vma(h, w, labels), **kw(opts))
@@ -120,8 +133,16 @@ def pallas_backend(name: str, platforms: tuple[str, ...], stats: Stats, grads: G
         _check_pallas_blocks(name, opts.blocks, vocab_multiple)
         return loss(h, w, labels, dataclasses.replace(opts, interpret=interpret))
 
-    return Backend(name, platforms, run, dtype_check, interpretable=True, blocks=LossBlocks,
-                   defaults=defaults, candidates=candidates)
+    return Backend(
+        name,
+        platforms,
+        run,
+        dtype_check,
+        interpretable=True,
+        blocks=LossBlocks,
+        defaults=defaults,
+        candidates=candidates,
+    )
 
 
 def _common_vma(*xs: jax.Array) -> tuple[jax.Array, ...]:

@@ -70,8 +70,9 @@ def token_losses(logits: jax.Array, labels: jax.Array, opts: LossOptions = LossO
     return jnp.where(labels == opts.ignore_index, 0.0, loss)
 
 
-def linear_cross_entropy_reference(hidden: jax.Array, weight: jax.Array, labels: jax.Array,
-                                   opts: LossOptions = LossOptions()) -> jax.Array:
+def linear_cross_entropy_reference(
+    hidden: jax.Array, weight: jax.Array, labels: jax.Array, opts: LossOptions = LossOptions()
+) -> jax.Array:
     """Per-token loss (labels' shape) fp32 from the whole fp32 logits of hidden (..., D) and
     weight (D, V)."""
     return token_losses(logits(hidden, weight), labels, opts)

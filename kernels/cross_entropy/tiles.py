@@ -54,6 +54,7 @@ def pad_to(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
 
 # --- tile math shared by every kernel -----------------------------------------------------------
 
+
 def mask_columns(logits: jax.Array, col0: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
     """Column ids of a (tokens, vocab) tile starting at ``col0``, and the tile with padded
     columns (id >= vocab) set to -inf."""
@@ -68,7 +69,4 @@ def dlogits(logits, cols, labels, lse, coef, g_label):
 
 
 def dot(a, b, contract: tuple[int, int]) -> jax.Array:
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                           preferred_element_type=jnp.float32)
-
-
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)

@@ -26,12 +26,13 @@ from mlsys_jax.kernels.cross_entropy.tiles import (
     round_up,
     tile,
 )
-from mlsys_jax.kernels.vma import out_shape
 from mlsys_jax.kernels.lowering import tpu_interpret, tpu_params
+from mlsys_jax.kernels.vma import out_shape
 
-__all__ = ["tpu_stats", "tpu_grads", "DEFAULTS", "candidates", "BACKEND"]
+__all__ = ["BACKEND", "DEFAULTS", "candidates", "tpu_grads", "tpu_stats"]
 
 # --- kernels ---------------------------------------------------------------------------------------
+
 
 def _tpu_stats_kernel(h_ref, w_ref, lab_ref, lse_ref, ll_ref, m_sc, s_sc, ll_sc, *, vocab, bv, nv):
     j = pl.program_id(1)
@@ -100,13 +101,15 @@ def _tpu_layout(h, w, labels, block_tokens, block_vocab):
     hp = pad_to(h, 0, np_)
     wp = pad_to(w, 1, vp)
     lp = pad_to(labels.astype(jnp.int32), 0, np_, -1)[:, None]
-    return hp, wp, lp, dict(vocab=vocab, bt=bt, bv=bv, nt=np_ // bt, nv=vp // bv)
+    return hp, wp, lp, {"vocab": vocab, "bt": bt, "bv": bv, "nt": np_ // bt, "nv": vp // bv}
 
 
-def tpu_stats(h, w, labels, *, block_tokens: int, block_vocab: int, interpret: bool = False,
-              **_: Any) -> tuple[jax.Array, jax.Array]:
+def tpu_stats(
+    h, w, labels, *, block_tokens: int, block_vocab: int, interpret: bool = False, **_: Any
+) -> tuple[jax.Array, jax.Array]:
     """(lse, label_logit), each (tokens,) fp32, on TPU: grid (token blocks, vocab blocks)."""
     from jax.experimental.pallas import tpu as pltpu
+
     n, d = h.shape
     hp, wp, lp, g = _tpu_layout(h, w, labels, block_tokens, block_vocab)
     bt, bv = g["bt"], g["bv"]
@@ -115,9 +118,7 @@ def tpu_stats(h, w, labels, *, block_tokens: int, block_vocab: int, interpret: b
         functools.partial(_tpu_stats_kernel, vocab=g["vocab"], bv=bv, nv=g["nv"]),
         out_shape=(out_shape((hp.shape[0], 1), jnp.float32, hp),) * 2,
         grid=(g["nt"], g["nv"]),
-        in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
-                  pl.BlockSpec((d, bv), lambda i, j: (0, j)),
-                  col],
+        in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)), pl.BlockSpec((d, bv), lambda i, j: (0, j)), col],
         out_specs=(col, col),
         scratch_shapes=[pltpu.VMEM((bt, 1), jnp.float32) for _ in range(3)],
         compiler_params=tpu_params(("parallel", "arbitrary")),
@@ -127,10 +128,12 @@ def tpu_stats(h, w, labels, *, block_tokens: int, block_vocab: int, interpret: b
     return lse[:n, 0], ll[:n, 0]
 
 
-def tpu_grads(h, w, labels, lse, coef, g_label, *, block_tokens: int, block_vocab: int,
-              interpret: bool = False, **_: Any) -> tuple[jax.Array, jax.Array]:
+def tpu_grads(
+    h, w, labels, lse, coef, g_label, *, block_tokens: int, block_vocab: int, interpret: bool = False, **_: Any
+) -> tuple[jax.Array, jax.Array]:
     """(dh, dw) in h's and w's dtypes, by two TPU kernels with fp32 VMEM accumulators."""
     from jax.experimental.pallas import tpu as pltpu
+
     n, d = h.shape
     vocab = w.shape[1]
     hp, wp, lp, g = _tpu_layout(h, w, labels, block_tokens, block_vocab)
@@ -142,13 +145,19 @@ def tpu_grads(h, w, labels, lse, coef, g_label, *, block_tokens: int, block_voca
         functools.partial(_tpu_dh_kernel, vocab=vocab, bv=bv, nv=g["nv"]),
         out_shape=out_shape(hp.shape, h.dtype, hp),
         grid=(g["nt"], g["nv"]),
-        in_specs=[pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
-                  pl.BlockSpec((d, bv), lambda i, j: (0, j)),
-                  col, col, col, col],
+        in_specs=[
+            pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
+            pl.BlockSpec((d, bv), lambda i, j: (0, j)),
+            col,
+            col,
+            col,
+            col,
+        ],
         out_specs=pl.BlockSpec((bt, d), lambda i, j: (i, 0)),
         scratch_shapes=[pltpu.VMEM((bt, d), jnp.float32)],
         compiler_params=tpu_params(("parallel", "arbitrary")),
-        interpret=tpu_interpret(interpret), name="linear_cross_entropy_dh",
+        interpret=tpu_interpret(interpret),
+        name="linear_cross_entropy_dh",
     )(hp, wp, lp, *rows)
 
     col_t = pl.BlockSpec((bt, 1), lambda j, i: (i, 0))
@@ -156,21 +165,27 @@ def tpu_grads(h, w, labels, lse, coef, g_label, *, block_tokens: int, block_voca
         functools.partial(_tpu_dw_kernel, vocab=vocab, bv=bv, nt=g["nt"]),
         out_shape=out_shape(wp.shape, w.dtype, hp),
         grid=(g["nv"], g["nt"]),
-        in_specs=[pl.BlockSpec((bt, d), lambda j, i: (i, 0)),
-                  pl.BlockSpec((d, bv), lambda j, i: (0, j)),
-                  col_t, col_t, col_t, col_t],
+        in_specs=[
+            pl.BlockSpec((bt, d), lambda j, i: (i, 0)),
+            pl.BlockSpec((d, bv), lambda j, i: (0, j)),
+            col_t,
+            col_t,
+            col_t,
+            col_t,
+        ],
         out_specs=pl.BlockSpec((d, bv), lambda j, i: (0, j)),
         scratch_shapes=[pltpu.VMEM((d, bv), jnp.float32)],
         compiler_params=tpu_params(("parallel", "arbitrary")),
-        interpret=tpu_interpret(interpret), name="linear_cross_entropy_dw",
+        interpret=tpu_interpret(interpret),
+        name="linear_cross_entropy_dw",
     )(hp, wp, lp, *rows)
     return dh[:n], dw[:, :vocab]
+
 
 # --- block sizes and the backend ----------------------------------------------------------------
 
 #: Default tiles per device kind; "cpu" is the TPU interpreter (vocab blocks in 128s).
-DEFAULTS = {"TPU": LossBlocks(block_tokens=256, block_vocab=1024),
-            "cpu": LossBlocks(block_tokens=32, block_vocab=128)}
+DEFAULTS = {"TPU": LossBlocks(block_tokens=256, block_vocab=1024), "cpu": LossBlocks(block_tokens=32, block_vocab=128)}
 
 
 def candidates(platform: str) -> list[LossBlocks]:
@@ -179,5 +194,4 @@ def candidates(platform: str) -> list[LossBlocks]:
     return [LossBlocks(t, v) for t, v in pairs]
 
 
-BACKEND = pallas_backend("pallas_tpu", ("tpu",), tpu_stats, tpu_grads, MIN_BLOCK_VOCAB["tpu"],
-                         DEFAULTS, candidates)
+BACKEND = pallas_backend("pallas_tpu", ("tpu",), tpu_stats, tpu_grads, MIN_BLOCK_VOCAB["tpu"], DEFAULTS, candidates)

@@ -30,21 +30,24 @@ from mlsys_jax.kernels.cross_entropy.tiles import (
     tile,
     triton_block_d,
 )
-from mlsys_jax.kernels.vma import out_shape
 from mlsys_jax.kernels.lowering import triton_params
+from mlsys_jax.kernels.vma import out_shape
 
-__all__ = ["triton_stats", "triton_grads", "DEFAULTS", "candidates", "BACKEND"]
+__all__ = ["BACKEND", "DEFAULTS", "candidates", "triton_grads", "triton_stats"]
 
 # --- kernels ------------------------------------------------------------------------------------
+
 
 def _triton_logits(h_ref, w_ref, rows, col0, bv: int, bd: int, nd: int, bt: int) -> jax.Array:
     """fp32 logits of token rows ``rows`` (a slice of h_ref) and columns col0:col0+bv, summed
     over feature chunks of ``bd``."""
+
     def body(k, acc):
         d0 = pl.multiple_of(k * bd, bd)
         hk = h_ref[rows, pl.ds(d0, bd)]
         wk = w_ref[pl.ds(d0, bd), pl.ds(col0, bv)]
         return acc + dot(hk, wk, (1, 0))
+
     return lax.fori_loop(0, nd, body, jnp.zeros((bt, bv), jnp.float32))
 
 
@@ -61,15 +64,13 @@ def _triton_stats_kernel(h_ref, w_ref, lab_ref, lse_ref, ll_ref, *, vocab, bt, b
         ll = ll + jnp.sum(jnp.where(cols == labels[:, None], logits, 0.0), axis=1)
         return m_new, s, ll
 
-    init = (jnp.full((bt,), NEG_INF, jnp.float32), jnp.zeros((bt,), jnp.float32),
-            jnp.zeros((bt,), jnp.float32))
+    init = (jnp.full((bt,), NEG_INF, jnp.float32), jnp.zeros((bt,), jnp.float32), jnp.zeros((bt,), jnp.float32))
     m, s, ll = lax.fori_loop(0, nv, body, init)
     lse_ref[...] = m + jnp.log(s)
     ll_ref[...] = ll
 
 
-def _triton_dh_kernel(h_ref, w_ref, lab_ref, lse_ref, coef_ref, gl_ref, dh_ref, *,
-                      vocab, bt, bv, bd, nv, nd):
+def _triton_dh_kernel(h_ref, w_ref, lab_ref, lse_ref, coef_ref, gl_ref, dh_ref, *, vocab, bt, bv, bd, nv, nd):
     d0 = pl.multiple_of(pl.program_id(1) * bd, bd)
     labels, lse, coef, gl = lab_ref[...], lse_ref[...], coef_ref[...], gl_ref[...]
 
@@ -85,8 +86,7 @@ def _triton_dh_kernel(h_ref, w_ref, lab_ref, lse_ref, coef_ref, gl_ref, dh_ref, 
     dh_ref[...] = acc.astype(dh_ref.dtype)
 
 
-def _triton_dw_kernel(h_ref, w_ref, lab_ref, lse_ref, coef_ref, gl_ref, dw_ref, *,
-                      vocab, bt, bv, bd, nt, nd):
+def _triton_dw_kernel(h_ref, w_ref, lab_ref, lse_ref, coef_ref, gl_ref, dw_ref, *, vocab, bt, bv, bd, nt, nd):
     col0 = pl.multiple_of(pl.program_id(0) * bv, bv)
     d0 = pl.multiple_of(pl.program_id(1) * bd, bd)
 
@@ -112,24 +112,36 @@ def _triton_layout(h, w, labels, block_tokens, block_vocab):
     hp = pad_to(pad_to(h, 0, np_), 1, dp)
     wp = pad_to(pad_to(w, 0, dp), 1, vp)
     lp = pad_to(labels.astype(jnp.int32), 0, np_, -1)
-    return hp, wp, lp, dict(vocab=vocab, bt=bt, bv=bv, bd=bd, nt=np_ // bt, nv=vp // bv, nd=dp // bd)
+    return hp, wp, lp, {"vocab": vocab, "bt": bt, "bv": bv, "bd": bd, "nt": np_ // bt, "nv": vp // bv, "nd": dp // bd}
 
 
-def triton_stats(h, w, labels, *, block_tokens: int, block_vocab: int, num_warps: int = 4,
-                 num_stages: int = 2, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+def triton_stats(
+    h,
+    w,
+    labels,
+    *,
+    block_tokens: int,
+    block_vocab: int,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
     """(lse, label_logit), each (tokens,) fp32, of h (tokens, D) @ w (D, V) on Triton."""
     n = h.shape[0]
     hp, wp, lp, g = _triton_layout(h, w, labels, block_tokens, block_vocab)
     bt, np_ = g["bt"], g["nt"] * g["bt"]
-    kernel = functools.partial(_triton_stats_kernel, vocab=g["vocab"], bt=bt, bv=g["bv"],
-                               bd=g["bd"], nv=g["nv"], nd=g["nd"])
+    kernel = functools.partial(
+        _triton_stats_kernel, vocab=g["vocab"], bt=bt, bv=g["bv"], bd=g["bd"], nv=g["nv"], nd=g["nd"]
+    )
     lse, ll = pl.pallas_call(
         kernel,
         out_shape=(out_shape((np_,), jnp.float32, hp),) * 2,
         grid=(g["nt"],),
-        in_specs=[pl.BlockSpec((bt, hp.shape[1]), lambda i: (i, 0)),
-                  pl.BlockSpec(wp.shape, lambda i: (0, 0)),
-                  pl.BlockSpec((bt,), lambda i: (i,))],
+        in_specs=[
+            pl.BlockSpec((bt, hp.shape[1]), lambda i: (i, 0)),
+            pl.BlockSpec(wp.shape, lambda i: (0, 0)),
+            pl.BlockSpec((bt,), lambda i: (i,)),
+        ],
         out_specs=(pl.BlockSpec((bt,), lambda i: (i,)),) * 2,
         compiler_params=triton_params(num_warps, num_stages),
         interpret=interpret,
@@ -138,9 +150,20 @@ def triton_stats(h, w, labels, *, block_tokens: int, block_vocab: int, num_warps
     return lse[:n], ll[:n]
 
 
-def triton_grads(h, w, labels, lse, coef, g_label, *, block_tokens: int, block_vocab: int,
-                 num_warps: int = 4, num_stages: int = 2, interpret: bool = False
-                 ) -> tuple[jax.Array, jax.Array]:
+def triton_grads(
+    h,
+    w,
+    labels,
+    lse,
+    coef,
+    g_label,
+    *,
+    block_tokens: int,
+    block_vocab: int,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
     """(dh, dw) in h's and w's dtypes, by two Triton kernels (no atomics)."""
     n, d = h.shape
     vocab = w.shape[1]
@@ -149,34 +172,45 @@ def triton_grads(h, w, labels, lse, coef, g_label, *, block_tokens: int, block_v
     # Padded tokens get coef = g_label = 0, so they add nothing to dw.
     rows = [pad_to(x.astype(jnp.float32), 0, np_) for x in (lse, coef, g_label)]
     params = triton_params(num_warps, num_stages)
-    dh_kernel = functools.partial(_triton_dh_kernel, vocab=vocab, bt=bt, bv=bv, bd=bd,
-                                  nv=g["nv"], nd=g["nd"])
+    dh_kernel = functools.partial(_triton_dh_kernel, vocab=vocab, bt=bt, bv=bv, bd=bd, nv=g["nv"], nd=g["nd"])
     row_block = pl.BlockSpec((bt,), lambda i, k: (i,))
     dh = pl.pallas_call(
         dh_kernel,
         out_shape=out_shape(hp.shape, h.dtype, hp),
         grid=(g["nt"], g["nd"]),
-        in_specs=[pl.BlockSpec((bt, hp.shape[1]), lambda i, k: (i, 0)),
-                  pl.BlockSpec(wp.shape, lambda i, k: (0, 0)),
-                  row_block, row_block, row_block, row_block],
+        in_specs=[
+            pl.BlockSpec((bt, hp.shape[1]), lambda i, k: (i, 0)),
+            pl.BlockSpec(wp.shape, lambda i, k: (0, 0)),
+            row_block,
+            row_block,
+            row_block,
+            row_block,
+        ],
         out_specs=pl.BlockSpec((bt, bd), lambda i, k: (i, k)),
-        compiler_params=params, interpret=interpret, name="linear_cross_entropy_dh",
+        compiler_params=params,
+        interpret=interpret,
+        name="linear_cross_entropy_dh",
     )(hp, wp, lp, *rows)
-    dw_kernel = functools.partial(_triton_dw_kernel, vocab=vocab, bt=bt, bv=bv, bd=bd,
-                                  nt=g["nt"], nd=g["nd"])
+    dw_kernel = functools.partial(_triton_dw_kernel, vocab=vocab, bt=bt, bv=bv, bd=bd, nt=g["nt"], nd=g["nd"])
     whole_rows = pl.BlockSpec((np_,), lambda j, k: (0,))
     dw = pl.pallas_call(
         dw_kernel,
         out_shape=out_shape(wp.shape, w.dtype, hp),
         grid=(g["nv"], g["nd"]),
-        in_specs=[pl.BlockSpec(hp.shape, lambda j, k: (0, 0)),
-                  pl.BlockSpec((wp.shape[0], bv), lambda j, k: (0, j)),
-                  whole_rows, whole_rows, whole_rows, whole_rows],
+        in_specs=[
+            pl.BlockSpec(hp.shape, lambda j, k: (0, 0)),
+            pl.BlockSpec((wp.shape[0], bv), lambda j, k: (0, j)),
+            whole_rows,
+            whole_rows,
+            whole_rows,
+            whole_rows,
+        ],
         out_specs=pl.BlockSpec((bd, bv), lambda j, k: (k, j)),
-        compiler_params=params, interpret=interpret, name="linear_cross_entropy_dw",
+        compiler_params=params,
+        interpret=interpret,
+        name="linear_cross_entropy_dw",
     )(hp, wp, lp, *rows)
     return dh[:n, :d], dw[:d, :vocab]
-
 
 
 # --- block sizes and the backend ----------------------------------------------------------------
@@ -193,8 +227,7 @@ DEFAULTS = {
 def candidates(platform: str) -> list[LossBlocks]:
     """Tiles autotuning tries: (tokens, vocab) pairs from 32x128 to 128x256 on a GPU, two
     interpreted."""
-    pairs = ([(32, 128), (64, 128), (64, 256), (128, 128), (128, 256)] if platform == "gpu"
-             else [(16, 128), (32, 256)])
+    pairs = [(32, 128), (64, 128), (64, 256), (128, 128), (128, 256)] if platform == "gpu" else [(16, 128), (32, 256)]
     return [LossBlocks(t, v) for t, v in pairs]
 
 

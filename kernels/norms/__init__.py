@@ -19,17 +19,26 @@ from mlsys_jax.kernels.norms import reference, tpu, triton
 from mlsys_jax.kernels.norms.options import FLOAT_DTYPES, NormBlocks
 from mlsys_jax.kernels.norms.reference import layer_norm_reference, rms_norm_reference
 
-__all__ = ["rms_norm", "layer_norm", "rms_norm_reference", "layer_norm_reference", "RMS_NORM",
-           "LAYER_NORM", "NormBlocks", "choose"]
+__all__ = [
+    "LAYER_NORM",
+    "RMS_NORM",
+    "NormBlocks",
+    "choose",
+    "layer_norm",
+    "layer_norm_reference",
+    "rms_norm",
+    "rms_norm_reference",
+]
 
 _ORDER = {"gpu": ("pallas_triton", "xla"), "tpu": ("pallas_tpu", "xla"), "cpu": ("xla",)}
-RMS_NORM = Registry("rms_norm", _ORDER,
-                    backends=(reference.RMS_BACKEND, triton.backend("rms"), tpu.backend("rms")))
-LAYER_NORM = Registry("layer_norm", _ORDER,
-                      backends=(reference.LAYER_BACKEND, triton.backend("layer"), tpu.backend("layer")))
+RMS_NORM = Registry("rms_norm", _ORDER, backends=(reference.RMS_BACKEND, triton.backend("rms"), tpu.backend("rms")))
+LAYER_NORM = Registry(
+    "layer_norm", _ORDER, backends=(reference.LAYER_BACKEND, triton.backend("layer"), tpu.backend("layer"))
+)
 
 
 # --- the public functions -------------------------------------------------------------------------
+
 
 def _check_inputs(op: str, x: jax.Array, params: dict[str, jax.Array]) -> None:
     if x.ndim < 1:
@@ -47,7 +56,7 @@ def _check_inputs(op: str, x: jax.Array, params: dict[str, jax.Array]) -> None:
             raise ValueError(f"{op}: {name} must be a float array, got {p.dtype}")
 
 
-def choose(op: str, x: jax.Array, implementation: str | None = None) -> Choice:
+def choose(op: str, x: jax.Array | jax.ShapeDtypeStruct, implementation: str | None = None) -> Choice:
     """The backend ``rms_norm``/``layer_norm`` (``op``) would run for x (see ``Choice.describe``)."""
     registry = {"rms_norm": RMS_NORM, "layer_norm": LAYER_NORM}.get(op)
     if registry is None:
@@ -62,8 +71,14 @@ def _apply(op: str, x, weight, bias, eps, implementation, blocks) -> jax.Array:
     return choice(x, weight, bias, eps=eps, blocks=blocks)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6,
-             implementation: str | None = None, blocks: NormBlocks | None = None) -> jax.Array:
+def rms_norm(
+    x: jax.Array,
+    weight: jax.Array,
+    *,
+    eps: float = 1e-6,
+    implementation: str | None = None,
+    blocks: NormBlocks | None = None,
+) -> jax.Array:
     """x * rsqrt(mean(x^2, -1) + eps) * weight in fp32, returned in x's dtype.
 
     x: (..., D); weight: (D,). ``implementation``: None picks the best backend here, "pallas" the
@@ -73,12 +88,18 @@ def rms_norm(x: jax.Array, weight: jax.Array, *, eps: float = 1e-6,
     return _apply("rms_norm", x, weight, None, eps, implementation, blocks)
 
 
-def layer_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, *, eps: float = 1e-5,
-               implementation: str | None = None, blocks: NormBlocks | None = None) -> jax.Array:
+def layer_norm(
+    x: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array,
+    *,
+    eps: float = 1e-5,
+    implementation: str | None = None,
+    blocks: NormBlocks | None = None,
+) -> jax.Array:
     """(x - mean) * rsqrt(var + eps) * weight + bias over the last axis in fp32, in x's dtype.
 
     x: (..., D); weight, bias: (D,). ``implementation`` as in ``rms_norm``.
     """
     _check_inputs("layer_norm", x, {"weight": weight, "bias": bias})
     return _apply("layer_norm", x, weight, bias, eps, implementation, blocks)
-

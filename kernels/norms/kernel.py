@@ -71,8 +71,7 @@ def check_blocks(blocks: NormBlocks, lowering: str) -> None:
         )
     if lowering == TPU and rows % 8:
         raise ValueError(
-            f"NormBlocks.block_rows={rows}: TPU blocks need a multiple of 8 rows. "
-            f"Fix: use {max(8, rows // 8 * 8)}."
+            f"NormBlocks.block_rows={rows}: TPU blocks need a multiple of 8 rows. Fix: use {max(8, rows // 8 * 8)}."
         )
 
 
@@ -82,6 +81,7 @@ def padded_features(d: int, lowering: str) -> int:
 
 
 # --- tile bodies (shared by both lowerings) -------------------------------------------------------
+
 
 def _column_mask(d: int, width: int) -> jax.Array | None:
     """True for real feature columns of a padded tile; None when nothing is padded."""
@@ -129,6 +129,7 @@ def _backward_tile(x, w, mean, rstd, dy, *, norm: str, d: int):
 
 # --- kernels --------------------------------------------------------------------------------------
 
+
 def _forward_kernel(*refs, norm: str, eps: float, d: int):
     if norm == "rms":
         x_ref, w_ref, y_ref, rstd_ref = refs
@@ -173,10 +174,12 @@ def _backward_kernel(*refs, norm: str, d: int, sub_rows: int, accumulate: bool):
     if steps == 1:
         dw, db = tile(slice(None))
     else:
+
         def step(i, carry):
             start = pl.multiple_of(i * sub_rows, sub_rows)
             dw_i, db_i = tile(pl.ds(start, sub_rows))
             return carry[0] + dw_i, (None if db_i is None else carry[1] + db_i)
+
         dw, db = jax.lax.fori_loop(0, steps, step, (zero, None if db_ref is None else zero))
 
     if not accumulate:
@@ -198,6 +201,7 @@ def _backward_kernel(*refs, norm: str, d: int, sub_rows: int, accumulate: bool):
 
 # --- calls ----------------------------------------------------------------------------------------
 
+
 def _pad(a: jax.Array, rows: int, cols: int) -> jax.Array:
     pad_r, pad_c = rows - a.shape[0], cols - a.shape[1]
     return a if pad_r == 0 and pad_c == 0 else jnp.pad(a, ((0, pad_r), (0, pad_c)))
@@ -217,8 +221,9 @@ def _row_vector(v: jax.Array, width: int) -> jax.Array:
     return _pad(v.reshape(1, -1), 1, width)
 
 
-def norm_forward(x: jax.Array, weight: jax.Array, bias: jax.Array | None, opts: NormKernelOptions
-                 ) -> tuple[jax.Array, jax.Array | None, jax.Array]:
+def norm_forward(
+    x: jax.Array, weight: jax.Array, bias: jax.Array | None, opts: NormKernelOptions
+) -> tuple[jax.Array, jax.Array | None, jax.Array]:
     """y (N, D) in x's dtype, and fp32 mean (N, 1) (None for RMSNorm) and rstd (N, 1) of x (N, D)."""
     n, d = x.shape
     rows = opts.blocks.block_rows
@@ -227,6 +232,7 @@ def norm_forward(x: jax.Array, weight: jax.Array, bias: jax.Array | None, opts: 
     xp = _pad(x, num_blocks * rows, width)
     params = [_row_vector(weight, width)]
     if opts.norm == "layer":
+        assert bias is not None, "LayerNorm takes a bias"
         params.append(_row_vector(bias, width))
 
     tile = pl.BlockSpec((rows, width), lambda i: (i, 0))
@@ -256,9 +262,9 @@ def backward_grid(n: int, opts: NormKernelOptions) -> tuple[int, int]:
     return pl.cdiv(num_blocks, steps), steps
 
 
-def norm_backward(x: jax.Array, weight: jax.Array, mean: jax.Array | None, rstd: jax.Array,
-                  dy: jax.Array, opts: NormKernelOptions
-                  ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def norm_backward(
+    x: jax.Array, weight: jax.Array, mean: jax.Array | None, rstd: jax.Array, dy: jax.Array, opts: NormKernelOptions
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """dx (N, D) in x's dtype, and dw, db (D,) in fp32 summed over all rows (db None for RMSNorm)."""
     n, d = x.shape
     rows = opts.blocks.block_rows
@@ -273,11 +279,11 @@ def norm_backward(x: jax.Array, weight: jax.Array, mean: jax.Array | None, rstd:
     if opts.lowering == TRITON:
         # One program per group of tiles; it walks them in an in-kernel loop.
         grid, block = (programs, 1), steps * rows
-        index = lambda g, s: (g, 0)  # noqa: E731
+        index = lambda g, s: (g, 0)
     else:
         # One grid step per tile; axis 1 is sequential and accumulates into the partials.
         grid, block = (programs, steps), rows
-        index = lambda g, s: (g * steps + s, 0)  # noqa: E731
+        index = lambda g, s: (g * steps + s, 0)
     tile = pl.BlockSpec((block, width), index)
     stat = pl.BlockSpec((block, 1), index)
     vector = pl.BlockSpec((1, width), lambda g, s: (0, 0))
@@ -285,8 +291,7 @@ def norm_backward(x: jax.Array, weight: jax.Array, mean: jax.Array | None, rstd:
     partial_shape = jax.ShapeDtypeStruct((programs, 1, width), jnp.float32)
     n_partials = 1 if opts.norm == "rms" else 2
     outs = pl.pallas_call(
-        functools.partial(_backward_kernel, norm=opts.norm, d=d, sub_rows=rows,
-                          accumulate=opts.lowering == TPU),
+        functools.partial(_backward_kernel, norm=opts.norm, d=d, sub_rows=rows, accumulate=opts.lowering == TPU),
         out_shape=(jax.ShapeDtypeStruct(xp.shape, x.dtype),) + (partial_shape,) * n_partials,
         grid=grid,
         in_specs=[tile, vector] + [stat] * len(stats) + [tile],
@@ -303,8 +308,8 @@ def norm_backward(x: jax.Array, weight: jax.Array, mean: jax.Array | None, rstd:
 
 # --- the differentiable norm ------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused_norm(x, weight, bias, opts: NormKernelOptions):
+
+def _fused_norm_primal(x, weight, bias, opts: NormKernelOptions) -> jax.Array:
     return norm_forward(x, weight, bias, opts)[0]
 
 
@@ -316,19 +321,24 @@ def _fused_norm_fwd(x, weight, bias, opts):
 def _fused_norm_bwd(opts, res, dy):
     x, weight, bias, mean, rstd = res
     dx, dw, db = norm_backward(x, weight, mean, rstd, dy, opts)
-    return dx, dw.astype(weight.dtype), None if bias is None else db.astype(bias.dtype)
+    if bias is None:
+        return dx, dw.astype(weight.dtype), None
+    assert db is not None, "LayerNorm returns the bias gradient"
+    return dx, dw.astype(weight.dtype), db.astype(bias.dtype)
 
 
+_fused_norm = jax.custom_vjp(_fused_norm_primal, nondiff_argnums=(3,))
 _fused_norm.defvjp(_fused_norm_fwd, _fused_norm_bwd)
 
 
 def pallas_run(norm: str, lowering: str):
     """A backend's ``run(x, weight, bias, *, eps, blocks, interpret)`` for x of any shape (..., D):
     rows are flattened for the kernels and the result takes x's shape again."""
+
     def run(x, weight, bias, *, eps: float, blocks: NormBlocks, interpret: bool = False):
         check_blocks(blocks, lowering)
-        opts = NormKernelOptions(norm=norm, eps=float(eps), blocks=blocks, lowering=lowering,
-                                 interpret=interpret)
+        opts = NormKernelOptions(norm=norm, eps=float(eps), blocks=blocks, lowering=lowering, interpret=interpret)
         rows = x.reshape(-1, x.shape[-1])
         return _fused_norm(rows, weight, None if norm == "rms" else bias, opts).reshape(x.shape)
+
     return run

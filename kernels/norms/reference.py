@@ -17,8 +17,7 @@ def rms_norm_reference(x: jax.Array, weight: jax.Array, eps: float = 1e-6) -> ja
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def layer_norm_reference(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float = 1e-5
-                         ) -> jax.Array:
+def layer_norm_reference(x: jax.Array, weight: jax.Array, bias: jax.Array, eps: float = 1e-5) -> jax.Array:
     """(x - mean) * rsqrt(var + eps) * weight + bias over the last axis, in fp32, in x's dtype."""
     x32 = x.astype(jnp.float32)
     xc = x32 - jnp.mean(x32, axis=-1, keepdims=True)

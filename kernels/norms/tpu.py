@@ -30,5 +30,13 @@ def candidates(platform: str) -> list[NormBlocks]:
 
 def backend(norm: str) -> Backend:
     """The ``pallas_tpu`` entry of the ``rms`` or ``layer`` norm's table."""
-    return Backend("pallas_tpu", ("tpu",), pallas_run(norm, TPU), check, interpretable=True,
-                   blocks=NormBlocks, defaults=DEFAULTS, candidates=candidates)
+    return Backend(
+        "pallas_tpu",
+        ("tpu",),
+        pallas_run(norm, TPU),
+        check,
+        interpretable=True,
+        blocks=NormBlocks,
+        defaults=DEFAULTS,
+        candidates=candidates,
+    )

@@ -38,5 +38,13 @@ def candidates(platform: str) -> list[NormBlocks]:
 
 def backend(norm: str) -> Backend:
     """The ``pallas_triton`` entry of the ``rms`` or ``layer`` norm's table."""
-    return Backend("pallas_triton", ("gpu",), pallas_run(norm, TRITON), check, interpretable=True,
-                   blocks=NormBlocks, defaults=DEFAULTS, candidates=candidates)
+    return Backend(
+        "pallas_triton",
+        ("gpu",),
+        pallas_run(norm, TRITON),
+        check,
+        interpretable=True,
+        blocks=NormBlocks,
+        defaults=DEFAULTS,
+        candidates=candidates,
+    )

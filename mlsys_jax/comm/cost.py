@@ -89,8 +89,7 @@ def uniform_link(link: Link) -> LinkOf:
     return lambda c: link
 
 
-def preset_links(preset: MeshPreset, axis_sizes: Mapping[str, int],
-                 default: Link | None = None) -> LinkOf:
+def preset_links(preset: MeshPreset, axis_sizes: Mapping[str, int], default: Link | None = None) -> LinkOf:
     """Links from a preset: each collective is charged at the slowest link among the axes its
     groups span. Axes the preset does not list take ``default`` (an error if None)."""
 

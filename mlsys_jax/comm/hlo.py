@@ -31,12 +31,31 @@ from typing import Any
 
 #: Collective kinds, in report order.
 KINDS: tuple[str, ...] = (
-    "all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
 )
 
 _BITS = {
-    "pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "f16": 16, "bf16": 16,
-    "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64, "c64": 64, "c128": 128,
+    "pred": 8,
+    "s4": 4,
+    "u4": 4,
+    "s8": 8,
+    "u8": 8,
+    "s16": 16,
+    "u16": 16,
+    "f16": 16,
+    "bf16": 16,
+    "s32": 32,
+    "u32": 32,
+    "f32": 32,
+    "s64": 64,
+    "u64": 64,
+    "f64": 64,
+    "c64": 64,
+    "c128": 128,
     "token": 0,
 }
 
@@ -128,17 +147,19 @@ class Collective:
     def total_traffic_bytes(self) -> float:
         return self.count * self.traffic_bytes
 
-    def _subset(self, keep: list[int], **changes: Any) -> "Collective":
-        pick = lambda xs: tuple(xs[i] for i in keep) if xs else ()  # noqa: E731
-        fields = dict(
-            dtypes=pick(self.dtypes), shapes=pick(self.shapes),
-            element_bytes=pick(self.element_bytes), sliced=pick(self.sliced),
-            program_dtypes=pick(self.program_dtypes),
-        )
+    def _subset(self, keep: list[int], **changes: Any) -> Collective:
+        pick = lambda xs: tuple(xs[i] for i in keep) if xs else ()
+        fields = {
+            "dtypes": pick(self.dtypes),
+            "shapes": pick(self.shapes),
+            "element_bytes": pick(self.element_bytes),
+            "sliced": pick(self.sliced),
+            "program_dtypes": pick(self.program_dtypes),
+        }
         fields.update(changes)
         return dataclasses.replace(self, **fields)
 
-    def as_reduce_scatter(self) -> tuple["Collective", ...]:
+    def as_reduce_scatter(self) -> tuple[Collective, ...]:
         """This op read as a GPU/TPU backend would run it: the elements of an all-reduce that
         are only sliced to this device's shard become one reduce-scatter of the same operand
         bytes; the rest stay an all-reduce. Other ops come back unchanged."""
@@ -149,16 +170,22 @@ class Collective:
         kept = [i for i in idx if not self.sliced[i]]
         scat_bytes = sum(self.element_bytes[i] for i in scattered)
         n = max(self.group_size, 1)
-        out = [self._subset(
-            scattered, kind="reduce-scatter", operand_bytes=scat_bytes,
-            result_bytes=scat_bytes // n, sliced=(), inferred=_join(self.inferred, "reduce-scatter"),
-        )]
+        out = [
+            self._subset(
+                scattered,
+                kind="reduce-scatter",
+                operand_bytes=scat_bytes,
+                result_bytes=scat_bytes // n,
+                sliced=(),
+                inferred=_join(self.inferred, "reduce-scatter"),
+            )
+        ]
         if kept:
             rest = sum(self.element_bytes[i] for i in kept)
             out.insert(0, self._subset(kept, operand_bytes=rest, result_bytes=rest))
         return tuple(out)
 
-    def in_program_dtypes(self) -> "Collective":
+    def in_program_dtypes(self) -> Collective:
         """This op with each widened element counted in the dtype the program gave it (a backend
         with collectives in that dtype, such as GPU or TPU for bf16, sends that many bytes)."""
         if not any(self.program_dtypes):
@@ -168,8 +195,11 @@ class Collective:
             sizes.append(b * _BITS[p] // _BITS[d] if p else b)
             dtypes.append(p or d)
         return dataclasses.replace(
-            self, element_bytes=tuple(sizes), dtypes=tuple(dtypes),
-            program_dtypes=(None,) * len(sizes), inferred=_join(self.inferred, "program dtype"),
+            self,
+            element_bytes=tuple(sizes),
+            dtypes=tuple(dtypes),
+            program_dtypes=(None,) * len(sizes),
+            inferred=_join(self.inferred, "program dtype"),
         )
 
 
@@ -206,8 +236,9 @@ def ring_traffic(kind: str, payload_bytes: float, group_size: int) -> float:
     raise ValueError(f"unknown collective kind {kind!r}; kinds are {KINDS}")
 
 
-def readings(collectives: Iterable[Collective], *, as_reduce_scatter: bool = False,
-             program_dtypes: bool = False) -> list[Collective]:
+def readings(
+    collectives: Iterable[Collective], *, as_reduce_scatter: bool = False, program_dtypes: bool = False
+) -> list[Collective]:
     """The collectives under the chosen inferred readings (none: the ops as compiled)."""
     items = list(collectives)
     if program_dtypes:
@@ -217,8 +248,9 @@ def readings(collectives: Iterable[Collective], *, as_reduce_scatter: bool = Fal
     return items
 
 
-def summarize(collectives: Iterable[Collective], *, as_reduce_scatter: bool = False,
-              program_dtypes: bool = False) -> dict[str, KindSummary]:
+def summarize(
+    collectives: Iterable[Collective], *, as_reduce_scatter: bool = False, program_dtypes: bool = False
+) -> dict[str, KindSummary]:
     """Ops, executions, payload and ring traffic per kind (every kind present, zero if unused),
     optionally under the inferred readings of ``readings``."""
     items = readings(collectives, as_reduce_scatter=as_reduce_scatter, program_dtypes=program_dtypes)
@@ -259,7 +291,7 @@ def _iota(dims: list[int], perm: list[int] | None) -> list[int]:
     total = math.prod(dims)
     if perm is None:
         return list(range(total))
-    strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
+    strides = [math.prod(dims[i + 1 :]) for i in range(len(dims))]
     out_dims = [dims[p] for p in perm]
     out = []
     for flat in range(total):
@@ -285,7 +317,7 @@ def _parse_iota(text: str) -> tuple[list[int], list[int], str]:
     shape = _ints(m.group(1))
     dims = _ints(m.group(2)) if m.group(2) is not None else shape
     perm = _ints(m.group(3)) if m.group(3) is not None else None
-    return shape, _iota(dims, perm), text[m.end():]
+    return shape, _iota(dims, perm), text[m.end() :]
 
 
 def _balanced(text: str, open_ch: str, close_ch: str) -> str:
@@ -312,13 +344,13 @@ def _mesh_groups(text: str) -> tuple[tuple[int, ...], ...]:
     if not m:
         raise HloParseError(f"cannot read mesh replica groups {text[:80]!r}")
     axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))]
-    rest = text[m.end():].lstrip(", ")
+    rest = text[m.end() :].lstrip(", ")
     devices = list(range(math.prod(s for _, s in axes)))
     if rest.startswith("device_ids="):
-        body = _balanced(rest[len("device_ids="):], "(", ")")
+        body = _balanced(rest[len("device_ids=") :], "(", ")")
         inner = body[1:-1].strip()
         devices = _parse_iota(inner)[1] if inner.startswith("[") else _ints(inner)
-        rest = rest[len("device_ids=") + len(body):].lstrip(", ")
+        rest = rest[len("device_ids=") + len(body) :].lstrip(", ")
     chosen = re.match(r"\{([^}]*)\}", rest.strip())
     if not chosen:
         raise HloParseError(f"mesh replica groups without a braced axis list: {text[:80]!r}")
@@ -345,10 +377,9 @@ def _mesh_groups(text: str) -> tuple[tuple[int, ...], ...]:
     return _regroup(devices, shape, others, group_dims)
 
 
-def _regroup(devices: list[int], shape: list[int], outer: list[int], inner: list[int]
-             ) -> tuple[tuple[int, ...], ...]:
+def _regroup(devices: list[int], shape: list[int], outer: list[int], inner: list[int]) -> tuple[tuple[int, ...], ...]:
     """Groups of ``devices`` (laid out row-major over ``shape``) along the ``inner`` dims."""
-    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
 
     def coords(dim_list: list[int]) -> list[int]:
         offs = [0]
@@ -373,7 +404,7 @@ def parse_replica_groups(text: str, num_devices: int) -> tuple[tuple[int, ...], 
         shape, devices, _ = _parse_iota(text)
         if len(shape) != 2:
             raise HloParseError(f"iota replica groups need a 2-d shape, got {text[:60]!r}")
-        return tuple(tuple(devices[g * shape[1]:(g + 1) * shape[1]]) for g in range(shape[0]))
+        return tuple(tuple(devices[g * shape[1] : (g + 1) * shape[1]]) for g in range(shape[0]))
     if text.startswith("mesh"):
         return _mesh_groups(text)
     raise HloParseError(f"cannot read replica groups {text[:80]!r}")
@@ -400,7 +431,7 @@ class Instruction:
     def attr(self, key: str) -> str | None:
         """The raw text after ``key=`` (to the end of the attrs), or None."""
         m = re.search(rf"(?:^|[\s,]){re.escape(key)}=", self.attrs)
-        return self.attrs[m.end():] if m else None
+        return self.attrs[m.end() :] if m else None
 
     def callee(self, key: str) -> str | None:
         text = self.attr(key)
@@ -446,19 +477,19 @@ def _split_instruction(line: str) -> Instruction | None:
         type_text = _balanced(rest, "(", ")")
     else:
         type_text = rest.split(" ", 1)[0]
-    rest = rest[len(type_text):]
+    rest = rest[len(type_text) :]
     om = _OPCODE.match(rest)
     if not om:
         return None
     opcode = om.group(1)
-    ops = _balanced(rest[om.end() - 1:], "(", ")")
-    attrs = rest[om.end() - 1 + len(ops):].lstrip(", ")
+    ops = _balanced(rest[om.end() - 1 :], "(", ")")
+    attrs = rest[om.end() - 1 + len(ops) :].lstrip(", ")
     return Instruction(name, type_text, opcode, ops[1:-1], attrs, root)
 
 
 def parse_module(text: str) -> HloModule:
     """Split HLO text into computations of instructions (enough structure for this module)."""
-    header = re.search(r"^HloModule\s+([\w.\-]+)(.*)$", text, re.M)
+    header = re.search(r"^HloModule\s+([\w.\-]+)(.*)$", text, re.MULTILINE)
     name = header.group(1) if header else "module"
     parts = re.search(r"num_partitions=(\d+)", header.group(2)) if header else None
     reps = re.search(r"replica_count=(\d+)", header.group(2)) if header else None
@@ -512,8 +543,7 @@ def _tuple_index(ins: Instruction) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _through_fusion(mod: HloModule, comp: Computation, ins: Instruction
-                    ) -> tuple[Instruction, list[str | None]]:
+def _through_fusion(mod: HloModule, comp: Computation, ins: Instruction) -> tuple[Instruction, list[str | None]]:
     """For a fusion, the called root and, per root operand, the caller's operand name; other
     instructions map to themselves."""
     if ins.opcode != "fusion":
@@ -536,13 +566,14 @@ def _through_fusion(mod: HloModule, comp: Computation, ins: Instruction
     return root, mapped
 
 
-def _value(mod: HloModule, comp: Computation, table: dict[str, Instruction],
-           name: str | None) -> tuple[str, int] | None:
+def _value(
+    mod: HloModule, comp: Computation, table: dict[str, Instruction], name: str | None
+) -> tuple[str, int] | None:
     """A scalar as ('const', v) or ('iv', tuple index of the loop parameter), else None."""
     if name is None:
         return None
     if name.startswith("__const__"):
-        return ("const", int(name[len("__const__"):]))
+        return ("const", int(name[len("__const__") :]))
     v = _constant(comp, name, table)
     if v is not None:
         return ("const", v)
@@ -621,8 +652,7 @@ def _contexts(mod: HloModule) -> dict[str, list[_Context]]:
         for ins in comp.instructions:
             if ins.opcode.endswith("-done") or ins.opcode.endswith("-update"):
                 continue
-            for key in ("calls", "to_apply", "body", "condition", "true_computation",
-                        "false_computation"):
+            for key in ("calls", "to_apply", "body", "condition", "true_computation", "false_computation"):
                 c = ins.callee(key)
                 if c:
                     found.append((c, ins, key))
@@ -670,9 +700,32 @@ def _contexts(mod: HloModule) -> dict[str, list[_Context]]:
 # ---- collectives --------------------------------------------------------------------------
 
 _PASS_THROUGH = {
-    "bitcast", "convert", "copy", "reshape", "transpose", "negate", "abs", "add", "subtract",
-    "multiply", "divide", "maximum", "minimum", "select", "clamp", "sqrt", "rsqrt", "exp",
-    "log", "tanh", "power", "bitcast-convert", "compare", "and", "or", "not",
+    "bitcast",
+    "convert",
+    "copy",
+    "reshape",
+    "transpose",
+    "negate",
+    "abs",
+    "add",
+    "subtract",
+    "multiply",
+    "divide",
+    "maximum",
+    "minimum",
+    "select",
+    "clamp",
+    "sqrt",
+    "rsqrt",
+    "exp",
+    "log",
+    "tanh",
+    "power",
+    "bitcast-convert",
+    "compare",
+    "and",
+    "or",
+    "not",
 }
 
 
@@ -688,8 +741,15 @@ def _users(comp: Computation) -> dict[str, list[Instruction]]:
     return users
 
 
-def _only_sharded(mod: HloModule, comp: Computation, name: str, elements: int, n: int,
-                  users: dict[str, list[Instruction]], depth: int = 0) -> bool:
+def _only_sharded(
+    mod: HloModule,
+    comp: Computation,
+    name: str,
+    elements: int,
+    n: int,
+    users: dict[str, list[Instruction]],
+    depth: int = 0,
+) -> bool:
     """Whether every use of value ``name`` (``elements`` elements) ends in a dynamic-slice that
     keeps ``elements / n`` of them, passing only through elementwise and layout ops (also
     inside fusions)."""
@@ -730,8 +790,7 @@ def _only_sharded(mod: HloModule, comp: Computation, name: str, elements: int, n
     return True
 
 
-def _reaches(comp: Computation, start: str, target: str, users: dict[str, list[Instruction]]
-             ) -> bool:
+def _reaches(comp: Computation, start: str, target: str, users: dict[str, list[Instruction]]) -> bool:
     """Whether ``start`` flows to ``target`` without passing a dynamic-slice."""
     stack, seen = [start], set()
     while stack:
@@ -745,8 +804,9 @@ def _reaches(comp: Computation, start: str, target: str, users: dict[str, list[I
     return False
 
 
-def _inside_fusion(comp: Computation, name: str, elements: int, n: int,
-                   users: dict[str, list[Instruction]], root: str) -> bool:
+def _inside_fusion(
+    comp: Computation, name: str, elements: int, n: int, users: dict[str, list[Instruction]], root: str
+) -> bool:
     """Inside a fused computation: every path from ``name`` is elementwise/layout until a
     1/n dynamic-slice or the root."""
     stack, seen = [name], set()
@@ -768,8 +828,7 @@ def _inside_fusion(comp: Computation, name: str, elements: int, n: int,
     return True
 
 
-def _element_uses(ins: Instruction, users: dict[str, list[Instruction]]
-                  ) -> list[list[str]] | None:
+def _element_uses(ins: Instruction, users: dict[str, list[Instruction]]) -> list[list[str]] | None:
     """Per result element, the names that carry it (the op itself, or its get-tuple-elements);
     None when a tuple result is used whole."""
     if not ins.type_text.startswith("("):
@@ -786,8 +845,9 @@ def _element_uses(ins: Instruction, users: dict[str, list[Instruction]]
     return out
 
 
-def _sliced(mod: HloModule, comp: Computation, ins: Instruction, n: int,
-            users: dict[str, list[Instruction]]) -> tuple[bool, ...]:
+def _sliced(
+    mod: HloModule, comp: Computation, ins: Instruction, n: int, users: dict[str, list[Instruction]]
+) -> tuple[bool, ...]:
     """Per element of an all-reduce: whether its result is only used as this device's 1/n shard."""
     shapes = array_shapes(ins.type_text)
     uses = _element_uses(ins, users)
@@ -808,8 +868,7 @@ def _dtype_of(type_text: str) -> str | None:
     return arrays[0][0] if len(arrays) == 1 else None
 
 
-def _widened_from(mod: HloModule, table: dict[str, Instruction], name: str, depth: int = 0
-                  ) -> str | None:
+def _widened_from(mod: HloModule, table: dict[str, Instruction], name: str, depth: int = 0) -> str | None:
     """The narrower float type a value was converted up from (through layout ops and into the
     fusion that produced it), or None."""
     ins = table.get(name)
@@ -827,8 +886,7 @@ def _widened_from(mod: HloModule, table: dict[str, Instruction], name: str, dept
         return None
     if ins.opcode == "select" and len(ins.operands) == 3:
         # A masked value (select against a constant such as 0) keeps the narrow values.
-        found = [_widened_from(mod, table, op, depth + 1) or _small_constant(table, op)
-                 for op in ins.operands[1:]]
+        found = [_widened_from(mod, table, op, depth + 1) or _small_constant(table, op) for op in ins.operands[1:]]
         narrow = {f for f in found if f not in (None, "const")}
         return narrow.pop() if None not in found and len(narrow) == 1 else None
     if ins.opcode == "fusion":
@@ -844,7 +902,7 @@ def _parameters(comp: Computation) -> dict[int, str]:
 
 
 def _small_constant(table: dict[str, Instruction], name: str) -> str | None:
-    """"const" if ``name`` is a (broadcast) scalar constant that every float type holds exactly
+    """ "const" if ``name`` is a (broadcast) scalar constant that every float type holds exactly
     (an integer below 256 in magnitude), else None."""
     ins = table.get(name)
     while ins is not None and ins.opcode == "broadcast" and ins.operands:
@@ -858,8 +916,9 @@ def _small_constant(table: dict[str, Instruction], name: str) -> str | None:
     return "const" if value.is_integer() and abs(value) < 256 else None
 
 
-def _narrowed_to(mod: HloModule, comp: Computation, name: str, dtype: str,
-                 users: dict[str, list[Instruction]], depth: int = 0) -> bool:
+def _narrowed_to(
+    mod: HloModule, comp: Computation, name: str, dtype: str, users: dict[str, list[Instruction]], depth: int = 0
+) -> bool:
     """Whether every use of ``name`` converts it straight down to ``dtype`` (through layout ops
     and slices, also inside the fusions that take it)."""
     uses = users.get(name, [])
@@ -870,8 +929,7 @@ def _narrowed_to(mod: HloModule, comp: Computation, name: str, dtype: str,
             if _dtype_of(use.type_text) != dtype:
                 return False
         elif use.opcode in _LAYOUT or use.opcode in ("dynamic-slice", "slice"):
-            if use.operands[0] != name or not _narrowed_to(mod, comp, use.name, dtype, users,
-                                                         depth + 1):
+            if use.operands[0] != name or not _narrowed_to(mod, comp, use.name, dtype, users, depth + 1):
                 return False
         elif use.opcode == "fusion":
             called = mod.computations.get(use.callee("calls") or "")
@@ -880,17 +938,21 @@ def _narrowed_to(mod: HloModule, comp: Computation, name: str, dtype: str,
             inner = _users(called)
             params = _parameters(called)
             for k, op in enumerate(use.operands):
-                if op == name and not _narrowed_to(mod, called, params.get(k, ""), dtype, inner,
-                                                   depth + 1):
+                if op == name and not _narrowed_to(mod, called, params.get(k, ""), dtype, inner, depth + 1):
                     return False
         else:
             return False
     return True
 
 
-def _program_dtypes(mod: HloModule, comp: Computation, ins: Instruction, kind: str,
-                    table: dict[str, Instruction], users: dict[str, list[Instruction]]
-                    ) -> tuple[str | None, ...]:
+def _program_dtypes(
+    mod: HloModule,
+    comp: Computation,
+    ins: Instruction,
+    kind: str,
+    table: dict[str, Instruction],
+    users: dict[str, list[Instruction]],
+) -> tuple[str | None, ...]:
     """Per element: the narrow float type the program gave it, where the backend widened the
     collective around it. An op that only moves data (all-gather, all-to-all, permute) needs an
     operand converted up from that type (its values are exactly representable in it); a
@@ -906,21 +968,27 @@ def _program_dtypes(mod: HloModule, comp: Computation, ins: Instruction, kind: s
     out = []
     for op, names in zip(ins.operands, uses):
         narrow = _widened_from(mod, table, op)
-        ok = narrow is not None and (not reduces or promoted or (bool(names) and all(
-            _narrowed_to(mod, comp, g, narrow, users) for g in names
-        )))
+        ok = narrow is not None and (
+            not reduces or promoted or (bool(names) and all(_narrowed_to(mod, comp, g, narrow, users) for g in names))
+        )
         out.append(narrow if ok else None)
     return tuple(out)
 
 
 def _kind(opcode: str) -> str | None:
-    base = opcode[: -len("-start")] if opcode.endswith("-start") else opcode
+    base = opcode.removesuffix("-start")
     return base if base in KINDS else None
 
 
-def _collective(mod: HloModule, comp: Computation, ins: Instruction, kind: str,
-                table: dict[str, Instruction], users: dict[str, list[Instruction]],
-                ctxs: list[_Context]) -> Collective:
+def _collective(
+    mod: HloModule,
+    comp: Computation,
+    ins: Instruction,
+    kind: str,
+    table: dict[str, Instruction],
+    users: dict[str, list[Instruction]],
+    ctxs: list[_Context],
+) -> Collective:
     operand_arrays = []
     for op in ins.operands:
         if op in table:
@@ -932,9 +1000,7 @@ def _collective(mod: HloModule, comp: Computation, ins: Instruction, kind: str,
             result_type = done[0].type_text
         elif kind != "all-reduce":
             arrays = array_shapes(ins.type_text)
-            result_type = " ".join(
-                f"{d}[{','.join(map(str, s))}]" for d, s in arrays[len(arrays) // 2:]
-            )
+            result_type = " ".join(f"{d}[{','.join(map(str, s))}]" for d, s in arrays[len(arrays) // 2 :])
     results = array_shapes(result_type)
     if kind == "collective-permute":
         results = results[: max(1, len(operand_arrays))]
@@ -945,12 +1011,11 @@ def _collective(mod: HloModule, comp: Computation, ins: Instruction, kind: str,
     if kind == "collective-permute":
         text = ins.attr("source_target_pairs") or "{}"
         body = _balanced(text, "{", "}")
-        pairs = tuple(tuple(_ints(p)) for p in re.findall(r"\{([^{}]*)\}", body[1:-1]))
+        pairs = tuple((s, t) for s, t in (_ints(p) for p in re.findall(r"\{([^{}]*)\}", body[1:-1])))
         size = _largest_component(pairs)
     else:
         text = ins.attr("replica_groups")
-        groups = (parse_replica_groups(text, mod.num_devices) if text
-                  else (tuple(range(mod.num_devices)),))
+        groups = parse_replica_groups(text, mod.num_devices) if text else (tuple(range(mod.num_devices)),)
         size = max(len(g) for g in groups)
     if len(operand_sizes) != len(result_sizes):  # operands not found: infer from the results
         factor = {"reduce-scatter": size, "all-gather": 1 / size}.get(kind, 1)

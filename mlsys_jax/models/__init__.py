@@ -28,8 +28,25 @@ from mlsys_jax.models.registry import (
 registry.register_family(llama.FAMILY)
 
 __all__ = [
-    "llama", "registry", "UNPLACED", "ConfigError", "LanguageModel", "Layout", "LogicalAxes",
-    "decode_step", "forward", "init_cache", "loss_sums", "prefill", "run_layers", "CONFIGS",
-    "LlamaConfig", "Family", "build_model", "canonical_name", "families", "get_config",
+    "CONFIGS",
+    "UNPLACED",
+    "ConfigError",
+    "Family",
+    "LanguageModel",
+    "Layout",
+    "LlamaConfig",
+    "LogicalAxes",
+    "build_model",
+    "canonical_name",
+    "decode_step",
+    "families",
+    "forward",
+    "get_config",
+    "init_cache",
+    "llama",
+    "loss_sums",
+    "prefill",
     "register_family",
+    "registry",
+    "run_layers",
 ]

@@ -115,6 +115,7 @@ class LanguageModel:
 
 # --- compositions of the pieces -------------------------------------------------------------------
 
+
 def layer_slice(layers: Params, start: int, stop: int) -> Params:
     """Layers [start, stop) of a stacked layer tree (or of a stacked cache)."""
     return jax.tree_util.tree_map(lambda a: a[start:stop], layers)
@@ -128,11 +129,18 @@ def _checkpointed(step: Callable, policy: str) -> Callable:
     return step
 
 
-def run_layers(model: LanguageModel, layers: Params, x: jax.Array, positions: jax.Array,
-               layout: Layout = UNPLACED, cache: Cache = None) -> tuple[jax.Array, Cache]:
+def run_layers(
+    model: LanguageModel,
+    layers: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    layout: Layout = UNPLACED,
+    cache: Cache = None,
+) -> tuple[jax.Array, Cache]:
     """Apply the stacked ``layers`` (all of them, or any contiguous slice) in order as one
     ``lax.scan``, so compile time does not grow with depth; ``cache``, when given, is stacked
     the same way and comes back updated."""
+
     def step(x: jax.Array, inputs: tuple[Params, Cache]) -> tuple[jax.Array, Cache]:
         weights, layer_cache = inputs
         return model.block(weights, x, positions, layer_cache, layout)
@@ -145,8 +153,14 @@ def default_positions(tokens: jax.Array) -> jax.Array:
     return jnp.arange(tokens.shape[1], dtype=jnp.int32)
 
 
-def extend(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array,
-           cache: Cache, layout: Layout = UNPLACED) -> tuple[jax.Array, Cache]:
+def extend(
+    model: LanguageModel,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: Cache,
+    layout: Layout = UNPLACED,
+) -> tuple[jax.Array, Cache]:
     """Embed tokens at ``positions`` and run them through every layer; with a cache, against it,
     writing their keys and values into it. Returns the final residual stream and the cache.
     Positions are (seq,) for every row alike or (batch, seq), contiguous within a row."""
@@ -154,21 +168,32 @@ def extend(model: LanguageModel, params: Params, tokens: jax.Array, positions: j
     return run_layers(model, params[model.layers_key], x, positions, layout, cache)
 
 
-def hidden_states(model: LanguageModel, params: Params, tokens: jax.Array, layout: Layout = UNPLACED,
-                  positions: jax.Array | None = None) -> jax.Array:
+def hidden_states(
+    model: LanguageModel,
+    params: Params,
+    tokens: jax.Array,
+    layout: Layout = UNPLACED,
+    positions: jax.Array | None = None,
+) -> jax.Array:
     """The residual stream after every layer (before the head's final norm)."""
     positions = default_positions(tokens) if positions is None else positions
     return extend(model, params, tokens, positions, None, layout)[0]
 
 
-def forward(model: LanguageModel, params: Params, tokens: jax.Array, layout: Layout = UNPLACED,
-            positions: jax.Array | None = None) -> jax.Array:
+def forward(
+    model: LanguageModel,
+    params: Params,
+    tokens: jax.Array,
+    layout: Layout = UNPLACED,
+    positions: jax.Array | None = None,
+) -> jax.Array:
     """Next-token logits in fp32, (batch, seq, vocab), for int tokens of shape (batch, seq)."""
     return model.head(params, hidden_states(model, params, tokens, layout, positions), layout)
 
 
-def loss_sums(model: LanguageModel, params: Params, batch: dict[str, jax.Array],
-              layout: Layout = UNPLACED) -> tuple[jax.Array, jax.Array]:
+def loss_sums(
+    model: LanguageModel, params: Params, batch: dict[str, jax.Array], layout: Layout = UNPLACED
+) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, token count) of a batch of ``inputs``, ``targets`` and ``mask``
     (batch, seq): sums, so microbatches add up exactly."""
     x = hidden_states(model, params, batch["inputs"], layout)
@@ -176,6 +201,7 @@ def loss_sums(model: LanguageModel, params: Params, batch: dict[str, jax.Array],
 
 
 # --- decoding with a KV cache ---------------------------------------------------------------------
+
 
 def init_cache(model: LanguageModel, batch: int, max_len: int) -> Cache:
     """An empty (zero) KV cache for ``batch`` rows of up to ``max_len`` positions."""
@@ -187,8 +213,14 @@ def _at(x: jax.Array, index: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, index.reshape(-1, 1, *([1] * (x.ndim - 2))), axis=1)
 
 
-def prefill(model: LanguageModel, params: Params, tokens: jax.Array, cache: Cache,
-            layout: Layout = UNPLACED, lengths: jax.Array | None = None) -> tuple[jax.Array, Cache]:
+def prefill(
+    model: LanguageModel,
+    params: Params,
+    tokens: jax.Array,
+    cache: Cache,
+    layout: Layout = UNPLACED,
+    lengths: jax.Array | None = None,
+) -> tuple[jax.Array, Cache]:
     """Fill the cache with prompts (batch, seq), right-padded, starting at position 0.
 
     Returns the logits of every position (batch, seq, vocab), or with ``lengths`` (batch,) only
@@ -201,8 +233,14 @@ def prefill(model: LanguageModel, params: Params, tokens: jax.Array, cache: Cach
     return model.head(params, _at(x, lengths - 1), layout)[:, 0], cache
 
 
-def decode_step(model: LanguageModel, params: Params, tokens: jax.Array, positions: jax.Array,
-                cache: Cache, layout: Layout = UNPLACED) -> tuple[jax.Array, Cache]:
+def decode_step(
+    model: LanguageModel,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: Cache,
+    layout: Layout = UNPLACED,
+) -> tuple[jax.Array, Cache]:
     """One new token per row, (batch,), at per-row ``positions`` (batch,): its logits
     (batch, vocab) and the cache with its keys and values written."""
     x, cache = extend(model, params, tokens[:, None], positions[:, None], cache, layout)

@@ -23,17 +23,17 @@ class LlamaConfig:
     n_layers: int = 2
     n_heads: int = 8
     n_kv_heads: int = 4
-    head_dim: int = 16             # the smallest every attention kernel tiles (Triton's dot)
+    head_dim: int = 16  # the smallest every attention kernel tiles (Triton's dot)
     d_ff: int = 256
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    dtype: str = "bfloat16"        # compute dtype; parameters stay in param_dtype
+    dtype: str = "bfloat16"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
-    remat: str = "none"            # none | full | save_dots
-    attention_impl: str = "xla"    # see ATTENTION_IMPLS
-    norm_impl: str = "xla"         # see NORM_IMPLS
-    loss_impl: str = "xla"         # xla (whole logits) or a fused linear cross-entropy (LOSS_IMPLS)
+    remat: str = "none"  # none | full | save_dots
+    attention_impl: str = "xla"  # see ATTENTION_IMPLS
+    norm_impl: str = "xla"  # see NORM_IMPLS
+    loss_impl: str = "xla"  # xla (whole logits) or a fused linear cross-entropy (LOSS_IMPLS)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -49,12 +49,15 @@ class LlamaConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
-        for name, allowed in (("attention_impl", ATTENTION_IMPLS), ("norm_impl", NORM_IMPLS),
-                              ("loss_impl", LOSS_IMPLS)):
+        for name, allowed in (
+            ("attention_impl", ATTENTION_IMPLS),
+            ("norm_impl", NORM_IMPLS),
+            ("loss_impl", LOSS_IMPLS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")
 
-    def replace(self, **changes: Any) -> "LlamaConfig":
+    def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -63,27 +66,63 @@ CONFIGS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(),
     # The CPU demo: about 1M parameters, trains visibly in a few minutes on simulated devices.
     "small": LlamaConfig(
-        vocab_size=384, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=512,
+        vocab_size=384,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=32,
+        d_ff=512,
     ),
     # Planning sizes (published Llama-family shapes).
     "125m": LlamaConfig(
-        vocab_size=32_000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64,
-        d_ff=2048, tie_embeddings=True,
+        vocab_size=32_000,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=12,
+        head_dim=64,
+        d_ff=2048,
+        tie_embeddings=True,
     ),
     "1b": LlamaConfig(
-        vocab_size=128_256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
-        d_ff=8192, rope_theta=500_000.0, tie_embeddings=True,
+        vocab_size=128_256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=64,
+        d_ff=8192,
+        rope_theta=500_000.0,
+        tie_embeddings=True,
     ),
     "7b": LlamaConfig(
-        vocab_size=32_000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+        vocab_size=32_000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        head_dim=128,
         d_ff=11_008,
     ),
     "8b": LlamaConfig(
-        vocab_size=128_256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
-        d_ff=14_336, rope_theta=500_000.0,
+        vocab_size=128_256,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=14_336,
+        rope_theta=500_000.0,
     ),
     "70b": LlamaConfig(
-        vocab_size=128_256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
-        d_ff=28_672, rope_theta=500_000.0,
+        vocab_size=128_256,
+        d_model=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        head_dim=128,
+        d_ff=28_672,
+        rope_theta=500_000.0,
     ),
 }

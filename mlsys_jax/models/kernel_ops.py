@@ -27,30 +27,47 @@ def _backend(impl: str, auto: str) -> str | None:
     return None if impl == auto else impl
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, layout: Layout, *,
-              q_offset: jax.Array | None = None, kv_lengths: jax.Array | None = None) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    impl: str,
+    layout: Layout,
+    *,
+    q_offset: jax.Array | None = None,
+    kv_lengths: jax.Array | None = None,
+) -> jax.Array:
     """Causal grouped-query attention of (batch, seq, heads, head_dim) q and (…, kv_heads, …)
     k, v; with a cache, queries sit at ``q_offset`` (batch,) and keys past ``kv_lengths`` are
     hidden."""
-    kwargs = dict(causal=True, q_offset=q_offset, kv_lengths=kv_lengths)
+    kwargs = {"causal": True, "q_offset": q_offset, "kv_lengths": kv_lengths}
     if impl == "xla" or not layout.sharded:
         return attention_kernels.flash_attention(q, k, v, implementation=_backend(impl, "auto"), **kwargs)
+    assert layout.spec is not None
     return sharding.sharded_flash_attention(
-        q, k, v, mesh=layout.mesh, implementation=_backend(impl, "auto"),
+        q,
+        k,
+        v,
+        mesh=layout.mesh,
+        implementation=_backend(impl, "auto"),
         q_spec=layout.spec(Q_AXES, q.shape, "attention queries"),
-        kv_spec=layout.spec(KV_AXES, k.shape, "attention keys"), **kwargs,
+        kv_spec=layout.spec(KV_AXES, k.shape, "attention keys"),
+        **kwargs,
     )
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, impl: str, layout: Layout) -> jax.Array:
     """RMSNorm of (batch, seq, embed) activations."""
+
     def run(x: jax.Array, w: jax.Array) -> jax.Array:
         return norms.rms_norm(x, w, eps=eps, implementation=impl)
 
     if impl == "xla" or not layout.sharded:
         return run(x, weight)
-    return sharding.sharded_rows(run, x, weight, mesh=layout.mesh,
-                                 x_spec=layout.spec(("batch", "seq", "embed"), x.shape, "norm input"))
+    assert layout.spec is not None
+    return sharding.sharded_rows(
+        run, x, weight, mesh=layout.mesh, x_spec=layout.spec(("batch", "seq", "embed"), x.shape, "norm input")
+    )
 
 
 def logits(x: jax.Array, head: jax.Array, layout: Layout) -> jax.Array:
@@ -59,36 +76,49 @@ def logits(x: jax.Array, head: jax.Array, layout: Layout) -> jax.Array:
     return layout.constrain(cross_entropy.logits(x, head), ("batch", "seq", "vocab"))
 
 
-def next_token_loss(x: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, impl: str,
-                    layout: Layout) -> tuple[jax.Array, jax.Array]:
+def next_token_loss(
+    x: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, impl: str, layout: Layout
+) -> tuple[jax.Array, jax.Array]:
     """(sum, count) of cross-entropy of ``x @ head`` against targets where mask is set. "xla"
     forms the whole logits (the reference, in its two pieces); any other choice is a fused
     linear cross-entropy that never does."""
     labels = jnp.where(mask > 0, targets, IGNORE)
     count = jnp.sum(mask.astype(jnp.float32))
     if impl == "xla":
-        losses = cross_entropy.token_losses(logits(x, head, layout), labels,
-                                            cross_entropy.LossOptions(ignore_index=IGNORE))
+        losses = cross_entropy.token_losses(
+            logits(x, head, layout), labels, cross_entropy.LossOptions(ignore_index=IGNORE)
+        )
         return jnp.sum(losses), count
 
     def run(h: jax.Array, w: jax.Array, y: jax.Array, vocab_axis: Any = None) -> jax.Array:
-        return cross_entropy.linear_cross_entropy(h, w, y, ignore_index=IGNORE, vocab_axis=vocab_axis,
-                                                  implementation=_backend(impl, "fused"))
+        return cross_entropy.linear_cross_entropy(
+            h, w, y, ignore_index=IGNORE, vocab_axis=vocab_axis, implementation=_backend(impl, "fused")
+        )
 
     if not layout.sharded:
         return jnp.sum(run(x, head, labels)), count
+    assert layout.spec is not None
     logits_spec = layout.spec(("batch", "seq", "vocab"), (*labels.shape, head.shape[1]), "logits")
     vocab = tuple(logits_spec)[2] if len(tuple(logits_spec)) > 2 else None
     losses = sharding.sharded_token_loss(
-        run, x, head, labels, mesh=layout.mesh, vocab_axes=sharding.mesh_axes(vocab),
+        run,
+        x,
+        head,
+        labels,
+        mesh=layout.mesh,
+        vocab_axes=sharding.mesh_axes(vocab),
         token_spec=layout.spec(("batch", "seq"), labels.shape, "tokens"),
     )
     return jnp.sum(losses), count
 
 
-def kernel_choices(dtype: Any, *, attention: tuple[str, tuple, tuple] | None = None,
-                   norm: tuple[str, tuple] | None = None,
-                   loss: tuple[str, tuple, tuple] | None = None) -> dict[str, str]:
+def kernel_choices(
+    dtype: Any,
+    *,
+    attention: tuple[str, tuple, tuple] | None = None,
+    norm: tuple[str, tuple] | None = None,
+    loss: tuple[str, tuple, tuple] | None = None,
+) -> dict[str, str]:
     """Which backend each hot operation runs here, and why others were passed over, for the
     operations that run a kernel: ``attention=(impl, q_shape, k_shape)``, ``norm=(impl,
     x_shape)``, ``loss=(impl, hidden_shape, head_shape)``. Plain "xla" operations are left out."""
@@ -97,12 +127,13 @@ def kernel_choices(dtype: Any, *, attention: tuple[str, tuple, tuple] | None = N
     if attention is not None and attention[0] != "xla":
         impl, q, k = attention
         out["attention"] = attention_kernels.choose(
-            jax.ShapeDtypeStruct(q, dt), jax.ShapeDtypeStruct(k, dt), causal=True,
-            implementation=_backend(impl, "auto")).describe()
+            jax.ShapeDtypeStruct(q, dt), jax.ShapeDtypeStruct(k, dt), causal=True, implementation=_backend(impl, "auto")
+        ).describe()
     if norm is not None and norm[0] != "xla":
         out["rms_norm"] = norms.choose("rms_norm", jax.ShapeDtypeStruct(norm[1], dt), norm[0]).describe()
     if loss is not None and loss[0] != "xla":
         impl, h, w = loss
-        out["loss"] = cross_entropy.choose(jax.ShapeDtypeStruct(h, dt), jax.ShapeDtypeStruct(w, dt),
-                                           implementation=_backend(impl, "fused")).describe()
+        out["loss"] = cross_entropy.choose(
+            jax.ShapeDtypeStruct(h, dt), jax.ShapeDtypeStruct(w, dt), implementation=_backend(impl, "fused")
+        ).describe()
     return out

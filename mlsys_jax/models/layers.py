@@ -32,8 +32,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def qkv_projection(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def qkv_projection(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q = x W_q, k = x W_k, v = x W_v as one matmul over the three weights side by side.
 
     One matmul means one input gradient: under tensor parallelism the backward pass sums it
@@ -49,8 +48,9 @@ def qkv_projection(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array
     return qkv[:, :, :, :group].reshape(b, s, heads, hd), qkv[:, :, :, group], qkv[:, :, :, group + 1]
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-           constrain: Constrain = no_constraint) -> jax.Array:
+def swiglu(
+    x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, constrain: Constrain = no_constraint
+) -> jax.Array:
     """down(silu(x W_gate) * (x W_up)); gate and up run as one matmul (one input gradient)."""
     gate_up = jnp.einsum("bsd,dtf->bstf", x, jnp.stack([w_gate, w_up], axis=1))
     hidden = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ("batch", "seq", "mlp"))
@@ -90,7 +90,7 @@ def cache_write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     its place on its own device, however the batch is split.
     """
     max_len, seq = cache.shape[1], new.shape[1]
-    index = jnp.arange(max_len)[None, :] - jnp.reshape(start, (-1, 1))      # (batch, max_len)
+    index = jnp.arange(max_len)[None, :] - jnp.reshape(start, (-1, 1))  # (batch, max_len)
     inside = (index >= 0) & (index < seq)
     tail = (1,) * (cache.ndim - 2)
     taken = jnp.take_along_axis(new, jnp.clip(index, 0, seq - 1).reshape(*index.shape, *tail), axis=1)

@@ -29,8 +29,7 @@ Params = dict[str, Any]
 
 AXES = LogicalAxes(
     params=("vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "layers"),
-    activations=("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
-                 "cache_seq", "layers"),
+    activations=("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "cache_seq", "layers"),
 )
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
 
@@ -57,7 +56,7 @@ def param_specs(cfg: LlamaConfig) -> Params:
     }
     specs: Params = {
         # Tied tables double as the output head, so they start at the head's 1/sqrt(d) scale.
-        "embed": p((v, d), ("vocab", "embed"), normal(d ** -0.5 if cfg.tie_embeddings else 1.0)),
+        "embed": p((v, d), ("vocab", "embed"), normal(d**-0.5 if cfg.tie_embeddings else 1.0)),
         "layers": {name: s.stacked(cfg.n_layers) for name, s in layer.items()},
         "final_norm": p((d,), ("embed",), ones),
     }
@@ -78,16 +77,23 @@ def _norm(cfg: LlamaConfig, x: jax.Array, w: jax.Array, layout: Layout) -> jax.A
     return kernel_ops.rms_norm(x, w, cfg.norm_eps, cfg.norm_impl, layout)
 
 
-def embed(cfg: LlamaConfig, params: Params, tokens: jax.Array, positions: jax.Array,
-          layout: Layout = UNPLACED) -> jax.Array:
+def embed(
+    cfg: LlamaConfig, params: Params, tokens: jax.Array, positions: jax.Array, layout: Layout = UNPLACED
+) -> jax.Array:
     """h_0 = E[tokens], (batch, seq, d_model) in the compute dtype (positions enter at RoPE)."""
     del positions
     table = layout.constrain(params["embed"].astype(cfg.dtype), ("vocab", None))  # whole rows
     return layout.constrain(embedding_lookup(table, tokens), ("batch", "seq", "embed"))
 
 
-def block(cfg: LlamaConfig, w: Params, x: jax.Array, positions: jax.Array, cache: Params | None = None,
-          layout: Layout = UNPLACED) -> tuple[jax.Array, Params | None]:
+def block(
+    cfg: LlamaConfig,
+    w: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    cache: Params | None = None,
+    layout: Layout = UNPLACED,
+) -> tuple[jax.Array, Params | None]:
     """One layer: attention then SwiGLU, each on the RMSNorm of the residual stream. With a
     cache, the new keys and values are written at ``positions`` and the queries attend over it."""
     w = jax.tree_util.tree_map(lambda a: a.astype(cfg.dtype), w)
@@ -101,10 +107,10 @@ def block(cfg: LlamaConfig, w: Params, x: jax.Array, positions: jax.Array, cache
         o = kernel_ops.attention(q, k, v, cfg.attention_impl, layout)
     else:
         start = jnp.broadcast_to(positions[..., 0], (x.shape[0],)).astype(jnp.int32)
-        cache = {name: c(cache_write(cache[name], new, start), CACHE_AXES[1:])
-                 for name, new in (("k", k), ("v", v))}
-        o = kernel_ops.attention(q, cache["k"], cache["v"], cfg.attention_impl, layout,
-                                 q_offset=start, kv_lengths=start + x.shape[1])
+        cache = {name: c(cache_write(cache[name], new, start), CACHE_AXES[1:]) for name, new in (("k", k), ("v", v))}
+        o = kernel_ops.attention(
+            q, cache["k"], cache["v"], cfg.attention_impl, layout, q_offset=start, kv_lengths=start + x.shape[1]
+        )
     o = c(o, ("batch", "seq", "heads", "head_dim"))
     x = c(x + jnp.einsum("bshk,hkd->bsd", o, w["wo"]), ("batch", "seq", "embed"))
     x = x + swiglu(_norm(cfg, x, w["mlp_norm"], layout), w["w_gate"], w["w_up"], w["w_down"], c)
@@ -121,13 +127,13 @@ def head(cfg: LlamaConfig, params: Params, x: jax.Array, layout: Layout = UNPLAC
     return kernel_ops.logits(x, _head_weight(cfg, params, x.dtype), layout)
 
 
-def loss(cfg: LlamaConfig, params: Params, x: jax.Array, targets: jax.Array, mask: jax.Array,
-         layout: Layout = UNPLACED) -> tuple[jax.Array, jax.Array]:
+def loss(
+    cfg: LlamaConfig, params: Params, x: jax.Array, targets: jax.Array, mask: jax.Array, layout: Layout = UNPLACED
+) -> tuple[jax.Array, jax.Array]:
     """(sum, count) of next-token cross-entropy of the head's logits; a fused ``loss_impl``
     never forms them whole."""
     x = _norm(cfg, x, params["final_norm"].astype(x.dtype), layout)
-    return kernel_ops.next_token_loss(x, _head_weight(cfg, params, x.dtype), targets, mask,
-                                      cfg.loss_impl, layout)
+    return kernel_ops.next_token_loss(x, _head_weight(cfg, params, x.dtype), targets, mask, cfg.loss_impl, layout)
 
 
 def matmul_params(cfg: LlamaConfig) -> int:
@@ -167,8 +173,11 @@ def kernel_choices(cfg: LlamaConfig, batch: int, seq: int) -> dict[str, str]:
     """Which backend each hot operation of this config runs here (empty for plain XLA)."""
     return kernel_ops.kernel_choices(
         cfg.dtype,
-        attention=(cfg.attention_impl, (batch, seq, cfg.n_heads, cfg.head_dim),
-                   (batch, seq, cfg.n_kv_heads, cfg.head_dim)),
+        attention=(
+            cfg.attention_impl,
+            (batch, seq, cfg.n_heads, cfg.head_dim),
+            (batch, seq, cfg.n_kv_heads, cfg.head_dim),
+        ),
         norm=(cfg.norm_impl, (batch, seq, cfg.d_model)),
         loss=(cfg.loss_impl, (batch * seq, cfg.d_model), (cfg.d_model, cfg.vocab_size)),
     )
@@ -178,11 +187,21 @@ def language_model(cfg: LlamaConfig, name: str = "llama") -> LanguageModel:
     """This model in the form the runtime trains, stages and decodes."""
     bind = functools.partial
     return LanguageModel(
-        name=name, specs=param_specs(cfg), embed=bind(embed, cfg), block=bind(block, cfg),
-        head=bind(head, cfg), loss=bind(loss, cfg), cache_specs=bind(cache_specs, cfg),
-        flops_per_token=bind(flops_per_token, cfg), vocab_size=cfg.vocab_size,
-        num_layers=cfg.n_layers, axes=AXES, config=cfg, compute_dtype=jnp.dtype(cfg.dtype),
-        remat=cfg.remat, kernel_choices=bind(kernel_choices, cfg),
+        name=name,
+        specs=param_specs(cfg),
+        embed=bind(embed, cfg),
+        block=bind(block, cfg),
+        head=bind(head, cfg),
+        loss=bind(loss, cfg),
+        cache_specs=bind(cache_specs, cfg),
+        flops_per_token=bind(flops_per_token, cfg),
+        vocab_size=cfg.vocab_size,
+        num_layers=cfg.n_layers,
+        axes=AXES,
+        config=cfg,
+        compute_dtype=jnp.dtype(cfg.dtype),
+        remat=cfg.remat,
+        kernel_choices=bind(kernel_choices, cfg),
         activation_bytes=bind(activation_bytes, cfg),
     )
 

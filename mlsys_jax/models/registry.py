@@ -45,8 +45,9 @@ class Family:
             raise ConfigError(f"a family name must be non-empty and have no ':', got {self.name!r}")
         for preset, cfg in self.presets.items():
             if not isinstance(cfg, self.config):
-                raise ConfigError(f"family {self.name!r}: preset {preset!r} is a "
-                                  f"{type(cfg).__name__}, not a {self.config.__name__}")
+                raise ConfigError(
+                    f"family {self.name!r}: preset {preset!r} is a {type(cfg).__name__}, not a {self.config.__name__}"
+                )
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -56,8 +57,10 @@ _plugins_loaded = False
 def register_family(family: Family, *, replace: bool = False) -> Family:
     """Make a family available by name; registering a name twice needs ``replace=True``."""
     if family.name in _FAMILIES and not replace and _FAMILIES[family.name] is not family:
-        raise ConfigError(f"a model family named {family.name!r} is already registered. Fix: pick "
-                          "another name, or pass replace=True to swap it.")
+        raise ConfigError(
+            f"a model family named {family.name!r} is already registered. Fix: pick "
+            "another name, or pass replace=True to swap it."
+        )
     _FAMILIES[family.name] = family
     return family
 
@@ -91,23 +94,30 @@ def _import(item: str) -> None:
     if item.endswith(".py"):
         path = Path(item).expanduser().resolve()
         if not path.is_file():
-            raise ConfigError(f"${PLUGINS_ENV} names {item!r}, which is not a file. Fix: give a "
-                              "module name or the path of a .py file that registers a family.")
+            raise ConfigError(
+                f"${PLUGINS_ENV} names {item!r}, which is not a file. Fix: give a "
+                "module name or the path of a .py file that registers a family."
+            )
         spec = importlib.util.spec_from_file_location(f"mlsys_jax_plugin_{path.stem}", path)
+        assert spec is not None and spec.loader is not None  # always, for an existing .py file
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         try:
             spec.loader.exec_module(module)
         except Exception as err:
             del sys.modules[spec.name]
-            raise ConfigError(f"${PLUGINS_ENV} names {item!r}, which failed to load: "
-                              f"{type(err).__name__}: {err}. Fix: correct that file.") from err
+            raise ConfigError(
+                f"${PLUGINS_ENV} names {item!r}, which failed to load: "
+                f"{type(err).__name__}: {err}. Fix: correct that file."
+            ) from err
         return
     try:
         importlib.import_module(item)
     except ImportError as err:
-        raise ConfigError(f"${PLUGINS_ENV} names module {item!r}, which cannot be imported: {err}. "
-                          "Fix: put it on PYTHONPATH or give the path of its .py file.") from err
+        raise ConfigError(
+            f"${PLUGINS_ENV} names module {item!r}, which cannot be imported: {err}. "
+            "Fix: put it on PYTHONPATH or give the path of its .py file."
+        ) from err
 
 
 def get_family(name: str) -> Family:
@@ -130,8 +140,9 @@ def parse_model(name: str) -> tuple[Family, str]:
     family = get_family(family_name or DEFAULT_FAMILY)
     if preset not in family.presets:
         hint = did_you_mean(preset, list(family.presets))
-        raise ConfigError(f"unknown model {name!r}: family {family.name!r} has the presets "
-                          f"{list(family.presets)}.{hint}")
+        raise ConfigError(
+            f"unknown model {name!r}: family {family.name!r} has the presets {list(family.presets)}.{hint}"
+        )
     return family, preset
 
 
@@ -150,8 +161,7 @@ def get_config(name: str, **overrides: Any) -> Any:
     fields = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ConfigError(f"family {family.name!r} has no config field(s) {unknown}; its fields "
-                          f"are {sorted(fields)}")
+        raise ConfigError(f"family {family.name!r} has no config field(s) {unknown}; its fields are {sorted(fields)}")
     return dataclasses.replace(cfg, **overrides)
 
 

@@ -6,6 +6,14 @@ from mlsys_jax.parallel.plan import Placement, Plan
 from mlsys_jax.parallel.rules import RULE_PRESETS, STRATEGY_AXES, Rules, rules
 
 __all__ = [
-    "PlanError", "Placement", "Plan", "Rules", "rules", "RULE_PRESETS", "STRATEGY_AXES",
-    "fit_preset", "resolve_mesh", "strategy_axes",
+    "RULE_PRESETS",
+    "STRATEGY_AXES",
+    "Placement",
+    "Plan",
+    "PlanError",
+    "Rules",
+    "fit_preset",
+    "resolve_mesh",
+    "rules",
+    "strategy_axes",
 ]

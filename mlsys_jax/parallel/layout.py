@@ -12,9 +12,7 @@ from mlsys_jax.parallel.rules import STRATEGY_AXES
 
 def strategy_axes(strategy: str, sequence_parallel: bool = False) -> tuple[str, ...]:
     if strategy not in STRATEGY_AXES:
-        raise PlanError(
-            f"unknown strategy {strategy!r}; the presets are {sorted(STRATEGY_AXES)}"
-        )
+        raise PlanError(f"unknown strategy {strategy!r}; the presets are {sorted(STRATEGY_AXES)}")
     axes = STRATEGY_AXES[strategy]
     return axes + ("sequence",) if sequence_parallel else axes
 
@@ -43,8 +41,9 @@ def fit_preset(preset: MeshPreset, strategy: str, sequence_parallel: bool = Fals
     return dataclasses.replace(preset, axes=axes, strategy=strategy)
 
 
-def resolve_mesh(mesh: str, strategy: str | None = None,
-                 sequence_parallel: bool = False) -> tuple[MeshPreset | None, dict[str, int], str]:
+def resolve_mesh(
+    mesh: str, strategy: str | None = None, sequence_parallel: bool = False
+) -> tuple[MeshPreset | None, dict[str, int], str]:
     """Read a ``--mesh`` value (preset name or ``"axis=size,..."``) with a ``--strategy``.
 
     Returns the preset fitted to the strategy (None for explicit sizes), the axis sizes to

@@ -16,9 +16,9 @@ import jax
 import optax
 
 from mlsys_jax.models.base import LanguageModel
-from mlsys_jax.params import abstract_params, is_spec
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.plan import Plan
+from mlsys_jax.params import abstract_params, is_spec
 
 
 class FitError(PlanError):
@@ -93,8 +93,14 @@ def optimizer_bytes(plan: Plan, specs: Any, optimizer: optax.GradientTransformat
         total += math.prod(leaf.shape) * leaf.dtype.itemsize
         return leaf
 
-    optax.tree_map_params(optimizer, add_param_leaf, shapes, elements, transform_non_params=add_other,
-                          is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    optax.tree_map_params(
+        optimizer,
+        add_param_leaf,
+        shapes,
+        elements,
+        transform_non_params=add_other,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct),
+    )
     return total
 
 
@@ -107,9 +113,14 @@ def activation_bytes(plan: Plan, model: LanguageModel, batch: int, seq: int, mic
     return int(tokens * model.activation_bytes(seq) / max(splitters, 1))
 
 
-def memory_per_device(plan: Plan, model: LanguageModel, optimizer: optax.GradientTransformation,
-                      batch: int | None = None, seq: int | None = None,
-                      microbatches: int = 1) -> MemoryPerDevice:
+def memory_per_device(
+    plan: Plan,
+    model: LanguageModel,
+    optimizer: optax.GradientTransformation,
+    batch: int | None = None,
+    seq: int | None = None,
+    microbatches: int = 1,
+) -> MemoryPerDevice:
     """The training state's bytes per device and, given a batch, the activation estimate."""
     params = param_bytes(plan, model.specs)
     hbm = plan.device.hbm_bytes if plan.device is not None else None
@@ -123,9 +134,11 @@ def check_fit(mem: MemoryPerDevice, what: str) -> None:
         return
     acts = "" if mem.activations is None else f" + activations ~{human_bytes(mem.activations)}"
     state_alone = mem.state > mem.hbm
-    fix = ("a strategy that shards more of the state (fsdp, fsdp_tp), a mesh with more devices, or a "
-           "smaller model" if state_alone else
-           "a smaller --batch or --seq, more --microbatches, --remat full, or --loss-impl fused")
+    fix = (
+        "a strategy that shards more of the state (fsdp, fsdp_tp), a mesh with more devices, or a smaller model"
+        if state_alone
+        else "a smaller --batch or --seq, more --microbatches, --remat full, or --loss-impl fused"
+    )
     raise FitError(
         f"{what} does not fit: per device it needs {human_bytes(mem.total)} (parameters "
         f"{human_bytes(mem.params)} + gradients {human_bytes(mem.grads)} + optimizer state "

@@ -22,9 +22,9 @@ from mlsys_jax.hints import did_you_mean
 from mlsys_jax.meshes import AXIS_NAMES, Device
 from mlsys_jax.models.base import Layout
 from mlsys_jax.models.registry import declared_axes
-from mlsys_jax.params import init_params, is_spec, spec_leaves
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.rules import MeshAxes, Rules
+from mlsys_jax.params import init_params, is_spec, spec_leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +179,7 @@ class Plan:
             if shape_t is not None and shape_t[dim] % shards:
                 size = shape_t[dim]
                 fits = [d for d in range(2, shards) if size % d == 0 and shards % d == 0]
-                smaller = (f"use a mesh where those axes multiply to {max(fits)} (a divisor of both), "
-                           if fits else "")
+                smaller = f"use a mesh where those axes multiply to {max(fits)} (a divisor of both), " if fits else ""
                 raise PlanError(
                     f"cannot shard {what} '{path}' of shape {shape_t}: dim {dim} ({name!r}, size "
                     f"{size}) maps to mesh axes {tuple(present)} of total size {shards}, which "
@@ -224,7 +223,9 @@ class Plan:
         shardings = self.param_shardings(specs)
         return jax.tree_util.tree_map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            specs, shardings, is_leaf=is_spec,
+            specs,
+            shardings,
+            is_leaf=is_spec,
         )
 
     def init(self, specs: Any, key: jax.Array) -> Any:
@@ -239,17 +240,17 @@ class Plan:
         return jax.jit(lambda k: init_params(specs, k), out_shardings=shardings)(key)
 
     # ---- activations ----------------------------------------------------------------------
-    def activation_spec(self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
-                        name: str = "<activation>") -> PartitionSpec:
+    def activation_spec(
+        self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None, name: str = "<activation>"
+    ) -> PartitionSpec:
         return self.resolve(logical_axes, shape, kind="activation", path=name)
 
-    def activation_sharding(self, logical_axes: Sequence[str | None],
-                            shape: Sequence[int] | None = None,
-                            name: str = "<activation>") -> NamedSharding:
+    def activation_sharding(
+        self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None, name: str = "<activation>"
+    ) -> NamedSharding:
         return self.sharding(self.activation_spec(logical_axes, shape, name))
 
-    def constrain(self, x: jax.Array, logical_axes: Sequence[str | None],
-                  name: str = "<activation>") -> jax.Array:
+    def constrain(self, x: jax.Array, logical_axes: Sequence[str | None], name: str = "<activation>") -> jax.Array:
         """Annotate an activation with the sharding its logical axes get under the rules."""
         spec = self.activation_spec(logical_axes, x.shape, name)
         return jax.lax.with_sharding_constraint(x, self.sharding(spec))
@@ -277,4 +278,4 @@ class Plan:
         return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
-__all__ = ["Plan", "Placement", "PlanError"]
+__all__ = ["Placement", "Plan", "PlanError"]

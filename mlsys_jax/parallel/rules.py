@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
-from typing import Union
 
-MeshAxes = Union[str, tuple[str, ...], None]
+MeshAxes = str | tuple[str, ...] | None
 RulePairs = tuple[tuple[str, MeshAxes], ...]
+
 
 def _pairs(rules: Mapping[str, MeshAxes] | Iterable[tuple[str, MeshAxes]]) -> RulePairs:
     items = rules.items() if isinstance(rules, Mapping) else rules
@@ -58,7 +58,7 @@ class Rules:
         self,
         params: Mapping[str, MeshAxes] | None = None,
         activations: Mapping[str, MeshAxes] | None = None,
-    ) -> "Rules":
+    ) -> Rules:
         """A copy with some rules replaced (or added), e.g. ``override(params={"kv_heads": None})``."""
 
         def merge(base: RulePairs, new: Mapping[str, MeshAxes] | None) -> RulePairs:
@@ -73,7 +73,7 @@ class Rules:
             name=f"{self.name}+override",
         )
 
-    def with_sequence_parallel(self, axis: str = "sequence") -> "Rules":
+    def with_sequence_parallel(self, axis: str = "sequence") -> Rules:
         """Shard the activations' ``seq`` dim over ``axis`` (context parallelism)."""
         out = self.override(activations={"seq": axis})
         return dataclasses.replace(out, name=f"{self.name}+sp")
@@ -87,7 +87,7 @@ class Rules:
         return used
 
 
-_TP = dict(vocab="tensor", heads="tensor", kv_heads="tensor", mlp="tensor")
+_TP = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor"}
 
 
 #: Rule presets, one per strategy. Each names only the mesh axes in ``STRATEGY_AXES``.

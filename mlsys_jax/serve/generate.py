@@ -52,12 +52,11 @@ class Generator:
         rep = self.plan.replicated()
         self._layout = self.plan.layout
         self._new_cache = jax.jit(self._zeros, static_argnums=(0, 1))
-        self._prefill = jax.jit(self._prefill_fn, in_shardings=(None, rep, rep, None),
-                                donate_argnums=(3,))
-        self._decode = jax.jit(self._decode_fn, in_shardings=(None, rep, rep, None),
-                               donate_argnums=(3,))
-        self._loop = jax.jit(self._loop_fn, in_shardings=(None, None, None, rep, rep, rep, rep),
-                             out_shardings=rep, static_argnums=(7,))
+        self._prefill = jax.jit(self._prefill_fn, in_shardings=(None, rep, rep, None), donate_argnums=(3,))
+        self._decode = jax.jit(self._decode_fn, in_shardings=(None, rep, rep, None), donate_argnums=(3,))
+        self._loop = jax.jit(
+            self._loop_fn, in_shardings=(None, None, None, rep, rep, rep, rep), out_shardings=rep, static_argnums=(7,)
+        )
 
     # ---- shapes and placement ----------------------------------------------------------------
     def rows(self, n: int) -> int:
@@ -68,8 +67,8 @@ class Generator:
     def cache_shardings(self, rows: int, max_len: int) -> Any:
         specs = self.model.cache_specs(rows, max_len)
         return jax.tree_util.tree_map(
-            lambda s: self.plan.activation_sharding(s.logical_axes, s.shape, "kv cache"), specs,
-            is_leaf=is_spec)
+            lambda s: self.plan.activation_sharding(s.logical_axes, s.shape, "kv cache"), specs, is_leaf=is_spec
+        )
 
     def _zeros(self, rows: int, max_len: int) -> Any:
         cache = base.init_cache(self.model, rows, max_len)
@@ -90,8 +89,7 @@ class Generator:
 
     def _decode_fn(self, params, tokens, positions, cache):
         self.traces["decode_step"] += 1
-        return base.decode_step(self.model, params, self._batch(tokens), self._batch(positions),
-                                cache, self._layout)
+        return base.decode_step(self.model, params, self._batch(tokens), self._batch(positions), cache, self._layout)
 
     def _loop_fn(self, params, cache, logits, positions, key, steps, temperature, max_len):
         """Sample from the prompts' last ``logits`` and record the token at ``positions``, then
@@ -106,8 +104,9 @@ class Generator:
         def body(_, carry):
             out, cache, token, position, key = carry
             out = record(out, token, position)
-            logits, cache = base.decode_step(self.model, params, self._batch(token),
-                                             self._batch(position), cache, self._layout)
+            logits, cache = base.decode_step(
+                self.model, params, self._batch(token), self._batch(position), cache, self._layout
+            )
             key, sub = jax.random.split(key)
             return out, cache, sample_next(logits, sub, temperature), position + 1, key
 
@@ -117,19 +116,20 @@ class Generator:
         out, _, token, position, _ = jax.lax.fori_loop(0, steps, body, (out, cache, first, positions, key))
         return record(out, token, position)
 
-    def prefill(self, params: Any, tokens: np.ndarray, cache: Any, lengths: np.ndarray | None = None
-                ) -> tuple[jax.Array, Any]:
+    def prefill(
+        self, params: Any, tokens: np.ndarray, cache: Any, lengths: np.ndarray | None = None
+    ) -> tuple[jax.Array, Any]:
         """``models.base.prefill`` under the plan (the cache is consumed and returned)."""
         return self._prefill(params, tokens, lengths, cache)
 
-    def decode_step(self, params: Any, tokens: np.ndarray, positions: np.ndarray, cache: Any
-                    ) -> tuple[jax.Array, Any]:
+    def decode_step(self, params: Any, tokens: np.ndarray, positions: np.ndarray, cache: Any) -> tuple[jax.Array, Any]:
         """``models.base.decode_step`` under the plan (the cache is consumed and returned)."""
         return self._decode(params, tokens, positions, cache)
 
     # ---- sampling --------------------------------------------------------------------------------
-    def generate(self, params: Any, prompts: list[np.ndarray], *, new_tokens: int,
-                 temperature: float = 0.8, seed: int = 0) -> list[np.ndarray]:
+    def generate(
+        self, params: Any, prompts: list[np.ndarray], *, new_tokens: int, temperature: float = 0.8, seed: int = 0
+    ) -> list[np.ndarray]:
         """Continue each prompt by ``new_tokens`` tokens (greedy when ``temperature`` is 0)."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -145,15 +145,22 @@ class Generator:
             tokens[i, : len(p)] = p
             lengths[i] = len(p)
         logits, cache = self.prefill(params, tokens, self.new_cache(rows, max_len), lengths)
-        out = self._loop(params, cache, logits, lengths, jax.random.PRNGKey(seed), new_tokens - 1,
-                         np.float32(temperature), max_len)
+        out = self._loop(
+            params, cache, logits, lengths, jax.random.PRNGKey(seed), new_tokens - 1, np.float32(temperature), max_len
+        )
         out = np.asarray(out.addressable_data(0))  # replicated: every process holds it all
-        return [out[i, len(p): len(p) + new_tokens] for i, p in enumerate(prompts)]
+        return [out[i, len(p) : len(p) + new_tokens] for i, p in enumerate(prompts)]
 
 
-def generate(model: LanguageModel, plan: Plan, params: Any, prompts: list[np.ndarray], *,
-             new_tokens: int, temperature: float = 0.8, seed: int = 0) -> list[np.ndarray]:
+def generate(
+    model: LanguageModel,
+    plan: Plan,
+    params: Any,
+    prompts: list[np.ndarray],
+    *,
+    new_tokens: int,
+    temperature: float = 0.8,
+    seed: int = 0,
+) -> list[np.ndarray]:
     """Continue each prompt by ``new_tokens`` tokens with a KV cache (see ``Generator``)."""
-    return Generator(model, plan).generate(params, prompts, new_tokens=new_tokens,
-                                           temperature=temperature, seed=seed)
-
+    return Generator(model, plan).generate(params, prompts, new_tokens=new_tokens, temperature=temperature, seed=seed)

@@ -6,6 +6,15 @@ from mlsys_jax.train.state import TrainState, abstract_state, init_state, make_i
 from mlsys_jax.train.step import TrainStep, make_eval_step, make_train_step
 
 __all__ = [
-    "OptimConfig", "adamw", "schedule", "TrainState", "abstract_state",
-    "init_state", "make_init", "state_shardings", "TrainStep", "make_eval_step", "make_train_step",
+    "OptimConfig",
+    "TrainState",
+    "TrainStep",
+    "abstract_state",
+    "adamw",
+    "init_state",
+    "make_eval_step",
+    "make_init",
+    "make_train_step",
+    "schedule",
+    "state_shardings",
 ]

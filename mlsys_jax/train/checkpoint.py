@@ -12,6 +12,7 @@ background (a full disk) is reported as one error naming the step and the cause.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -78,8 +79,12 @@ def summarize(err: BaseException, limit: int = 300) -> str:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
             return f"{e.strerror or errno.errorcode.get(e.errno or 0, 'disk error')} ({type(e).__name__})"
     text = " ".join(str(e) for e in chain)
-    for marker, meaning in (("No space left", "No space left on device"), ("File too large", "File too large"),
-                            ("Disk quota", "Disk quota exceeded"), ("Read-only file system", "Read-only file system")):
+    for marker, meaning in (
+        ("No space left", "No space left on device"),
+        ("File too large", "File too large"),
+        ("Disk quota", "Disk quota exceeded"),
+        ("Read-only file system", "Read-only file system"),
+    ):
         if marker in text:
             return meaning
     inner = root_cause(err)
@@ -92,8 +97,9 @@ class _ReportedByCheckpointer(logging.Filter):
     failure as one message naming the step."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and record.exc_info is not None
-                    and "orbax" in (record.pathname or ""))
+        return not (
+            record.levelno >= logging.ERROR and record.exc_info is not None and "orbax" in (record.pathname or "")
+        )
 
 
 logging.getLogger("absl").addFilter(_ReportedByCheckpointer())
@@ -114,14 +120,15 @@ sys.unraisablehook = _quiet_after_failed_save
 class Checkpointer:
     """Save and restore (state, data-iterator state, run settings) under one folder."""
 
-    def __init__(self, directory: str | Path, *, save_every: int = 50, keep: int = 3,
-                 async_save: bool = True) -> None:
+    def __init__(self, directory: str | Path, *, save_every: int = 50, keep: int = 3, async_save: bool = True) -> None:
         if save_every < 1 or keep < 1:
             raise CheckpointError(f"need save_every >= 1 and keep >= 1, got {save_every} and {keep}")
         self.directory = Path(directory).expanduser().resolve()
         if self.directory.exists() and not self.directory.is_dir():
-            raise CheckpointError(f"checkpoint folder {self.directory} is a file. Fix: give --ckpt-dir a "
-                                  "folder (it is created when missing).")
+            raise CheckpointError(
+                f"checkpoint folder {self.directory} is a file. Fix: give --ckpt-dir a "
+                "folder (it is created when missing)."
+            )
         self.save_every = save_every
         self.pending: int | None = None
         options = ocp.CheckpointManagerOptions(
@@ -140,9 +147,16 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: TrainState, data_state: dict[str, Any],
-             meta: dict[str, Any], *, force: bool = False,
-             fingerprints: dict[str, int] | None = None) -> bool:
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        data_state: dict[str, Any],
+        meta: dict[str, Any],
+        *,
+        force: bool = False,
+        fingerprints: dict[str, int] | None = None,
+    ) -> bool:
         """Start saving if ``step`` is a multiple of ``save_every`` (or ``force``); returns
         whether it did. The write finishes in the background; ``wait`` blocks for it. A state
         with a non-finite value is refused (``CheckpointWriteError``), never written."""
@@ -154,23 +168,26 @@ class Checkpointer:
                 raise CheckpointWriteError(f"refusing to save step {step}: the state holds non-finite values")
         self._guarded(self.pending, lambda: self.manager.wait_until_finished())
         self.pending = step
-        return self._guarded(step, lambda: self.manager.save(
+        return self._guarded(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-                integrity=ocp.args.JsonSave({"leaves": fingerprints}),
+            lambda: self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave(meta),
+                    integrity=ocp.args.JsonSave({"leaves": fingerprints}),
+                ),
+                force=True,
             ),
-            force=True,
-        ))
+        )
 
     def _guarded(self, step: int | None, action: Callable[[], Any]) -> Any:
         """Run an orbax call; a failure (now or of the save in flight) becomes one error naming
         the step that did not complete and what was wrong."""
         try:
             return action()
-        except Exception as err:  # orbax and tensorstore raise many types for one disk error
+        except Exception as err:
             failed = step if step is not None else self.pending
             self.pending = None
             kept = [s for s in self._listed_steps() if failed is None or s < failed]
@@ -217,8 +234,13 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore()))
         return {k: int(v) for k, v in dict(out["integrity"])["leaves"].items()}
 
-    def restore_intact(self, abstract_state: TrainState, *, accept: Callable[[dict[str, Any]], None] | None = None,
-                       move_damaged: bool = True) -> tuple[Restored | None, list[Damaged]]:
+    def restore_intact(
+        self,
+        abstract_state: TrainState,
+        *,
+        accept: Callable[[dict[str, Any]], None] | None = None,
+        move_damaged: bool = True,
+    ) -> tuple[Restored | None, list[Damaged]]:
         """The newest step that restores and verifies, trying older ones in turn, and the damaged
         steps passed over (moved into ``damaged/`` so a new save of the same step can be made).
         ``accept(meta)`` may raise to refuse a checkpoint of other settings; that is not damage."""
@@ -226,14 +248,14 @@ class Checkpointer:
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 meta = self.read_meta(step)
-            except Exception as err:  # a missing or garbled metadata file
+            except Exception as err:  # noqa: BLE001 - a missing or garbled metadata file, whatever orbax raises
                 damaged.append(Damaged(step, f"its settings file cannot be read: {summarize(err, 160)}", None))
                 continue
             if accept is not None:
                 accept(meta)
             try:
                 restored = self.restore(abstract_state, step)
-            except Exception as err:  # unreadable arrays, wrong values
+            except Exception as err:  # noqa: BLE001 - unreadable arrays or wrong values, whatever orbax raises
                 damaged.append(Damaged(step, summarize(err, 200), None))
                 continue
             break
@@ -272,7 +294,5 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            try:
+            with contextlib.suppress(Exception):  # a failed save was already reported by wait
                 self.manager.close()
-            except Exception:  # a failed save was already reported by wait
-                pass

@@ -129,8 +129,12 @@ class LoopSettings:
 
 
 SECTIONS = {
-    "mesh": MeshSettings, "model": ModelSettings, "optimizer": OptimizerSettings,
-    "data": DataSettings, "checkpoint": CheckpointSettings, "loop": LoopSettings,
+    "mesh": MeshSettings,
+    "model": ModelSettings,
+    "optimizer": OptimizerSettings,
+    "data": DataSettings,
+    "checkpoint": CheckpointSettings,
+    "loop": LoopSettings,
 }
 
 
@@ -150,19 +154,31 @@ class RunConfig:
     loop: LoopSettings = LoopSettings()
 
     def __post_init__(self) -> None:
-        at_least_one = ("steps", "batch", "seq", "microbatches", "ckpt_every", "keep", "eval_every",
-                        "eval_batches", "metrics_every")
+        at_least_one = (
+            "steps",
+            "batch",
+            "seq",
+            "microbatches",
+            "ckpt_every",
+            "keep",
+            "eval_every",
+            "eval_batches",
+            "metrics_every",
+        )
         for name in at_least_one:
             if self.get(name) < 1:
-                raise ConfigError(f"{flag(name)} must be at least 1, got {self.get(name)}. Fix: pass "
-                                  f"{flag(name)} 1 or more (evaluation and checkpoints also run at the end).")
+                raise ConfigError(
+                    f"{flag(name)} must be at least 1, got {self.get(name)}. Fix: pass "
+                    f"{flag(name)} 1 or more (evaluation and checkpoints also run at the end)."
+                )
         for name in ("warmup", "sample_tokens"):
             if self.get(name) < 0:
                 raise ConfigError(f"{flag(name)} cannot be negative, got {self.get(name)}")
         lr = self.optimizer.lr
         if not math.isfinite(lr) or lr <= 0:
-            raise ConfigError(f"--lr must be a finite positive number, got {lr}. Fix: pass a learning "
-                              "rate such as 3e-4.")
+            raise ConfigError(
+                f"--lr must be a finite positive number, got {lr}. Fix: pass a learning rate such as 3e-4."
+            )
         if not math.isfinite(self.loop.temperature) or self.loop.temperature < 0:
             raise ConfigError(f"--temperature must be finite and not negative, got {self.loop.temperature}")
         if self.mesh.simulate_devices is not None and self.mesh.simulate_devices < 1:
@@ -189,8 +205,9 @@ class RunConfig:
 
     def flat(self) -> dict[str, Any]:
         """Every setting by name (the flags without their dashes)."""
-        return {f.name: getattr(getattr(self, s), f.name) for s in SECTIONS
-                for f in dataclasses.fields(getattr(self, s))}
+        return {
+            f.name: getattr(getattr(self, s), f.name) for s in SECTIONS for f in dataclasses.fields(getattr(self, s))
+        }
 
 
 #: Run flags that set a field of the model's config, where its family's config has that field.
@@ -209,28 +226,55 @@ def model_overrides(cfg: RunConfig) -> dict[str, Any]:
         if name in fields:
             out[name] = value
         elif value != getattr(defaults, name):
-            raise ConfigError(f"{flag(name)} does not apply to model {cfg.model.model!r}: the "
-                              f"{family.name!r} family's config has no {name!r} field. Fix: drop the flag.")
+            raise ConfigError(
+                f"{flag(name)} does not apply to model {cfg.model.model!r}: the "
+                f"{family.name!r} family's config has no {name!r} field. Fix: drop the flag."
+            )
     return out
 
 
 #: Settings that only say how to run, not what is computed: never recorded with a checkpoint.
-NOT_RECORDED = ("simulate_devices", "cluster", "coordinator", "num_processes", "process_id", "resume",
-                "progress", "debug", "force", "ckpt_dir", "metrics_every", "sync_every_step")
+NOT_RECORDED = (
+    "simulate_devices",
+    "cluster",
+    "coordinator",
+    "num_processes",
+    "process_id",
+    "resume",
+    "progress",
+    "debug",
+    "force",
+    "ckpt_dir",
+    "metrics_every",
+    "sync_every_step",
+)
 
 #: Recorded settings a resumed run may change: they alter neither the state's shapes nor the order
 #: in which the data is read. (``model_config`` is compared field by field below.)
-MAY_CHANGE = ("steps", "lr", "warmup", "mesh", "strategy", "sequence_parallel", "microbatches",
-              "ckpt_every", "keep", "eval_every", "eval_batches", "sample_tokens", "temperature",
-              "on_nan", *MODEL_FLAGS)
+MAY_CHANGE = (
+    "steps",
+    "lr",
+    "warmup",
+    "mesh",
+    "strategy",
+    "sequence_parallel",
+    "microbatches",
+    "ckpt_every",
+    "keep",
+    "eval_every",
+    "eval_batches",
+    "sample_tokens",
+    "temperature",
+    "on_nan",
+    *MODEL_FLAGS,
+)
 
 
 def run_settings(cfg: RunConfig) -> dict[str, Any]:
     """The run's real settings as recorded beside its checkpoints: every setting that shapes what
     is computed, and the model's config with the run's overrides applied."""
     settings = {k: v for k, v in cfg.flat().items() if k not in NOT_RECORDED}
-    settings["model_config"] = dataclasses.asdict(
-        registry.get_config(cfg.model.model, **model_overrides(cfg)))
+    settings["model_config"] = dataclasses.asdict(registry.get_config(cfg.model.model, **model_overrides(cfg)))
     return settings
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sysconfig
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +54,18 @@ def text_files(paths: Sequence[str | Path]) -> list[Path]:
             out.append(path)
         elif path.is_dir():
             out.extend(
-                p for p in sorted(path.rglob("*"))
+                p
+                for p in sorted(path.rglob("*"))
                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
         else:
-            raise DataError(f"--data {str(raw)!r} is neither a file nor a folder. Fix: point it at text files or a folder of them.")
+            raise DataError(
+                f"--data {str(raw)!r} is neither a file nor a folder. Fix: point it at text files or a folder of them."
+            )
     if not out:
-        raise DataError(f"--data {[str(p) for p in paths]} holds no files. Fix: point it at text files or a folder of them.")
+        raise DataError(
+            f"--data {[str(p) for p in paths]} holds no files. Fix: point it at text files or a folder of them."
+        )
     return out
 
 
@@ -74,8 +79,9 @@ class Corpus:
     val_files: int
 
 
-def load_corpus(paths: Sequence[str | Path] | None = None, *, val_fraction: float = 0.05,
-                tokenizer: ByteTokenizer | None = None) -> Corpus:
+def load_corpus(
+    paths: Sequence[str | Path] | None = None, *, val_fraction: float = 0.05, tokenizer: ByteTokenizer | None = None
+) -> Corpus:
     """Read and tokenize the corpus. A file goes to validation when a hash of its name says so,
     so the split does not move when files are added; a single file is split by position."""
     tok = tokenizer or ByteTokenizer()
@@ -132,8 +138,9 @@ class WindowRows:
         }
 
 
-def train_dataset(stream: np.ndarray, *, seq_len: int, global_batch: int, seed: int,
-                  rows: tuple[int, int] | None = None) -> grain.MapDataset:
+def train_dataset(
+    stream: np.ndarray, *, seq_len: int, global_batch: int, seed: int, rows: tuple[int, int] | None = None
+) -> grain.MapDataset:
     """Endless global batches of shuffled windows (a new order each epoch); each element holds
     only ``rows`` of the batch (this process's share) plus the global window ids."""
     n = num_windows(stream, seq_len)
@@ -160,8 +167,9 @@ def iterator(dataset: grain.MapDataset, state: dict[str, Any] | None = None) -> 
     return it
 
 
-def val_batches(stream: np.ndarray, *, seq_len: int, global_batch: int, num_batches: int,
-                rows: tuple[int, int] | None = None) -> list[dict[str, np.ndarray]]:
+def val_batches(
+    stream: np.ndarray, *, seq_len: int, global_batch: int, num_batches: int, rows: tuple[int, int] | None = None
+) -> list[dict[str, np.ndarray]]:
     """The first ``num_batches`` batches of validation windows, in order (fewer if the text is
     short; none if it holds less than one batch)."""
     n = min(num_batches, num_windows(stream, seq_len) // global_batch)
@@ -172,10 +180,8 @@ def val_batches(stream: np.ndarray, *, seq_len: int, global_batch: int, num_batc
 
 def local_rows(sharding: jax.sharding.Sharding, global_batch: int, seq_len: int) -> tuple[int, int]:
     """The contiguous block of batch rows this process's devices hold under ``sharding``."""
-    spans = {
-        (idx[0].start or 0, idx[0].stop if idx[0].stop is not None else global_batch)
-        for idx in sharding.addressable_devices_indices_map((global_batch, seq_len)).values()
-    }
+    rows = [idx[0] for idx in sharding.addressable_devices_indices_map((global_batch, seq_len)).values() if idx]
+    spans = {(r.start or 0, r.stop if r.stop is not None else global_batch) for r in rows}
     lo, hi = min(s for s, _ in spans), max(e for _, e in spans)
     covered = sorted(spans)
     pos = lo
@@ -189,15 +195,14 @@ def local_rows(sharding: jax.sharding.Sharding, global_batch: int, seq_len: int)
     return lo, hi
 
 
-def to_global(batch: dict[str, np.ndarray], shardings: dict[str, jax.sharding.Sharding],
-              global_batch: int) -> dict[str, jax.Array]:
+def to_global(
+    batch: dict[str, np.ndarray], shardings: Mapping[str, jax.sharding.Sharding], global_batch: int
+) -> dict[str, jax.Array]:
     """Assemble each process's rows into global arrays sharded for the train step."""
     out = {}
     for key, sharding in shardings.items():
         local = batch[key]
-        out[key] = jax.make_array_from_process_local_data(
-            sharding, local, (global_batch, *local.shape[1:])
-        )
+        out[key] = jax.make_array_from_process_local_data(sharding, local, (global_batch, *local.shape[1:]))
     return out
 
 

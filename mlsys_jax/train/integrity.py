@@ -32,7 +32,7 @@ def _bits(x: jax.Array) -> jax.Array:
 
 def leaf_fingerprint(x: jax.Array) -> jax.Array:
     """sum over elements of bits * (1 + position-dependent weight), modulo 2**32."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     bits = _bits(x)
     weight = jnp.ones(bits.shape, jnp.uint32)
@@ -42,8 +42,7 @@ def leaf_fingerprint(x: jax.Array) -> jax.Array:
 
 
 def _all_finite(tree: Any) -> jax.Array:
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 

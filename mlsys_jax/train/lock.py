@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from mlsys_jax.train.checkpoint import CheckpointError
 
@@ -39,7 +39,7 @@ class FolderLock:
 
     def acquire(self, command: str = "") -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        handle = open(self.path, "a+")  # noqa: SIM115 - held open: the lock lives as long as the file
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -52,8 +52,17 @@ class FolderLock:
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"job": job_key(), "pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%d %H:%M:%S"), "command": command}))
+        handle.write(
+            json.dumps(
+                {
+                    "job": job_key(),
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "command": command,
+                }
+            )
+        )
         handle.flush()
         self.handle = handle
 
@@ -74,7 +83,7 @@ class FolderLock:
             self.handle.close()
             self.handle = None
 
-    def __enter__(self) -> FolderLock:
+    def __enter__(self) -> Self:
         self.acquire()
         return self
 

@@ -3,7 +3,8 @@ and stop cleanly when asked.
 
 Each step is dispatched as soon as the previous one is; while it runs the host loads the next
 batch onto the devices and then reads the metrics of the step before (every ``metrics_every``
-steps), so the devices never wait for the host. The step checks for non-finite values on device
+steps; in between it only waits for that step to finish, so no more than one step is queued
+behind the running one), so the devices never wait for the host. The step checks for non-finite values on device
 (see ``train.step``), so reading late loses nothing: with ``--on-nan stop`` the state stays the
 last good one until the host notices. ``--sync-every-step`` waits for each step's metrics before
 dispatching the next: the old way, kept so a benchmark can show the difference.
@@ -89,14 +90,23 @@ class StepLoop:
             self.diverged(entry.step, metrics)
         tokens_per_s = float(metrics["tokens"]) / max(step_time, 1e-9)
         mfu = model_flops_utilization(tokens_per_s, run.flops_per_token, run.peak_flops, run.plan.num_devices)
-        record = {"step": entry.step, "loss": loss, "grad_norm": float(metrics["grad_norm"]),
-                  "lr": float(metrics["lr"]), "tokens_per_s": tokens_per_s, "mfu": mfu,
-                  "step_time": step_time, "data": entry.digest}
+        record = {
+            "step": entry.step,
+            "loss": loss,
+            "grad_norm": float(metrics["grad_norm"]),
+            "lr": float(metrics["lr"]),
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu,
+            "step_time": step_time,
+            "data": entry.digest,
+        }
         if not finite:
             record["skipped"] = True
             self.outcome.skipped.append(entry.step)
-            self.reporter.say(f"[yellow]step {entry.step}: loss {loss:.4g}, gradient norm "
-                              f"{float(metrics['grad_norm']):.4g}: not finite, update skipped")
+            self.reporter.say(
+                f"[yellow]step {entry.step}: loss {loss:.4g}, gradient norm "
+                f"{float(metrics['grad_norm']):.4g}: not finite, update skipped"
+            )
         else:
             self.outcome.first_loss = loss if self.outcome.first_loss is None else self.outcome.first_loss
             self.outcome.last_loss = loss
@@ -139,8 +149,7 @@ class StepLoop:
         data_state = self.last_good[1] if self.last_good[0] == step else None
         if data_state is None:
             raise CheckpointWriteError(f"refusing to save step {step}: its data position is unknown")
-        return self.run.ckpt.save(step, self.state, data_state, self.run.settings, force=force,
-                                  fingerprints=prints)
+        return self.run.ckpt.save(step, self.state, data_state, self.run.settings, force=force, fingerprints=prints)
 
     # ---- the loop ----------------------------------------------------------------------------
     def evaluate(self) -> float | None:
@@ -153,8 +162,11 @@ class StepLoop:
 
         def fetch() -> tuple[int, Any, dict[str, Any]]:
             host = next(batches)
-            return (data_lib.batch_digest(host), data_lib.to_global(host, run.step_fn.batch_shardings, cfg.data.batch),
-                    batches.get_state())
+            return (
+                data_lib.batch_digest(host),
+                data_lib.to_global(host, run.step_fn.batch_shardings, cfg.data.batch),
+                batches.get_state(),
+            )
 
         upcoming = fetch() if run.start < steps else None
         guarded = run.step_fn.guard is not None
@@ -176,14 +188,20 @@ class StepLoop:
                 self.drain()
             elif done % every == 0:
                 self.drain(keep=1)
+            elif len(self.pending) > 1:
+                # At most one step queued behind the running one: enough to keep the devices busy,
+                # and a bounded queue (of batches, metrics, and collectives on a shared host).
+                jax.block_until_ready(self.pending[-2].metrics["loss"])
             if due:
                 self.save(done, force=True)
             self.outcome.end = done
             if stop:
                 run.ckpt.wait()
                 self.outcome.stopped_by = self.stops.name
-                self.reporter.say(f"{self.stops.name} received: saved step {done} in {run.ckpt.directory}; "
-                                  "run the same command to resume from it")
+                self.reporter.say(
+                    f"{self.stops.name} received: saved step {done} in {run.ckpt.directory}; "
+                    "run the same command to resume from it"
+                )
                 break
         self.drain()
         run.state = self.state
@@ -194,4 +212,3 @@ def run_steps(run: Run, reporter: Reporter, stops: StopRequests) -> Outcome:
     """Train from ``run.start`` to ``--steps`` (or until stopped); ``run.state`` ends as the
     state of the last step."""
     return StepLoop(run, reporter, stops)()
-

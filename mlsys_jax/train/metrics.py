@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Any
 
 
-def model_flops_utilization(tokens_per_s: float, flops_per_token: float,
-                            peak_flops_per_device: float | None, num_devices: int) -> float:
+def model_flops_utilization(
+    tokens_per_s: float, flops_per_token: float, peak_flops_per_device: float | None, num_devices: int
+) -> float:
     """Achieved model FLOP/s over the mesh's peak (NaN when the peak is unknown)."""
     if not peak_flops_per_device:
         return math.nan

@@ -29,8 +29,7 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.total_steps < 1 or self.warmup_steps < 0:
             raise ValueError(
-                f"need total_steps >= 1 and warmup_steps >= 0, got {self.total_steps} and "
-                f"{self.warmup_steps}"
+                f"need total_steps >= 1 and warmup_steps >= 0, got {self.total_steps} and {self.warmup_steps}"
             )
 
 
@@ -60,7 +59,11 @@ def adamw(cfg: OptimConfig, specs: Any) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(
-            schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-            weight_decay=cfg.weight_decay, mask=decay_mask(specs),
+            schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask(specs),
         ),
     )

@@ -12,11 +12,11 @@ import os
 import signal
 import sys
 import types
-from typing import Any
+from typing import Any, Self
 
 import jax
 
-NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)"}
+NAMES: dict[int, str] = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT (Ctrl-C)"}
 
 
 class StopRequests:
@@ -27,7 +27,7 @@ class StopRequests:
         self._previous: dict[int, Any] = {}
         self._multiprocess = False
 
-    def install(self) -> StopRequests:
+    def install(self) -> Self:
         self._multiprocess = jax.process_count() > 1
         # Several processes: JAX's own SIGTERM handler feeds the preemption sync, so leave it be.
         wanted = (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM, signal.SIGINT)
@@ -41,8 +41,12 @@ class StopRequests:
             print("\ninterrupted twice: exiting now, without saving", file=sys.stderr, flush=True)
             os._exit(130)
         self.received = signum
-        print(f"\n{NAMES.get(signum, signum)} received: finishing this step, then saving and exiting "
-              "(Ctrl-C again exits at once)", file=sys.stderr, flush=True)
+        print(
+            f"\n{NAMES.get(signum, signum)} received: finishing this step, then saving and exiting "
+            "(Ctrl-C again exits at once)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def requested(self, step: int) -> bool:
         """Whether the run should save and stop after ``step`` (the same answer in every process)."""
@@ -67,7 +71,7 @@ class StopRequests:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def __enter__(self) -> StopRequests:
+    def __enter__(self) -> Self:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import cast
 
 import optax
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 
 from mlsys_jax.models.base import LanguageModel
@@ -22,23 +23,41 @@ def make_console() -> Console:
     return Console(width=None if sys.stdout.isatty() else 120)
 
 
-def plan_table(plan: Plan, model: LanguageModel, optimizer: optax.GradientTransformation,
-               mesh_label: str, note: str = "", mem: MemoryPerDevice | None = None) -> Table:
+def plan_table(
+    plan: Plan,
+    model: LanguageModel,
+    optimizer: optax.GradientTransformation,
+    mesh_label: str,
+    note: str = "",
+    mem: MemoryPerDevice | None = None,
+) -> Table:
     """Parameter path, shape, logical axes, mesh placement and bytes per device; totals below.
     The title names the model, the rules, ``mesh_label`` (what the user asked for) and the
     mesh's shape, then ``note``."""
     extra = f", {note}" if note else ""
-    table = Table(title=f"plan: {model.name} under {plan.rules.name} on {mesh_label} "
-                        f"({plan.describe_mesh()}, {plan.num_devices} devices{extra})",
-                  title_justify="left")
-    for col, justify in (("parameter", "left"), ("shape", "right"), ("logical axes", "left"),
-                         ("spec", "left"), ("per device", "right")):
-        table.add_column(col, justify=justify, no_wrap=col in ("parameter", "shape", "per device"))
+    table = Table(
+        title=f"plan: {model.name} under {plan.rules.name} on {mesh_label} "
+        f"({plan.describe_mesh()}, {plan.num_devices} devices{extra})",
+        title_justify="left",
+    )
+    for col, justify in (
+        ("parameter", "left"),
+        ("shape", "right"),
+        ("logical axes", "left"),
+        ("spec", "left"),
+        ("per device", "right"),
+    ):
+        table.add_column(col, justify=cast(JustifyMethod, justify), no_wrap=col in ("parameter", "shape", "per device"))
     placements = plan.placements(model.specs)
     for p in placements:
         spec = ", ".join("·" if e is None else e if isinstance(e, str) else "×".join(e) for e in p.spec) or "replicated"
-        table.add_row(p.path, "×".join(map(str, p.shape)), ", ".join(str(a) for a in p.logical_axes),
-                      spec, human_bytes(p.bytes_per_device))
+        table.add_row(
+            p.path,
+            "×".join(map(str, p.shape)),
+            ", ".join(str(a) for a in p.logical_axes),
+            spec,
+            human_bytes(p.bytes_per_device),
+        )
     mem = mem or memory_per_device(plan, model, optimizer)
     n_params = sum(math.prod(p.shape) for p in placements)
     table.add_section()

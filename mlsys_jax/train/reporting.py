@@ -4,7 +4,7 @@ and one JSON record per step in ``metrics.jsonl``. Only process 0 of a job repor
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Self
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -19,16 +19,23 @@ def fmt(value: float | None, spec: str = ".3f") -> str:
 class Reporter:
     """The progress bar, console lines and metrics log of one run."""
 
-    def __init__(self, console: Console, log: JsonlWriter, *, primary: bool, progress: bool,
-                 total: int, start: int) -> None:
+    def __init__(
+        self, console: Console, log: JsonlWriter, *, primary: bool, progress: bool, total: int, start: int
+    ) -> None:
         self.console = console
         self.log = log
         self.primary = primary
         self.bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-            TextColumn("MFU {task.fields[mfu]}"), TimeRemainingColumn(),
-            console=console, disable=not (progress and primary), transient=False,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("MFU {task.fields[mfu]}"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not (progress and primary),
+            transient=False,
         )
         self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-", mfu="-")
 
@@ -46,12 +53,15 @@ class Reporter:
         mfu_text = "n/a" if mfu is None or math.isnan(mfu) else f"{mfu:.1%}"
         tps = record.get("tokens_per_s")
         if "val_loss" in record:
-            self.say(f"step {record['step']}: loss {fmt(record['loss'])}, validation loss "
-                     f"{fmt(record['val_loss'])}, {fmt(tps, ',.0f')} tok/s, MFU {mfu_text}")
-        self.bar.update(self.task, completed=record["step"], loss=fmt(record["loss"]),
-                        tps=fmt(tps, ",.0f"), mfu=mfu_text)
+            self.say(
+                f"step {record['step']}: loss {fmt(record['loss'])}, validation loss "
+                f"{fmt(record['val_loss'])}, {fmt(tps, ',.0f')} tok/s, MFU {mfu_text}"
+            )
+        self.bar.update(
+            self.task, completed=record["step"], loss=fmt(record["loss"]), tps=fmt(tps, ",.0f"), mfu=mfu_text
+        )
 
-    def __enter__(self) -> Reporter:
+    def __enter__(self) -> Self:
         self.bar.__enter__()
         return self
 

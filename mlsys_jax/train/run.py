@@ -40,35 +40,79 @@ def train(cfg: RunConfig, console: Console | None = None) -> RunResult:
     request (SIGTERM, Ctrl-C) ends it early with the last step saved."""
     run = set_up(cfg, console)
     try:
-        with Reporter(run.console, run.log, primary=run.primary, progress=cfg.loop.progress,
-                      total=cfg.loop.steps, start=run.start) as reporter, StopRequests() as stops:
+        with (
+            Reporter(
+                run.console,
+                run.log,
+                primary=run.primary,
+                progress=cfg.loop.progress,
+                total=cfg.loop.steps,
+                start=run.start,
+            ) as reporter,
+            StopRequests() as stops,
+        ):
             outcome = run_steps(run, reporter, stops)
         metrics_path = run.ckpt.directory / "metrics.jsonl"
         if outcome.stopped_by:
             run.log.write({"event": "stopped", "step": outcome.end, "signal": outcome.stopped_by})
             run.close()
-            return RunResult(outcome.first_loss, outcome.last_loss, outcome.val_loss, run.start, outcome.end,
-                             [], metrics_path, outcome.stopped_by, outcome.skipped)
+            return RunResult(
+                outcome.first_loss,
+                outcome.last_loss,
+                outcome.val_loss,
+                run.start,
+                outcome.end,
+                [],
+                metrics_path,
+                outcome.stopped_by,
+                outcome.skipped,
+            )
         run.ckpt.wait()
         val_loss = outcome.val_loss if outcome.val_loss is not None else evaluate(run, run.state.params)
         samples: list[str] = []
         if cfg.loop.sample_tokens > 0:
             prompts = [run.tokenizer.encode(p) for p in PROMPTS]
-            outs = generate(run.model, run.plan, run.state.params, prompts, new_tokens=cfg.loop.sample_tokens,
-                            temperature=cfg.loop.temperature, seed=cfg.data.seed)
+            outs = generate(
+                run.model,
+                run.plan,
+                run.state.params,
+                prompts,
+                new_tokens=cfg.loop.sample_tokens,
+                temperature=cfg.loop.temperature,
+                seed=cfg.data.seed,
+            )
             samples = [p + run.tokenizer.decode(o) for p, o in zip(PROMPTS, outs)]
         end = int(run.state.step)
         skipped = f", {len(outcome.skipped)} step(s) skipped as non-finite" if outcome.skipped else ""
-        run.say(f"steps {run.start}->{end}: first loss {r4(outcome.first_loss)}, last loss "
-                f"{r4(outcome.last_loss)}, validation loss {r4(val_loss)}{skipped}")
+        run.say(
+            f"steps {run.start}->{end}: first loss {r4(outcome.first_loss)}, last loss "
+            f"{r4(outcome.last_loss)}, validation loss {r4(val_loss)}{skipped}"
+        )
         for s in samples:
             run.say("[dim]sample:[/dim]", repr(s))
-        run.log.write({"event": "end", "step": end, "first_loss": outcome.first_loss,
-                       "last_loss": outcome.last_loss, "val_loss": val_loss, "samples": samples,
-                       "skipped": outcome.skipped})
+        run.log.write(
+            {
+                "event": "end",
+                "step": end,
+                "first_loss": outcome.first_loss,
+                "last_loss": outcome.last_loss,
+                "val_loss": val_loss,
+                "samples": samples,
+                "skipped": outcome.skipped,
+            }
+        )
         run.close()
-        return RunResult(outcome.first_loss, outcome.last_loss, val_loss, run.start, end, samples, metrics_path,
-                         None, outcome.skipped)
+        return RunResult(
+            outcome.first_loss,
+            outcome.last_loss,
+            val_loss,
+            run.start,
+            end,
+            samples,
+            metrics_path,
+            None,
+            outcome.skipped,
+        )
     except BaseException:
         run.close(quiet=True)
         raise

@@ -28,8 +28,7 @@ from mlsys_jax.parallel import Plan, PlanError, resolve_mesh, rules
 from mlsys_jax.parallel.memory import check_fit, human_bytes, memory_per_device
 from mlsys_jax.train import data as data_lib
 from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError
-from mlsys_jax.train.config import (RunConfig, compare_settings, describe_changes, model_overrides,
-                                    run_settings)
+from mlsys_jax.train.config import RunConfig, compare_settings, describe_changes, model_overrides, run_settings
 from mlsys_jax.train.lock import FolderLock
 from mlsys_jax.train.metrics import JsonlWriter
 from mlsys_jax.train.optim import OptimConfig, adamw, schedule
@@ -93,8 +92,10 @@ def check_settings(cfg: RunConfig) -> tuple[Any, dict[str, int], str, LanguageMo
     for parent in (folder, *folder.parents):
         if parent.exists():
             if not parent.is_dir():
-                raise CheckpointError(f"--ckpt-dir {cfg.checkpoint.ckpt_dir!r}: {parent} is a file, not a "
-                                      "folder. Fix: give --ckpt-dir a folder path (it is created when missing).")
+                raise CheckpointError(
+                    f"--ckpt-dir {cfg.checkpoint.ckpt_dir!r}: {parent} is a file, not a "
+                    "folder. Fix: give --ckpt-dir a folder path (it is created when missing)."
+                )
             break
     preset, sizes, strategy = resolve_mesh(cfg.mesh.mesh, cfg.mesh.strategy, cfg.mesh.sequence_parallel)
     model = registry.build_model(cfg.model.model, **model_overrides(cfg))
@@ -118,15 +119,17 @@ def join_cluster(cfg: RunConfig, sizes: dict[str, int]) -> distributed.Cluster |
 def build_plan(cfg: RunConfig, preset: Any, sizes: dict[str, int], strategy: str) -> Plan:
     mesh = make_mesh(preset if preset is not None else sizes)
     rest = [name for name, size in sizes.items() if size == -1]
-    if rest and cfg.mesh.simulate_devices is None and jax.default_backend() == "cpu" \
-            and mesh.shape[rest[0]] == 1:
+    if rest and cfg.mesh.simulate_devices is None and jax.default_backend() == "cpu" and mesh.shape[rest[0]] == 1:
         raise MeshError(
             f"--mesh {cfg.mesh.mesh!r}: {rest[0]}=-1 ('the rest') came to 1 device, as only one CPU "
             f"device exists. Fix: say how many to simulate with --simulate-devices N, or give "
             f"{rest[0]} a size."
         )
-    return Plan(mesh, rules(strategy, sequence_parallel=cfg.mesh.sequence_parallel),
-                device=preset.device if preset is not None else None)
+    return Plan(
+        mesh,
+        rules(strategy, sequence_parallel=cfg.mesh.sequence_parallel),
+        device=preset.device if preset is not None else None,
+    )
 
 
 def lock_folder(directory: Path, primary: bool) -> FolderLock | None:
@@ -149,9 +152,15 @@ def lock_folder(directory: Path, primary: bool) -> FolderLock | None:
     return lock
 
 
-def restore_or_init(cfg: RunConfig, ckpt: Checkpointer, settings: dict[str, Any], plan: Plan,
-                    model: LanguageModel, optimizer: optax.GradientTransformation,
-                    say: Any) -> tuple[TrainState, dict[str, Any] | None]:
+def restore_or_init(
+    cfg: RunConfig,
+    ckpt: Checkpointer,
+    settings: dict[str, Any],
+    plan: Plan,
+    model: LanguageModel,
+    optimizer: optax.GradientTransformation,
+    say: Any,
+) -> tuple[TrainState, dict[str, Any] | None]:
     """The newest intact checkpoint's state and data position, restored onto this plan, or a fresh
     state when there is none. Damaged steps are named and set aside; a checkpoint of settings
     that change the state's shapes or the data order is refused; allowed changes are named."""
@@ -216,20 +225,26 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
     mem = memory_per_device(plan, model, optimizer, d.batch, d.seq, d.microbatches)
     say(plan_table(plan, model, optimizer, cfg.mesh.mesh, note=f"{jax.process_count()} process(es)", mem=mem))
     if loop.force and mem.fits is False:
-        say(f"[yellow]--force: starting although {human_bytes(mem.total)} per device exceeds the "
-            f"{human_bytes(mem.hbm or 0)} a device has")
+        say(
+            f"[yellow]--force: starting although {human_bytes(mem.total)} per device exceeds the "
+            f"{human_bytes(mem.hbm or 0)} a device has"
+        )
     elif not loop.force:
         check_fit(mem, f"model {cfg.model.model!r} with batch {d.batch} x {d.seq} on {plan.describe_mesh()}")
 
     corpus = data_lib.load_corpus(None if d.data is None else [d.data], tokenizer=tokenizer)
-    step_fn = make_train_step(model, plan, optimizer, microbatches=d.microbatches,
-                              lr_schedule=schedule(opt_cfg), guard=loop.on_nan)
+    step_fn = make_train_step(
+        model, plan, optimizer, microbatches=d.microbatches, lr_schedule=schedule(opt_cfg), guard=loop.on_nan
+    )
     rows = data_lib.local_rows(step_fn.batch_shardings["inputs"], d.batch, d.seq)
     dataset = data_lib.train_dataset(corpus.train, seq_len=d.seq, global_batch=d.batch, seed=d.seed, rows=rows)
-    val = data_lib.val_batches(corpus.val, seq_len=d.seq, global_batch=d.batch, num_batches=loop.eval_batches,
-                               rows=rows)
-    say(f"data: {corpus.train_files} training files ({len(corpus.train):,} tokens), "
-        f"{corpus.val_files} validation files ({len(corpus.val):,} tokens)")
+    val = data_lib.val_batches(
+        corpus.val, seq_len=d.seq, global_batch=d.batch, num_batches=loop.eval_batches, rows=rows
+    )
+    say(
+        f"data: {corpus.train_files} training files ({len(corpus.train):,} tokens), "
+        f"{corpus.val_files} validation files ({len(corpus.val):,} tokens)"
+    )
 
     folder = Path(cfg.checkpoint.ckpt_dir).expanduser().resolve()
     lock = lock_folder(folder, primary)
@@ -243,8 +258,10 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
         raise
     start = int(state.step)
     if start >= loop.steps:
-        say(f"nothing to train: the checkpoint is at step {start} and --steps is {loop.steps} "
-            "(raise --steps to train on)")
+        say(
+            f"nothing to train: the checkpoint is at step {start} and --steps is {loop.steps} "
+            "(raise --steps to train on)"
+        )
     flops = model.flops_per_token(d.seq)
     t0 = time.perf_counter()
     compiled = step_fn.fn.lower(*step_fn.abstract_args(d.batch, d.seq, state)).compile()
@@ -253,13 +270,45 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
     for op, choice in model.kernel_choices(d.batch, d.seq).items():
         say(f"{op} kernel: {choice}")
     log = JsonlWriter(ckpt.directory / "metrics.jsonl", enabled=primary)
-    run = Run(cfg, console, primary, cluster, plan, model, optimizer, tokenizer, step_fn, compiled,
-              make_eval_step(model, plan, optimizer), dataset, val, ckpt, lock, settings, state, data_state,
-              start, flops, compile_s, log)
+    run = Run(
+        cfg,
+        console,
+        primary,
+        cluster,
+        plan,
+        model,
+        optimizer,
+        tokenizer,
+        step_fn,
+        compiled,
+        make_eval_step(model, plan, optimizer),
+        dataset,
+        val,
+        ckpt,
+        lock,
+        settings,
+        state,
+        data_state,
+        start,
+        flops,
+        compile_s,
+        log,
+    )
     try:
-        log.write({"event": "start", "step": start, "strategy": plan.rules.name, "mesh": cfg.mesh.mesh,
-                   "devices": plan.num_devices, "processes": jax.process_count(), "cluster": detected.detector,
-                   "flops_per_token": flops, "compile_s": compile_s, "settings": settings})
+        log.write(
+            {
+                "event": "start",
+                "step": start,
+                "strategy": plan.rules.name,
+                "mesh": cfg.mesh.mesh,
+                "devices": plan.num_devices,
+                "processes": jax.process_count(),
+                "cluster": detected.detector,
+                "flops_per_token": flops,
+                "compile_s": compile_s,
+                "settings": settings,
+            }
+        )
     except BaseException:
         run.close(quiet=True)
         raise

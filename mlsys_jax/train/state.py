@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mlsys_jax.params import abstract_params, init_params
 from mlsys_jax.parallel.plan import Plan
+from mlsys_jax.params import abstract_params, init_params
 
 
 class TrainState(NamedTuple):
@@ -43,7 +43,8 @@ def abstract_state(plan: Plan, specs: Any, optimizer: optax.GradientTransformati
     shapes = jax.eval_shape(lambda: _fresh(specs, optimizer, jax.random.PRNGKey(0)))
     return jax.tree_util.tree_map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        shapes, state_shardings(plan, specs, optimizer),
+        shapes,
+        state_shardings(plan, specs, optimizer),
     )
 
 
@@ -60,8 +61,7 @@ def make_init(plan: Plan, specs: Any, optimizer: optax.GradientTransformation) -
     return jax.jit(lambda k: _fresh(specs, optimizer, k), out_shardings=shardings)
 
 
-def init_state(plan: Plan, specs: Any, optimizer: optax.GradientTransformation,
-               seed: int = 0) -> TrainState:
+def init_state(plan: Plan, specs: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
     """A fresh state on the plan's mesh. The parameters equal
     ``plan.init(specs, split(PRNGKey(seed))[0])`` on any mesh."""
     return make_init(plan, specs, optimizer)(jax.random.PRNGKey(seed))

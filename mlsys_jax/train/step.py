@@ -42,8 +42,9 @@ class TrainStep:
     batch_shardings: dict[str, jax.sharding.NamedSharding]
     guard: str | None = None
 
-    def __call__(self, state: TrainState, batch: dict[str, jax.Array],
-                 step_number: int | None = None) -> tuple[TrainState, dict]:
+    def __call__(
+        self, state: TrainState, batch: dict[str, jax.Array], step_number: int | None = None
+    ) -> tuple[TrainState, dict]:
         """One step; a guarded step also takes the step number the state should be at (any
         negative number skips that check)."""
         if self.guard is None:
@@ -172,7 +173,7 @@ def make_train_step(
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
         in_order = (number[0] < 0) | (state.step == number[0])
         apply = finite & in_order
-        keep = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
+        keep = lambda new, old: jnp.where(apply, new, old)
         params = jax.tree_util.tree_map(keep, params, state.params)
         opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
         advanced = apply if guard == "stop" else in_order

@@ -32,8 +32,10 @@ class ToyConfig:
 
 
 PRESETS = {"small": ToyConfig(), "wide": ToyConfig(d_model=64, n_experts=8, d_expert=128)}
-AXES = LogicalAxes(params=("vocab", "embed", "experts", "expert_mlp", "layers"),
-                   activations=("batch", "seq", "embed", "experts", "vocab", "layers"))
+AXES = LogicalAxes(
+    params=("vocab", "embed", "experts", "expert_mlp", "layers"),
+    activations=("batch", "seq", "embed", "experts", "vocab", "layers"),
+)
 
 
 def param_specs(cfg: ToyConfig) -> dict:
@@ -42,8 +44,10 @@ def param_specs(cfg: ToyConfig) -> dict:
         "w_in": ParamSpec((e, d, f), ("experts", "embed", "expert_mlp"), fan_in(1)),
         "w_out": ParamSpec((e, f, d), ("experts", "expert_mlp", "embed"), fan_in(1, 0.5)),
     }
-    return {"embed": ParamSpec((v, d), ("vocab", "embed"), normal(d ** -0.5)),
-            "layers": {k: s.stacked(cfg.n_layers) for k, s in layer.items()}}
+    return {
+        "embed": ParamSpec((v, d), ("vocab", "embed"), normal(d**-0.5)),
+        "layers": {k: s.stacked(cfg.n_layers) for k, s in layer.items()},
+    }
 
 
 def embed(cfg, params, tokens, positions, layout: Layout):
@@ -70,10 +74,19 @@ def language_model(cfg: ToyConfig, name: str = "toy") -> LanguageModel:
     bind = functools.partial
     matmuls = cfg.n_layers * 2 * cfg.n_experts * cfg.d_model * cfg.d_expert + cfg.d_model * cfg.vocab_size
     return LanguageModel(
-        name=name, specs=param_specs(cfg), embed=bind(embed, cfg), block=bind(block, cfg),
-        head=bind(head, cfg), loss=bind(loss, cfg), cache_specs=lambda batch, max_len: {},
-        flops_per_token=lambda seq: 6.0 * matmuls, vocab_size=cfg.vocab_size,
-        num_layers=cfg.n_layers, axes=AXES, config=cfg, compute_dtype=jnp.dtype(cfg.dtype),
+        name=name,
+        specs=param_specs(cfg),
+        embed=bind(embed, cfg),
+        block=bind(block, cfg),
+        head=bind(head, cfg),
+        loss=bind(loss, cfg),
+        cache_specs=lambda batch, max_len: {},
+        flops_per_token=lambda seq: 6.0 * matmuls,
+        vocab_size=cfg.vocab_size,
+        num_layers=cfg.n_layers,
+        axes=AXES,
+        config=cfg,
+        compute_dtype=jnp.dtype(cfg.dtype),
         remat=cfg.remat,
     )
 

@@ -1,0 +1,1 @@
+../../mlsys_jax/__init__.py
