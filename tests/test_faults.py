@@ -62,6 +62,25 @@ def test_sigterm_saves_the_step_it_is_on_and_the_same_command_resumes_exactly(tm
     assert by_step(records, "data") == by_step(reference, "data")
 
 
+def test_a_second_ctrl_c_exits_at_once_without_saving(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    proc = start_and_wait(
+        recipe(*FLAGS, "--ckpt-dir", str(tmp_path)),
+        lambda: max(logged_steps(log), default=0) >= 2,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.perf_counter()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and time.perf_counter() - t0 < 5
+    assert "SIGINT (Ctrl-C) received: finishing this step" in err and "interrupted twice: exiting now" in err
+    assert "Traceback" not in err and not (tmp_path / "5").exists()
+
+
 def test_a_diverging_run_stops_at_its_first_non_finite_step_and_keeps_only_finite_checkpoints(devices, tmp_path):
     out = run(*flags(lr="1e6", ckpt_every="2"), "--ckpt-dir", str(tmp_path))
     assert out.returncode == 1 and "Traceback" not in out.stderr

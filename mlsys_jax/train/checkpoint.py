@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,16 +94,35 @@ def summarize(err: BaseException, limit: int = 300) -> str:
 
 
 class _ReportedByCheckpointer(logging.Filter):
-    """Drops orbax's own tracebacks of a failed background save: ``Checkpointer`` raises the same
-    failure as one message naming the step."""
+    """Drops the tracebacks that orbax (through absl) and asyncio (for its abandoned futures) log
+    of a failed background save: ``Checkpointer`` raises the same failure as one message naming
+    the step."""
+
+    #: How tensorstore's errors begin (an absl status code), for those raised with no Python frames.
+    STATUS = (
+        "OUT_OF_RANGE:",
+        "RESOURCE_EXHAUSTED:",
+        "UNKNOWN:",
+        "INTERNAL:",
+        "DATA_LOSS:",
+        "ABORTED:",
+        "FAILED_PRECONDITION:",
+        "UNAVAILABLE:",
+        "PERMISSION_DENIED:",
+        "NOT_FOUND:",
+        "CANCELLED:",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (
-            record.levelno >= logging.ERROR and record.exc_info is not None and "orbax" in (record.pathname or "")
-        )
+        if record.levelno < logging.ERROR or not record.exc_info or record.exc_info[1] is None:
+            return True
+        _, error, tb = record.exc_info
+        from_orbax = tb is not None and any("orbax" in frame.filename for frame in traceback.extract_tb(tb))
+        return not (from_orbax or str(error).startswith(self.STATUS))
 
 
-logging.getLogger("absl").addFilter(_ReportedByCheckpointer())
+for _name in ("absl", "asyncio"):
+    logging.getLogger(_name).addFilter(_ReportedByCheckpointer())
 _unraisable = sys.unraisablehook
 
 
