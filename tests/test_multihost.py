@@ -1,47 +1,35 @@
 """Multi-host: two processes of four CPU devices each, joined by jax.distributed over gloo,
 train to the same losses as one process of eight."""
 
-import json
-import os
 import socket
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from recipe_runs import CORPUS, env, recipe, run
 
 from mlsys_jax import distributed
 from mlsys_jax.train.metrics import losses_by_step, read_jsonl
 
-CORPUS = str(Path(json.__file__).parent)
 FLAGS = [
-    "--mesh",
-    "cpu-8",
-    "--model",
-    "tiny",
-    "--batch",
-    "16",
-    "--seq",
-    "64",
-    "--steps",
-    "3",
-    "--eval-every",
-    "3",
-    "--eval-batches",
-    "1",
-    "--sample-tokens",
-    "0",
-    "--data",
-    CORPUS,
-    "--no-progress",
+    *[
+        "--mesh",
+        "cpu-8",
+        "--model",
+        "tiny",
+        "--batch",
+        "16",
+        "--seq",
+        "64",
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+        "--eval-batches",
+        "1",
+    ],
+    *["--sample-tokens", "0", "--data", CORPUS, "--no-progress"],
 ]
-
-
-def env() -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    out["JAX_PLATFORMS"] = "cpu"
-    return out
 
 
 def free_port() -> int:
@@ -51,17 +39,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def single(repo_root, tmp_path_factory):
+def single(tmp_path_factory):
     """The same run as one process of eight devices: its metrics records."""
     folder = tmp_path_factory.mktemp("one")
-    out = subprocess.run(
-        [sys.executable, str(repo_root / "recipes" / "train_lm.py"), *FLAGS, "--ckpt-dir", str(folder)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=600,
-    )
+    out = run(*FLAGS, "--ckpt-dir", str(folder))
     assert out.returncode == 0, out.stderr[-3000:]
     return read_jsonl(folder / "metrics.jsonl")
 
@@ -76,15 +57,14 @@ def assert_same_run(one, two):
     assert val(two) == pytest.approx(val(one), rel=1e-5)
 
 
-def two_processes(repo_root, folder, per_process_args, per_process_env):
-    script = str(repo_root / "recipes" / "train_lm.py")
+def two_processes(folder, per_process_args, per_process_env):
     procs = [
         subprocess.Popen(
-            [sys.executable, script, *FLAGS, "--ckpt-dir", str(folder), *per_process_args(i)],
+            recipe(*FLAGS, "--ckpt-dir", str(folder), *per_process_args(i)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**env(), **per_process_env(i)},
+            env=env(**per_process_env(i)),
         )
         for i in range(2)
     ]
@@ -95,10 +75,9 @@ def two_processes(repo_root, folder, per_process_args, per_process_env):
 
 
 @pytest.mark.slow
-def test_two_processes_of_four_match_one_process_of_eight(repo_root, tmp_path, single):
+def test_two_processes_of_four_match_one_process_of_eight(tmp_path, single):
     port = free_port()
     outs = two_processes(
-        repo_root,
         tmp_path,
         lambda i: [
             "--simulate-devices",
@@ -121,7 +100,7 @@ def test_two_processes_of_four_match_one_process_of_eight(repo_root, tmp_path, s
 
 
 @pytest.mark.slow
-def test_two_processes_started_by_slurm_join_one_job_without_any_cluster_flag(repo_root, tmp_path, single):
+def test_two_processes_started_by_slurm_join_one_job_without_any_cluster_flag(tmp_path, single):
     """What ``srun --ntasks 2 python recipes/train_lm.py`` gives each process: SLURM's variables."""
     port = free_port()
     slurm = lambda i: {
@@ -132,7 +111,7 @@ def test_two_processes_started_by_slurm_join_one_job_without_any_cluster_flag(re
         "SLURM_LOCALID": str(i),
         "JAX_COORDINATOR_PORT": str(port),
     }
-    outs = two_processes(repo_root, tmp_path, lambda i: [], slurm)
+    outs = two_processes(tmp_path, lambda i: [], slurm)
     assert outs[0][0].startswith("cluster: SLURM, processes: 2, this process: 0, local devices: 4")
     assert "8 devices, 2 process(es)" in outs[0][0]
     two = read_jsonl(tmp_path / "metrics.jsonl")

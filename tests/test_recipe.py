@@ -6,7 +6,7 @@ import subprocess
 import time
 
 import pytest
-from recipe_runs import FLAGS, by_step, env, recipe
+from recipe_runs import FLAGS, by_step, env, recipe, run
 
 from mlsys_jax.train.metrics import losses_by_step, read_jsonl
 
@@ -97,61 +97,24 @@ def test_sigkill_then_the_same_command_resumes_exactly(tmp_path, uninterrupted):
 
 @pytest.mark.slow
 def test_a_finished_run_resumes_to_nothing_and_no_resume_refuses_to_overwrite(tmp_path):
-    quick = [f for f in FLAGS]
+    quick = [*FLAGS, "--ckpt-dir", str(tmp_path)]
     quick[quick.index("--steps") + 1] = "5"
-    first = subprocess.run(
-        recipe(*quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=600,
-    )
+    first = run(*quick, "--sample-tokens", "0")
     assert first.returncode == 0, first.stderr[-2000:]
-    again = subprocess.run(
-        recipe(*quick, "--ckpt-dir", str(tmp_path), "--sample-tokens", "0"),
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=600,
-    )
+    again = run(*quick, "--sample-tokens", "0")
     assert again.returncode == 0 and "nothing to train: the checkpoint is at step 5" in again.stdout
     assert sorted(losses_by_step(read_jsonl(tmp_path / "metrics.jsonl"))) == [1, 2, 3, 4, 5]
-    second = subprocess.run(
-        recipe(*quick, "--ckpt-dir", str(tmp_path), "--no-resume"),
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=600,
-    )
-    assert second.returncode != 0
+    second = run(*quick, "--no-resume")
+    assert second.returncode == 2
     assert "--no-resume" in second.stderr and "new --ckpt-dir" in second.stderr
-    other = subprocess.run(
-        recipe(*quick, "--ckpt-dir", str(tmp_path), "--seq", "32"),
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=600,
-    )
+    other = run(*quick, "--seq", "32")
     assert other.returncode == 2 and "seq: saved 64, now 32" in other.stderr
     assert "Traceback" not in other.stderr and "data order" in other.stderr
     # How long to train and how fast to learn may change on resume; the recipe says what changed.
-    longer = subprocess.run(
-        recipe(*quick, "--ckpt-dir", str(tmp_path), "--steps", "7", "--lr", "1e-3", "--sample-tokens", "0"),
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=600,
-    )
+    longer = run(*quick, "--steps", "7", "--lr", "1e-3", "--sample-tokens", "0")
     assert longer.returncode == 0, longer.stderr[-2000:]
-    assert (
-        "settings changed since that checkpoint (allowed): lr: saved 0.003, now 0.001, steps: saved 5, now 7"
-        in longer.stdout
-    )
+    changed = "settings changed since that checkpoint (allowed): lr: saved 0.003, now 0.001, steps: saved 5, now 7"
+    assert changed in longer.stdout
     assert sorted(losses_by_step(read_jsonl(tmp_path / "metrics.jsonl"))) == [1, 2, 3, 4, 5, 6, 7]
     start = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r.get("event") == "start"][-1]
     assert start["settings"]["steps"] == 7 and start["settings"]["lr"] == 1e-3
@@ -167,14 +130,7 @@ def test_a_nonsensical_interval_is_refused_before_any_work():
 
 
 def test_a_model_no_family_knows_is_one_message_and_exit_status_2(tmp_path):
-    run = subprocess.run(
-        recipe("--model", "lama:small", "--ckpt-dir", str(tmp_path)),
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env(),
-        timeout=300,
-    )
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert run.stderr.startswith("error: unknown model family 'lama'") and "Did you mean 'llama'" in run.stderr
+    out = run("--model", "lama:small", "--ckpt-dir", str(tmp_path), timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: unknown model family 'lama'") and "Did you mean 'llama'" in out.stderr
     assert not any(tmp_path.iterdir())  # refused before anything was written

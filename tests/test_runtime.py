@@ -260,3 +260,20 @@ def test_the_rest_of_a_cpu_mesh_without_a_device_count_is_refused(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.startswith("error: --mesh 'fsdp=-1': fsdp=-1 ('the rest') came to 1 device")
     assert "--simulate-devices" in out.stderr and time.perf_counter() - t0 < 120
+
+
+def test_stop_requests_outside_the_main_thread_catch_nothing_and_break_nothing():
+    import threading
+
+    from mlsys_jax.train.preemption import StopRequests
+
+    seen = []
+
+    def body():
+        with StopRequests() as stops:
+            seen.append(stops.requested(1))
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join(timeout=60)
+    assert seen == [False] and signal.getsignal(signal.SIGINT) is signal.default_int_handler

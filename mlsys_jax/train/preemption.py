@@ -39,6 +39,10 @@ class StopRequests:
         self._previous_fd = -1
 
     def install(self) -> Self:
+        """Catch the signals; outside the main thread (where Python allows no handlers) nothing is
+        caught and the run stops only by its own end."""
+        if threading.current_thread() is not threading.main_thread():
+            return self
         self._multiprocess = jax.process_count() > 1
         # Several processes: JAX's own SIGTERM handler feeds the preemption sync, so leave it be.
         wanted = (signal.SIGINT,) if self._multiprocess else (signal.SIGTERM, signal.SIGINT)
