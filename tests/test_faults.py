@@ -102,6 +102,21 @@ def test_a_diverging_run_stops_at_its_first_non_finite_step_and_keeps_only_finit
     ckpt.close()
 
 
+def test_skip_drops_non_finite_steps_counts_them_and_trains_on(tmp_path):
+    out = run(
+        *flags(lr="1e6", steps="8", sample_tokens="0", eval_every="8"), "--on-nan", "skip", "--ckpt-dir", str(tmp_path)
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    skipped = [r["step"] for r in records if "loss" in r and r.get("skipped")]
+    end = next(r for r in records if r.get("event") == "end")
+    assert skipped and end["skipped"] == skipped and end["step"] == 8
+    assert f"{len(skipped)} step(s) skipped as non-finite" in out.stdout
+    ckpt = Checkpointer(tmp_path)
+    assert ckpt.all_steps() == [5, 8]  # every save verified finite on device first
+    ckpt.close()
+
+
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tmp_path, uninterrupted):
     _, reference, finished = uninterrupted
     folder = tmp_path / "run"
