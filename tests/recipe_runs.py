@@ -16,26 +16,11 @@ from mlsys_jax.train.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = str(Path(json.__file__).parent)  # the standard library's json package: small, real text
-FLAGS = [
-    *[
-        "--mesh",
-        "cpu-8",
-        "--strategy",
-        "fsdp_tp",
-        "--model",
-        "tiny",
-        "--batch",
-        "16",
-        "--seq",
-        "64",
-        "--steps",
-        "40",
-        "--ckpt-every",
-        "5",
-    ],
-    *["--eval-every", "20", "--eval-batches", "1", "--sample-tokens", "8", "--no-progress"],
-    *["--data", CORPUS],
-]
+# fmt: off
+FLAGS = ["--mesh", "cpu-8", "--strategy", "fsdp_tp", "--model", "tiny", "--batch", "16", "--seq", "64",
+         "--steps", "40", "--ckpt-every", "5", "--eval-every", "20", "--eval-batches", "1",
+         "--sample-tokens", "8", "--no-progress", "--data", CORPUS]
+# fmt: on
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -11,25 +11,10 @@ from recipe_runs import CORPUS, env, recipe, run
 from mlsys_jax import distributed
 from mlsys_jax.train.metrics import losses_by_step, read_jsonl
 
-FLAGS = [
-    *[
-        "--mesh",
-        "cpu-8",
-        "--model",
-        "tiny",
-        "--batch",
-        "16",
-        "--seq",
-        "64",
-        "--steps",
-        "3",
-        "--eval-every",
-        "3",
-        "--eval-batches",
-        "1",
-    ],
-    *["--sample-tokens", "0", "--data", CORPUS, "--no-progress"],
-]
+# fmt: off
+FLAGS = ["--mesh", "cpu-8", "--model", "tiny", "--batch", "16", "--seq", "64", "--steps", "3",
+         "--eval-every", "3", "--eval-batches", "1", "--sample-tokens", "0", "--data", CORPUS, "--no-progress"]
+# fmt: on
 
 
 def free_port() -> int:
