@@ -277,3 +277,23 @@ def test_stop_requests_outside_the_main_thread_catch_nothing_and_break_nothing()
     thread.start()
     thread.join(timeout=60)
     assert seen == [False] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize(
+    "sizes, strategy", [({"fsdp": 4, "tensor": 2}, "fsdp_tp"), ({"data": 2, "fsdp": 4}, "dp_fsdp")]
+)
+def test_the_guard_moves_no_more_bytes_between_devices(devices, sizes, strategy):
+    from mlsys_jax.comm.hlo import collectives
+
+    plan = mj.Plan(mj.make_mesh(sizes), mj.rules(strategy))
+    opt = train.adamw(train.OptimConfig(), MODEL.specs)
+
+    def moved(guard):
+        found = collectives(train.make_train_step(MODEL, plan, opt, guard=guard).lower(8, 16).compile())
+        gathered = sum(c.payload_bytes * c.count for c in found if c.kind == "all-gather")
+        return gathered, sum(c.total_traffic_bytes for c in found)
+
+    gathered, traffic = moved(None)
+    for guard in ("stop", "skip"):
+        with_guard = moved(guard)
+        assert with_guard[0] <= gathered and with_guard[1] <= traffic, guard
