@@ -32,7 +32,7 @@ def text(schedule: Schedule) -> str:
     width = max((len(label(schedule, w)) for row in schedule.grid for w in row if w is not None), default=1)
     lines = [title(schedule)]
     for stage in range(schedule.stages):
-        cells = [label(schedule, row[stage]) if row[stage] is not None else "." for row in schedule.grid]
+        cells = [label(schedule, w) if (w := row[stage]) is not None else "." for row in schedule.grid]
         lines.append(f"stage {stage}: " + " ".join(c.ljust(width) for c in cells).rstrip())
     return "\n".join(lines)
 
