@@ -89,6 +89,33 @@ class Schedule:
             out.append(list(held))
         return out
 
+    def slots(self) -> list[list[int]]:
+        """``slots()[tick][stage]``: the stash slot (0 .. peak_stash-1) the work at that cell
+        writes (F) or reads (B, W); -1 for an idle cell. A slot is taken by a chunk's forward and
+        freed by its last backward piece, lowest free slot first."""
+        last = "W" if self.split_backward else "B"
+        free: list[list[int]] = [list(range(self.peak_stash)) for _ in range(self.stages)]
+        held: list[dict[tuple[int, int], int]] = [{} for _ in range(self.stages)]
+        out = []
+        for row in self.grid:
+            cells = []
+            for stage, work in enumerate(row):
+                if work is None:
+                    cells.append(-1)
+                    continue
+                key = (work.microbatch, work.chunk)
+                if work.kind == "F":
+                    slot = min(free[stage])
+                    free[stage].remove(slot)
+                    held[stage][key] = slot
+                else:
+                    slot = held[stage][key]
+                    if work.kind == last:
+                        free[stage].append(held[stage].pop(key))
+                cells.append(slot)
+            out.append(cells)
+        return out
+
     @property
     def peak_stash(self) -> int:
         """The most microbatch inputs any stage holds at once."""
