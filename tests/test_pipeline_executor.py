@@ -2,6 +2,8 @@
 by tick and gives the unpipelined loss and every gradient (fp32, rtol 1e-5), running exactly the
 work its schedule names; 1F1B's stash holds p microbatch inputs where GPipe's holds m."""
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -33,11 +35,15 @@ def problem():
     return params, batch, float(loss), grads
 
 
-@pytest.mark.parametrize("make", [gpipe, one_f_one_b], ids=["gpipe", "1f1b"])
-def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, problem, make):
+@pytest.mark.parametrize(
+    "make, sizes",
+    [(gpipe, {"pipeline": 4}), (one_f_one_b, {"pipeline": 4}), (one_f_one_b, {"pipeline": 4, "data": 2})],
+    ids=["gpipe", "1f1b", "1f1b-data2"],
+)
+def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, problem, make, sizes):
     params, batch, want_loss, want_grads = problem
     schedule = make(4, 8)
-    mesh = jax.make_mesh((4,), ("pipeline",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices[:4])
+    mesh = mj.make_mesh(sizes, devices=devices[: math.prod(sizes.values())])
     loss, count, grads, trace = jax.jit(lambda p, b: pipeline_loss_and_grads(MODEL, schedule, p, b, mesh))(
         params, batch
     )

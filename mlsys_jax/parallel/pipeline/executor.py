@@ -28,6 +28,7 @@ from mlsys_jax.models.base import UNPLACED, LanguageModel, Layout, default_posit
 from mlsys_jax.parallel.pipeline.schedule import Schedule, ScheduleError, check_layers
 
 AXIS = "pipeline"
+DATA = "data"
 IDLE, FORWARD, BACKWARD = 0, 1, 2
 
 
@@ -202,19 +203,25 @@ def pipeline_loss_and_grads(
         recv_b = jnp.zeros((tables.bwd_slots, *x_like.shape), x_like.dtype)
         init = (recv_f, recv_b, stash, f32(layers), f32(outer), jnp.zeros((), jnp.float32))
         (_, _, _, g_layers, g_outer, loss), trace = jax.lax.scan(tick, init, jnp.arange(schedule.ticks))
-        g_outer = jax.lax.psum(g_outer, AXIS)
-        loss = jax.lax.psum(loss, AXIS)
+        g_outer = jax.lax.psum(g_outer, (AXIS, *data))
+        loss = jax.lax.psum(loss, (AXIS, *data))
+        if data:
+            g_layers = jax.lax.psum(g_layers, data)
         return loss, g_layers, g_outer, trace[None]
 
+    # The data axis is manual too: its replicas then run their ticks with no collective inside a
+    # branch (each replica sums its own rows) and add their gradients once at the end. A runtime
+    # may not let devices that took different branches meet in a collective.
+    data = (DATA,) if mesh.shape.get(DATA, 1) > 1 else ()
     layer_spec = jax.tree_util.tree_map(lambda _: P(AXIS), layers)
     outer_spec = jax.tree_util.tree_map(lambda _: P(), outer)
-    micro_spec = {k: P() for k in micro}
+    micro_spec = {k: P(None, *data) for k in micro}
     run = jax.shard_map(
         program,
         mesh=mesh,
         in_specs=(layer_spec, outer_spec, micro_spec, P()),
         out_specs=(P(), layer_spec, outer_spec, P(AXIS)),
-        axis_names={AXIS},
+        axis_names={AXIS, *data},
         check_vma=False,
     )
     loss, g_layers, g_outer, trace = run(layers, outer, micro, count)
