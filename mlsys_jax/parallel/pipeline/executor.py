@@ -6,7 +6,8 @@ cell of the table names, chosen with ``lax.switch`` (one branch runs, not all of
 then activations move one stage on and their gradients one stage back with ``ppermute``. A
 forward keeps only its stage input, in the slot the schedule assigns; the backward recomputes the
 stage from it (per-stage rematerialisation), so 1F1B holds O(p) microbatch inputs where GPipe
-holds m. Weight gradients accumulate in fp32 in each stage's own slice. The embedding and the
+holds m. A split backward (ZB-H1) computes the input gradient at B, keeps the output gradient,
+and differentiates the weights at W. Weight gradients accumulate in fp32 in each stage's own slice. The embedding and the
 head are replicated along ``pipeline``: the first stage embeds, the last computes the loss, and
 their gradients are summed over the axis once at the end (cheap: two small matrices).
 
@@ -29,7 +30,7 @@ from mlsys_jax.parallel.pipeline.schedule import Schedule, ScheduleError, check_
 
 AXIS = "pipeline"
 DATA = "data"
-IDLE, FORWARD, BACKWARD = 0, 1, 2
+IDLE, FORWARD, BACKWARD, WEIGHT = 0, 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +54,12 @@ class Tables:
 
     @classmethod
     def of(cls, schedule: Schedule) -> Tables:
-        if schedule.virtual != 1 or schedule.split_backward:
+        if schedule.virtual != 1:
             raise ScheduleError(
-                f"the executor runs one chunk per stage and whole backwards; {schedule.name!r} needs more"
+                f"the executor runs one chunk per stage; {schedule.name!r} with {schedule.virtual} virtual "
+                "stages needs the interleaved layout"
             )
-        kinds = {"F": FORWARD, "B": BACKWARD}
+        kinds = {"F": FORWARD, "B": BACKWARD, "W": WEIGHT}
         shape = (schedule.ticks, schedule.stages)
         kind, micro = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
         when: dict[tuple[str, int, int], int] = {}
@@ -121,7 +123,7 @@ def pipeline_loss_and_grads(
 ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
     """(loss_sum, token count, gradients of loss_sum / count, executed trace) of ``batch``, run
     by ``schedule`` over the mesh's ``pipeline`` axis. The trace is (stages, ticks, 2): the kind
-    (0 idle, 1 F, 2 B) and microbatch of what each stage ran at each tick."""
+    (0 idle, 1 F, 2 B, 3 W) and microbatch of what each stage ran at each tick."""
     p, m = schedule.stages, schedule.microbatches
     if mesh.shape[AXIS] != p:
         raise ScheduleError(f"the schedule has {p} stages but the mesh's pipeline axis is {mesh.shape[AXIS]}")
@@ -147,46 +149,59 @@ def pipeline_loss_and_grads(
         fstore_t, fread_t = jnp.asarray(tables.fwd_store), jnp.asarray(tables.fwd_read)
         bstore_t, bread_t = jnp.asarray(tables.bwd_store), jnp.asarray(tables.bwd_read)
 
-        def embed_stage(outer: Any, layers: Any, i: jax.Array) -> jax.Array:
-            return stage(layers, model.embed(outer, micro["inputs"][i], positions, layout), positions)
-
         def head_loss(outer: Any, y: jax.Array, i: jax.Array) -> jax.Array:
             loss_sum, _ = model.loss({**outer, key: layers}, y, micro["targets"][i], micro["mask"][i], layout)
             return loss_sum
 
+        def add(acc: Any, d: Any) -> Any:
+            return jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), acc, d)
+
         def tick(carry, t):
-            recv_f, recv_b, stash, g_layers, g_outer, loss = carry
+            recv_f, recv_b, stash, cots, g_layers, g_outer, loss = carry
             k, i, slot = kind_t[t, s], micro_t[t, s], slot_t[t, s]
             fwd_in = jax.lax.dynamic_index_in_dim(recv_f, fread_t[t, s], 0, keepdims=False)
             bwd_in = jax.lax.dynamic_index_in_dim(recv_b, bread_t[t, s], 0, keepdims=False)
+            cot_loss = jnp.where(last, 1.0, 0.0).astype(jnp.float32)
+
+            def through(outer: Any, layers: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+                """The stage from its stashed input (the first embeds its tokens), with the loss
+                share on the last: what a backward differentiates."""
+                x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, layout), x)
+                y = stage(layers, x, positions)
+                return y, head_loss(outer, y, i) / count
 
             def idle(_):
-                return stash, zeros_x, zeros_x, g_layers, g_outer, loss
+                return stash, cots, zeros_x, zeros_x, g_layers, g_outer, loss
 
             def forward(_):
                 x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, layout), fwd_in)
                 new_stash = jax.lax.dynamic_update_index_in_dim(stash, x, slot, 0)
                 y = stage(layers, x, positions)
-                add = jnp.where(last, head_loss(outer, y, i), 0.0)
-                return new_stash, y, zeros_x, g_layers, g_outer, loss + add
+                gain = jnp.where(last, head_loss(outer, y, i), 0.0)
+                return new_stash, cots, y, zeros_x, g_layers, g_outer, loss + gain
 
             def backward(_):
                 x = jax.lax.dynamic_index_in_dim(stash, slot, 0, keepdims=False)
-
-                def through(outer: Any, layers: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-                    x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, layout), x)
-                    y = stage(layers, x, positions)
-                    return y, head_loss(outer, y, i) / count
-
-                (y, _), pull = jax.vjp(through, outer, layers, x)
-                cot_y = jnp.where(last, jnp.zeros_like(y), bwd_in.astype(y.dtype))
-                cot_loss = jnp.where(last, 1.0, 0.0).astype(jnp.float32)
+                cot_y = jnp.where(last, jnp.zeros_like(x), bwd_in.astype(x.dtype))
+                if schedule.split_backward:  # B: the input gradient only; W comes later
+                    _, pull = jax.vjp(lambda x: through(outer, layers, x), x)
+                    (dx,) = pull((cot_y, cot_loss))
+                    new_cots = jax.lax.dynamic_update_index_in_dim(cots, cot_y, slot, 0)
+                    return stash, new_cots, zeros_x, dx, g_layers, g_outer, loss
+                _, pull = jax.vjp(through, outer, layers, x)
                 d_outer, d_layers, dx = pull((cot_y, cot_loss))
-                add = lambda acc, d: jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), acc, d)
-                return stash, zeros_x, dx, add(g_layers, d_layers), add(g_outer, d_outer), loss
+                return stash, cots, zeros_x, dx, add(g_layers, d_layers), add(g_outer, d_outer), loss
 
-            out = jax.lax.switch(k, (idle, forward, backward), None)
-            new_stash, send_fwd, send_bwd, g_layers, g_outer, loss = out
+            def weight(_):
+                x = jax.lax.dynamic_index_in_dim(stash, slot, 0, keepdims=False)
+                cot_y = jax.lax.dynamic_index_in_dim(cots, slot, 0, keepdims=False)
+                _, pull = jax.vjp(lambda outer, layers: through(outer, layers, x), outer, layers)
+                d_outer, d_layers = pull((cot_y, cot_loss))
+                return stash, cots, zeros_x, zeros_x, add(g_layers, d_layers), add(g_outer, d_outer), loss
+
+            branches = (idle, forward, backward, weight) if schedule.split_backward else (idle, forward, backward)
+            out = jax.lax.switch(k, branches, None)
+            new_stash, new_cots, send_fwd, send_bwd, g_layers, g_outer, loss = out
             got_f = jax.lax.ppermute(send_fwd, AXIS, [(j, j + 1) for j in range(p - 1)])
             got_b = jax.lax.ppermute(send_bwd, AXIS, [(j + 1, j) for j in range(p - 1)])
             fs, bs = fstore_t[t, s], bstore_t[t, s]
@@ -196,13 +211,15 @@ def pipeline_loss_and_grads(
             recv_b = jnp.where(
                 bs >= 0, jax.lax.dynamic_update_index_in_dim(recv_b, got_b, jnp.maximum(bs, 0), 0), recv_b
             )
-            return (recv_f, recv_b, new_stash, g_layers, g_outer, loss), jnp.stack([k, i])
+            return (recv_f, recv_b, new_stash, new_cots, g_layers, g_outer, loss), jnp.stack([k, i])
 
         stash = jnp.zeros((tables.slots, *x_like.shape), x_like.dtype)
         recv_f = jnp.zeros((tables.fwd_slots, *x_like.shape), x_like.dtype)
         recv_b = jnp.zeros((tables.bwd_slots, *x_like.shape), x_like.dtype)
-        init = (recv_f, recv_b, stash, f32(layers), f32(outer), jnp.zeros((), jnp.float32))
-        (_, _, _, g_layers, g_outer, loss), trace = jax.lax.scan(tick, init, jnp.arange(schedule.ticks))
+        # Split backwards keep each microbatch's output gradient from its B until its W.
+        cots = jnp.zeros((tables.slots if schedule.split_backward else 1, *x_like.shape), x_like.dtype)
+        init = (recv_f, recv_b, stash, cots, f32(layers), f32(outer), jnp.zeros((), jnp.float32))
+        (_, _, _, _, g_layers, g_outer, loss), trace = jax.lax.scan(tick, init, jnp.arange(schedule.ticks))
         g_outer = jax.lax.psum(g_outer, (AXIS, *data))
         loss = jax.lax.psum(loss, (AXIS, *data))
         if data:
