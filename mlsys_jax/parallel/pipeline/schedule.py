@@ -20,7 +20,7 @@ on the device that holds its chunk, after the work it needs.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from mlsys_jax.parallel.errors import PlanError
 
@@ -186,6 +186,22 @@ def needs(work: Work, chunks: int, split_backward: bool) -> list[Work]:
     return [Work("B", i, c)]
 
 
+def lockstep(
+    name: str, stages: int, total: int, pick: Callable[[int, set[Work]], Work | None]
+) -> tuple[tuple[Work | None, ...], ...]:
+    """Tick after tick, ask each stage what it does given the work done in earlier ticks
+    (``pick`` commits its choice), until ``total`` pieces are done; the table."""
+    done: set[Work] = set()
+    grid: list[tuple[Work | None, ...]] = []
+    while len(done) < total:
+        row = tuple(pick(stage, done) for stage in range(stages))
+        if all(w is None for w in row):
+            raise ScheduleError(f"{name}: no stage can proceed at tick {len(grid)}")
+        done.update(w for w in row if w is not None)
+        grid.append(row)
+    return tuple(grid)
+
+
 def simulate(
     name: str, stages: int, microbatches: int, virtual: int, split_backward: bool, orders: Sequence[Sequence[Work]]
 ) -> Schedule:
@@ -193,24 +209,17 @@ def simulate(
     earlier tick; the resulting table."""
     chunks = virtual * stages
     position = [0] * stages
-    done: set[Work] = set()
-    grid: list[tuple[Work | None, ...]] = []
-    total = sum(len(o) for o in orders)
-    while len(done) < total:
-        row: list[Work | None] = []
-        for stage in range(stages):
-            order = orders[stage]
-            work = order[position[stage]] if position[stage] < len(order) else None
-            if work is not None and all(n in done for n in needs(work, chunks, split_backward)):
-                position[stage] += 1
-                row.append(work)
-            else:
-                row.append(None)
-        if all(w is None for w in row):
-            raise ScheduleError(f"{name}: the work lists deadlock at tick {len(grid)}")
-        done.update(w for w in row if w is not None)
-        grid.append(tuple(row))
-    return Schedule(name, stages, microbatches, virtual, split_backward, tuple(grid))
+
+    def pick(stage: int, done: set[Work]) -> Work | None:
+        order = orders[stage]
+        work = order[position[stage]] if position[stage] < len(order) else None
+        if work is None or not all(n in done for n in needs(work, chunks, split_backward)):
+            return None
+        position[stage] += 1
+        return work
+
+    grid = lockstep(name, stages, sum(len(o) for o in orders), pick)
+    return Schedule(name, stages, microbatches, virtual, split_backward, grid)
 
 
 # ---- the schedules ----------------------------------------------------------------------------
@@ -296,37 +305,27 @@ def zero_bubble(stages: int, microbatches: int) -> Schedule:
             f"zb needs at least as many microbatches as stages: {microbatches} microbatches "
             f"for {stages} stages. Fix: --microbatches {stages} or more."
         )
-    done: set[Work] = set()
     next_f, next_b, next_w = [0] * stages, [0] * stages, [0] * stages
-    grid: list[tuple[Work | None, ...]] = []
-    total = 3 * stages * microbatches
 
-    def ready(work: Work) -> bool:
-        return all(n in done for n in needs(work, stages, True))
+    def pick(s: int, done: set[Work]) -> Work | None:
+        def ready(work: Work) -> bool:
+            return all(n in done for n in needs(work, stages, True))
 
-    while len(done) < total:
-        row: list[Work | None] = []
-        for s in range(stages):
-            held = next_f[s] - next_w[s]
-            b = Work("B", next_b[s], s) if next_b[s] < microbatches else None
-            f = Work("F", next_f[s], s) if next_f[s] < microbatches else None
-            w = Work("W", next_w[s], s) if next_w[s] < next_b[s] else None
-            if b is not None and ready(b):
-                next_b[s] += 1
-                row.append(b)
-            elif f is not None and ready(f) and held < stages - s:
-                next_f[s] += 1
-                row.append(f)
-            elif w is not None:
-                next_w[s] += 1
-                row.append(w)
-            else:
-                row.append(None)
-        if all(x is None for x in row):
-            raise ScheduleError(f"zb: no stage can proceed at tick {len(grid)}")
-        done.update(x for x in row if x is not None)
-        grid.append(tuple(row))
-    return Schedule("zb", stages, microbatches, 1, True, tuple(grid))
+        b = Work("B", next_b[s], s) if next_b[s] < microbatches else None
+        f = Work("F", next_f[s], s) if next_f[s] < microbatches else None
+        w = Work("W", next_w[s], s) if next_w[s] < next_b[s] else None
+        if b is not None and ready(b):
+            next_b[s] += 1
+            return b
+        if f is not None and ready(f) and next_f[s] - next_w[s] < stages - s:
+            next_f[s] += 1
+            return f
+        if w is not None:
+            next_w[s] += 1
+            return w
+        return None
+
+    return Schedule("zb", stages, microbatches, 1, True, lockstep("zb", stages, 3 * stages * microbatches, pick))
 
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
