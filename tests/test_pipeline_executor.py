@@ -74,3 +74,15 @@ def test_1f1b_stashes_p_microbatch_inputs_where_gpipe_stashes_m():
 def test_interleaving_is_refused_until_the_executor_has_its_layout():
     with pytest.raises(ScheduleError, match="'interleaved' with 2 virtual stages"):
         Tables.of(interleaved(2, 4, 2))
+
+
+def test_counts_that_cannot_run_are_refused_before_tracing(devices, problem):
+    params, batch, _, _ = problem
+    mesh = mj.make_mesh({"pipeline": 4, "data": 2}, devices=devices)
+    with pytest.raises(ScheduleError, match=r"16 rows cannot be split into 16 microbatches over 2 .* 16 x 2 = 32"):
+        pipeline_loss_and_grads(MODEL, one_f_one_b(4, 16), params, batch, mesh)
+    with pytest.raises(ScheduleError, match="the schedule has 2 stages but the mesh's pipeline axis is 4"):
+        pipeline_loss_and_grads(MODEL, one_f_one_b(2, 4), params, batch, mesh)
+    deep = llama.language_model(get_config("tiny", dtype="float32", n_layers=6))
+    with pytest.raises(ScheduleError, match=r"6 layers do not split into 4 stages"):
+        pipeline_loss_and_grads(deep, one_f_one_b(4, 8), params, batch, mesh)

@@ -125,8 +125,20 @@ def pipeline_loss_and_grads(
     by ``schedule`` over the mesh's ``pipeline`` axis. The trace is (stages, ticks, 2): the kind
     (0 idle, 1 F, 2 B, 3 W) and microbatch of what each stage ran at each tick."""
     p, m = schedule.stages, schedule.microbatches
-    if mesh.shape[AXIS] != p:
-        raise ScheduleError(f"the schedule has {p} stages but the mesh's pipeline axis is {mesh.shape[AXIS]}")
+    if mesh.shape.get(AXIS, 1) != p:
+        raise ScheduleError(
+            f"the schedule has {p} stages but the mesh's pipeline axis is {mesh.shape.get(AXIS, 1)}. Fix: build "
+            f"the schedule for {mesh.shape.get(AXIS, 1)} stages, or a mesh with pipeline={p}."
+        )
+    replicas = mesh.shape.get(DATA, 1)
+    rows = batch["inputs"].shape[0]
+    if rows % (m * replicas):
+        fits = m * replicas
+        raise ScheduleError(
+            f"a batch of {rows} rows cannot be split into {m} microbatches over {replicas} data replica(s): it "
+            f"must be a multiple of {m} x {replicas} = {fits}. Fix: a batch of {max(fits, rows // fits * fits)} "
+            f"or {(rows // fits + 1) * fits}, or another microbatch count."
+        )
     key = model.layers_key
     check_layers(model.num_layers, p)
     tables = Tables.of(schedule)
