@@ -47,10 +47,10 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     optimizer = adamw(OptimConfig(), model.specs)
     console.print(plan_table(the_plan, model, optimizer, cfg.mesh))
     mem = memory_per_device(the_plan, model, optimizer)
-    if mem.hbm is None:
+    fits = mem.fits
+    if fits is None or mem.hbm is None:
         console.print("no hardware given (explicit axis sizes): name a preset to check the fit")
         return True
-    fits = mem.total <= mem.hbm
     verdict = "[green]fits" if fits else "[red]does not fit"
     console.print(
         f"{verdict}[/]: {human_bytes(mem.total)} of state per device, "
