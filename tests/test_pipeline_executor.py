@@ -41,9 +41,10 @@ def problem():
         (gpipe, {"pipeline": 4}),
         (one_f_one_b, {"pipeline": 4}),
         (zero_bubble, {"pipeline": 4}),
+        (lambda p, m: interleaved(p, m, 2), {"pipeline": 4}),
         (one_f_one_b, {"pipeline": 4, "data": 2}),
     ],
-    ids=["gpipe", "1f1b", "zb", "1f1b-data2"],
+    ids=["gpipe", "1f1b", "zb", "interleaved", "1f1b-data2"],
 )
 def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, problem, make, sizes):
     params, batch, want_loss, want_grads = problem
@@ -61,8 +62,9 @@ def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, prob
     ran = np.asarray(trace)
     for tick, row in enumerate(schedule.grid):
         for stage, work in enumerate(row):
-            kind, microbatch = ran[stage, tick]
-            assert (kind, microbatch if kind else None) == ((KINDS[work.kind], work.microbatch) if work else (0, None))
+            kind, microbatch, chunk = ran[stage, tick]
+            want = (KINDS[work.kind], work.microbatch, schedule.local_chunk(work.chunk)) if work else (0, None, None)
+            assert (kind, *((microbatch, chunk) if kind else (None, None))) == want
 
 
 def test_1f1b_stashes_p_microbatch_inputs_where_gpipe_stashes_m():

@@ -223,6 +223,27 @@ def test_a_second_job_is_refused_the_folder_until_the_first_dies(tmp_path):
         (["--mesh", "../cpu-8"], "error: mesh preset name '../cpu-8' is not a name"),
         (["--ckpt-dir", "CKPT_FILE/sub"], "error: --ckpt-dir"),
         (["--model", "lama:tiny"], "error: unknown model family 'lama'"),
+        (["--mesh", "pipeline=8", "--model", "small"], "error: a pipeline of 8 stages needs at least 8 layers"),
+        (["--mesh", "pipeline=3", "--model", "small"], r"error: 4 layers do not split into 3 stages"),
+        (
+            ["--mesh", "pipeline=2,data=4", "--model", "small", "--schedule", "interleaved", "--virtual-stages", "4"],
+            "error: 4 layers do not split into 2 stages x 4 virtual stages",
+        ),
+        (["--mesh", "pipeline=4,data=2", "--microbatches", "2"], "error: 1f1b needs at least as many microbatches"),
+        (
+            ["--mesh", "pipeline=2,data=4", "--schedule", "interleaved", "--virtual-stages", "2", "--microbatches", "3"],
+            "error: interleaved needs microbatches in whole groups of the 2 stages",
+        ),
+        (["--mesh", "pipeline=2,data=4", "--strategy", "dp"], "error: --mesh 'pipeline=2,data=4' has pipeline=2, but"),
+        (["--virtual-stages", "2"], "error: --virtual-stages 2 needs a pipeline axis"),
+        (
+            ["--mesh", "pipeline=2,data=4", "--virtual-stages", "2"],
+            "error: --virtual-stages 2 applies to the interleaved schedule only",
+        ),
+        (
+            ["--mesh", "pipeline=2,data=4", "--microbatches", "4", "--batch", "24"],
+            "error: global batch 24 cannot be split into 4 microbatch",
+        ),
     ],
 )
 def test_a_user_error_is_one_message_and_exit_status_2(tmp_path, capsys, args, message):

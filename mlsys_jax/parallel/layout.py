@@ -21,14 +21,15 @@ def fit_preset(preset: MeshPreset, strategy: str, sequence_parallel: bool = Fals
     """The same devices laid out for ``strategy``.
 
     Axes of size > 1 that the strategy leaves unused are folded into the strategy's outermost
-    axis (with their slices), so ``--strategy fsdp`` on an 8-device preset shards over all 8
+    axis other than ``pipeline`` (with their slices), so ``--strategy fsdp`` on an 8-device preset shards over all 8
     rather than replicating work over the unused axes.
     """
     used = strategy_axes(strategy, sequence_parallel)
     unused = [a for a in preset.axes if a.name not in used and a.size > 1]
     if not unused:
         return preset
-    target = used[0]
+    # Spare devices join the outermost axis that shards work within a stage, not the pipeline.
+    target = next((a for a in used if a != "pipeline"), used[0])
     size, slices = 1, 1
     for a in unused:
         size *= a.size

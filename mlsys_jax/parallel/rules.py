@@ -78,6 +78,17 @@ class Rules:
         out = self.override(activations={"seq": axis})
         return dataclasses.replace(out, name=f"{self.name}+sp")
 
+    def with_pipeline(self, axis: str = "pipeline") -> Rules:
+        """Cut the stacked ``layers`` dim into ``axis`` contiguous stages (pipeline parallelism):
+        every other rule stays, so each stage's slice is sharded inside the stage as before."""
+        out = self.override(params={"layers": axis})
+        return dataclasses.replace(out, name=f"pp_{self.name}")
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the stacked layers are cut over the ``pipeline`` axis."""
+        return dict(self.params).get("layers") == "pipeline"
+
     def mesh_axes_used(self) -> set[str]:
         used: set[str] = set()
         for _, target in self.params + self.activations:
@@ -111,6 +122,15 @@ STRATEGY_AXES: dict[str, tuple[str, ...]] = {
     "fsdp_tp": ("fsdp", "tensor"),
     "dp_fsdp_tp": ("data", "fsdp", "tensor"),
 }
+
+# Pipeline parallelism is a modifier on any preset: ``pp_<preset>`` cuts the layers into stages
+# over ``pipeline`` and shards each stage as ``<preset>`` does (``pp_dp``, ``pp_fsdp``, ``pp_tp``,
+# ``pp_dp_fsdp_tp``, ...); ``pp`` alone pipelines with nothing else sharded.
+for _name, _preset in list(RULE_PRESETS.items()):
+    RULE_PRESETS[f"pp_{_name}"] = _preset.with_pipeline()
+    STRATEGY_AXES[f"pp_{_name}"] = ("pipeline", *STRATEGY_AXES[_name])
+RULE_PRESETS["pp"] = Rules({"layers": "pipeline"}, {}, "pp")
+STRATEGY_AXES["pp"] = ("pipeline",)
 
 
 def rules(strategy: str, *, sequence_parallel: bool = False) -> Rules:

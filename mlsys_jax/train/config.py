@@ -22,9 +22,16 @@ class MeshSettings:
     mesh: str = "cpu-8"
     """Mesh preset name (cpu-8, gpu-h100x8, ...) or axis sizes such as 'data=2,fsdp=2,tensor=2'."""
     strategy: str | None = None
-    """Rule preset: dp, fsdp, tp, dp_tp, dp_fsdp, fsdp_tp, dp_fsdp_tp (default: the preset's)."""
+    """Rule preset: dp, fsdp, tp, dp_tp, dp_fsdp, fsdp_tp, dp_fsdp_tp, or any of them with pp_ in
+    front (pp_dp, pp_fsdp_tp, ...: the layers cut into stages over the pipeline axis); pp alone
+    pipelines only. Default: the preset's, or the one matching the axes of --mesh sizes."""
     sequence_parallel: bool = False
     """Shard activations' sequence dim over the 'sequence' mesh axis."""
+    schedule: Literal["gpipe", "1f1b", "interleaved", "zb"] = "1f1b"
+    """Pipeline schedule, when the mesh has a pipeline axis: gpipe, 1f1b, interleaved (1F1B with
+    --virtual-stages chunks per device), zb (zero-bubble ZB-H1). Microbatches: --microbatches."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline device for --schedule interleaved."""
     simulate_devices: int | None = None
     """CPU devices to simulate (default: as many as the mesh needs)."""
     cluster: Literal["auto", "off"] = "auto"
@@ -164,6 +171,7 @@ class RunConfig:
             "eval_every",
             "eval_batches",
             "metrics_every",
+            "virtual_stages",
         )
         for name in at_least_one:
             if self.get(name) < 1:
@@ -259,6 +267,8 @@ MAY_CHANGE = (
     "strategy",
     "sequence_parallel",
     "microbatches",
+    "schedule",
+    "virtual_stages",
     "ckpt_every",
     "keep",
     "eval_every",

@@ -26,6 +26,7 @@ from mlsys_jax.models import registry
 from mlsys_jax.models.base import LanguageModel
 from mlsys_jax.parallel import Plan, PlanError, resolve_mesh, rules
 from mlsys_jax.parallel.memory import check_fit, human_bytes, memory_per_device
+from mlsys_jax.parallel.pipeline import Schedule, ScheduleError, check_layers, make_schedule
 from mlsys_jax.train import data as data_lib
 from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError
 from mlsys_jax.train.config import RunConfig, compare_settings, describe_changes, model_overrides, run_settings
@@ -99,7 +100,30 @@ def check_settings(cfg: RunConfig) -> tuple[Any, dict[str, int], str, LanguageMo
             break
     preset, sizes, strategy = resolve_mesh(cfg.mesh.mesh, cfg.mesh.strategy, cfg.mesh.sequence_parallel)
     model = registry.build_model(cfg.model.model, **model_overrides(cfg))
+    if sizes.get("pipeline", 1) != -1:
+        pipeline_schedule(cfg, sizes.get("pipeline", 1), strategy, model)
     return preset, sizes, strategy, model
+
+
+def pipeline_schedule(cfg: RunConfig, stages: int, strategy: str, model: LanguageModel) -> Schedule | None:
+    """The run's pipeline schedule (None without a pipeline axis), refusing settings that cannot
+    run: a pipeline axis the strategy leaves unused, virtual stages without interleaving, and the
+    counts the schedules and the layer split need."""
+    m = cfg.mesh
+    if stages <= 1:
+        if m.virtual_stages > 1:
+            raise ScheduleError(
+                f"--virtual-stages {m.virtual_stages} needs a pipeline axis; --mesh {m.mesh!r} has none. Fix: a mesh "
+                "with pipeline=2 or more (e.g. --mesh pipeline=2,data=4), or drop --virtual-stages."
+            )
+        return None
+    if not rules(strategy).pipelined:
+        raise ScheduleError(
+            f"--mesh {m.mesh!r} has pipeline={stages}, but strategy {strategy!r} does not cut the layers over it "
+            f"(every stage would hold the whole model). Fix: --strategy pp_{strategy}."
+        )
+    check_layers(model.num_layers, stages, m.virtual_stages)
+    return make_schedule(m.schedule, stages, cfg.data.microbatches, m.virtual_stages)
 
 
 def join_cluster(cfg: RunConfig, sizes: dict[str, int]) -> distributed.Cluster | None:
@@ -222,8 +246,12 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
     opt_cfg = OptimConfig(lr=cfg.optimizer.lr, warmup_steps=cfg.optimizer.warmup, total_steps=loop.steps)
     optimizer = adamw(opt_cfg, model.specs)
     check_batch(plan, d.batch, d.microbatches)
+    pipeline = pipeline_schedule(cfg, plan.axis_sizes.get("pipeline", 1), strategy, model)
     mem = memory_per_device(plan, model, optimizer, d.batch, d.seq, d.microbatches)
     say(plan_table(plan, model, optimizer, cfg.mesh.mesh, note=f"{jax.process_count()} process(es)", mem=mem))
+    if pipeline is not None:
+        say(f"pipeline schedule {pipeline.name!r} ({pipeline.ticks} ticks per step):")
+        say(str(pipeline))
     if loop.force and mem.fits is False:
         say(
             f"[yellow]--force: starting although {human_bytes(mem.total)} per device exceeds the "
@@ -234,7 +262,13 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
 
     corpus = data_lib.load_corpus(None if d.data is None else [d.data], tokenizer=tokenizer)
     step_fn = make_train_step(
-        model, plan, optimizer, microbatches=d.microbatches, lr_schedule=schedule(opt_cfg), guard=loop.on_nan
+        model,
+        plan,
+        optimizer,
+        microbatches=d.microbatches,
+        lr_schedule=schedule(opt_cfg),
+        guard=loop.on_nan,
+        schedule=pipeline,
     )
     rows = data_lib.local_rows(step_fn.batch_shardings["inputs"], d.batch, d.seq)
     dataset = data_lib.train_dataset(corpus.train, seq_len=d.seq, global_batch=d.batch, seed=d.seed, rows=rows)

@@ -22,6 +22,8 @@ import optax
 
 from mlsys_jax.models.base import LanguageModel, loss_sums
 from mlsys_jax.parallel.errors import PlanError
+from mlsys_jax.parallel.pipeline.executor import pipeline_loss_and_grads, split_microbatches
+from mlsys_jax.parallel.pipeline.schedule import Schedule, ScheduleError
 from mlsys_jax.parallel.plan import Plan
 from mlsys_jax.train.state import TrainState, abstract_state, state_shardings
 
@@ -41,6 +43,7 @@ class TrainStep:
     state_shardings: TrainState
     batch_shardings: dict[str, jax.sharding.NamedSharding]
     guard: str | None = None
+    schedule: Schedule | None = None
 
     def __call__(
         self, state: TrainState, batch: dict[str, jax.Array], step_number: int | None = None
@@ -119,12 +122,30 @@ def make_train_step(
     lr_schedule: optax.Schedule | None = None,
     donate: bool = True,
     guard: str | None = None,
+    schedule: Schedule | None = None,
 ) -> TrainStep:
     """Build the jitted step. Batches are dicts of (batch, seq) arrays: ``inputs`` and
     ``targets`` (int32) and ``mask`` (bool, which target tokens count). ``guard`` is None (apply
-    every update), ``"stop"`` or ``"skip"`` (see the module's docstring)."""
+    every update), ``"stop"`` or ``"skip"`` (see the module's docstring). With a pipeline
+    ``schedule`` (the plan's rules cut ``layers`` over ``pipeline``) the loss and gradients come
+    from the pipeline executor, its microbatches replacing ``microbatches``, and the metrics carry
+    the executed ``pipeline_trace``."""
     if guard is not None and guard not in GUARDS:
         raise PlanError(f"guard={guard!r} is not one of {GUARDS} or None")
+    pipelined = plan.axis_sizes.get("pipeline", 1) > 1 and plan.rules.pipelined
+    if pipelined and schedule is None:
+        raise ScheduleError(
+            f"plan {plan.rules.name!r} cuts the layers over pipeline={plan.axis_sizes['pipeline']}, so the step needs "
+            "a schedule. Fix: pass schedule=make_schedule('1f1b', stages, microbatches)."
+        )
+    if schedule is not None:
+        if not pipelined:
+            raise ScheduleError(
+                f"a {schedule.name!r} schedule needs a plan that cuts the layers over a pipeline axis; plan "
+                f"{plan.rules.name!r} on {plan.describe_mesh()} does not. Fix: a mesh with pipeline > 1 and a "
+                "pp_* strategy, or no schedule."
+            )
+        microbatches = schedule.microbatches
     state_sh = state_shardings(plan, model.specs, optimizer)
     tokens_sh = plan.activation_sharding(("batch", "seq"))
     batch_sh = {k: tokens_sh for k in BATCH_KEYS}
@@ -137,15 +158,18 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict[str, jax.Array], *number: jax.Array) -> tuple[TrainState, dict]:
         check_batch(plan, batch["inputs"].shape[0], microbatches)
-        if microbatches == 1:
+        extra = {}
+        if schedule is not None:
+            compute = cast_for_compute(model, state.params, state_sh.params)
+            loss_sum, count, grads, extra["pipeline_trace"] = pipeline_loss_and_grads(
+                model, schedule, compute, batch, plan.mesh, plan.layout
+            )
+            grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        elif microbatches == 1:
             (loss_sum, count), grads = grad_fn(state.params, batch)
         else:
             # Row j*m + i goes to microbatch i: each microbatch keeps rows on every device.
-            def split(x: jax.Array) -> jax.Array:
-                b, s = x.shape
-                return jnp.swapaxes(x.reshape(b // microbatches, microbatches, s), 0, 1)
-
-            micro = {k: split(v) for k, v in batch.items()}
+            micro = split_microbatches(batch, microbatches)
 
             def accumulate(carry, mb):
                 (loss_acc, count_acc, grads_acc) = carry
@@ -158,13 +182,15 @@ def make_train_step(
             init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
             (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init, micro)
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        if schedule is None:  # the pipeline's gradients are already of the mean
+            grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": loss_sum / denom,
             "grad_norm": global_norm(grads),
             "tokens": count,
+            **extra,
         }
         if lr_schedule is not None:
             metrics["lr"] = lr_schedule(state.step)
@@ -188,7 +214,7 @@ def make_train_step(
         out_shardings=(state_sh, plan.replicated()),
         donate_argnums=(0,) if donate else (),
     )
-    return TrainStep(fn, plan, model, optimizer, microbatches, state_sh, batch_sh, guard)
+    return TrainStep(fn, plan, model, optimizer, microbatches, state_sh, batch_sh, guard, schedule)
 
 
 def make_eval_step(model: LanguageModel, plan: Plan, optimizer: optax.GradientTransformation) -> Any:

@@ -1,18 +1,27 @@
 """Run a pipeline schedule as one SPMD program: a loop over the schedule's ticks inside a
-``shard_map`` over the ``pipeline`` mesh axis only (the other axes stay with the partitioner).
+``shard_map`` over the ``pipeline`` mesh axis (and ``data``, see below); the other axes (``fsdp``,
+``tensor``) stay with the partitioner, which shards each stage's work over them.
 
-Each device holds its stage's slice of the stacked layers. At every tick it does the work its
-cell of the table names, chosen with ``lax.switch`` (one branch runs, not all of them masked), and
-then activations move one stage on and their gradients one stage back with ``ppermute``. A
-forward keeps only its stage input, in the slot the schedule assigns; the backward recomputes the
-stage from it (per-stage rematerialisation), so 1F1B holds O(p) microbatch inputs where GPipe
-holds m. A split backward (ZB-H1) computes the input gradient at B, keeps the output gradient,
-and differentiates the weights at W. Weight gradients accumulate in fp32 in each stage's own slice. The embedding and the
-head are replicated along ``pipeline``: the first stage embeds, the last computes the loss, and
-their gradients are summed over the axis once at the end (cheap: two small matrices).
+Each device holds its stage's layers. At every tick it does the work its cell of the table names,
+chosen with ``lax.switch`` (one branch runs, not all of them masked), and then activations move
+one stage on and their gradients one stage back with ``ppermute``. A forward keeps only its stage
+input, in the slot the schedule assigns; the backward recomputes the stage from it (per-stage
+rematerialisation), so 1F1B holds O(p) microbatch inputs where GPipe holds m. A split backward
+(ZB-H1) computes the input gradient at B, keeps the output gradient, and differentiates the
+weights at W. Weight gradients accumulate in fp32 in each stage's own slice.
+
+Interleaving (``v`` chunks per device): the stored layers stay in model order, each device holding
+a contiguous ``L/p``; the program first moves chunk ``g`` (layers ``g*L/vp ..``) to device
+``g % p`` with ``v*v`` permutes of one chunk each, runs, and moves the gradients back the same way.
+No device ever holds more than its ``L/p`` layers.
+
+The embedding and the head are replicated along ``pipeline``: the first chunk embeds, the last
+computes the loss, and their gradients are summed over the axis once at the end. Replicating
+them costs two small matrices per stage and keeps every stage's program the same shape (placing
+them on the end stages would make those stages' ticks longer and the others wait for them).
 
 The loss is token-weighted over all microbatches, so ``loss_sum / count`` and the gradients equal
-the unpipelined ones. The program also returns the (tick, stage) trace of the work it ran.
+the unpipelined ones. The program also returns the (stage, tick) trace of the work it ran.
 """
 
 from __future__ import annotations
@@ -36,13 +45,14 @@ IDLE, FORWARD, BACKWARD, WEIGHT = 0, 1, 2, 3
 @dataclasses.dataclass(frozen=True)
 class Tables:
     """The schedule as arrays the program indexes by (tick, stage): what to run, for which
-    microbatch, in which stash slot; and where a message that arrives after the tick is kept
-    until its work reads it (``*_store``: -1 when nothing arrives) and where that work reads it
-    (``*_read``). Messages wait in slots because a stage may be busy with other work when one
-    arrives (1F1B's steady state), and slots, not one buffer per microbatch, keep that O(p)."""
+    microbatch and local chunk, in which stash slot; and where a message that arrives after the
+    tick is kept until its work reads it (``*_store``: -1 when nothing arrives) and where that work
+    reads it (``*_read``). Messages wait in slots because a stage may be busy with other work when
+    one arrives (1F1B's steady state), and slots, not one buffer per microbatch, keep that O(p)."""
 
     kind: np.ndarray
     microbatch: np.ndarray
+    chunk: np.ndarray
     slot: np.ndarray
     slots: int
     fwd_store: np.ndarray
@@ -54,29 +64,25 @@ class Tables:
 
     @classmethod
     def of(cls, schedule: Schedule) -> Tables:
-        if schedule.virtual != 1:
-            raise ScheduleError(
-                f"the executor runs one chunk per stage; {schedule.name!r} with {schedule.virtual} virtual "
-                "stages needs the interleaved layout"
-            )
         kinds = {"F": FORWARD, "B": BACKWARD, "W": WEIGHT}
         shape = (schedule.ticks, schedule.stages)
-        kind, micro = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+        kind, micro, chunk = (np.zeros(shape, np.int32) for _ in range(3))
         when: dict[tuple[str, int, int], int] = {}
         for t, row in enumerate(schedule.grid):
             for s, work in enumerate(row):
                 if work is not None:
                     kind[t, s], micro[t, s] = kinds[work.kind], work.microbatch
-                    when[(work.kind, work.microbatch, s)] = t
+                    chunk[t, s] = schedule.local_chunk(work.chunk)
+                    when[(work.kind, work.microbatch, work.chunk)] = t
         slot = np.maximum(np.asarray(schedule.slots(), np.int32), 0)
-        p = schedule.stages
+        last, at = schedule.chunks - 1, schedule.device_of
         fwd = _mailbox(
-            shape, [(when[("F", j, s - 1)], when[("F", j, s)], s) for (k, j, s) in when if k == "F" and s > 0]
+            shape, [(when[("F", j, g - 1)], t, at(g)) for (k, j, g), t in when.items() if k == "F" and g > 0]
         )
         bwd = _mailbox(
-            shape, [(when[("B", j, s + 1)], when[("B", j, s)], s) for (k, j, s) in when if k == "B" and s < p - 1]
+            shape, [(when[("B", j, g + 1)], t, at(g)) for (k, j, g), t in when.items() if k == "B" and g < last]
         )
-        return cls(kind, micro, slot, max(schedule.peak_stash, 1), *fwd, *bwd)
+        return cls(kind, micro, chunk, slot, max(schedule.peak_stash, 1), *fwd, *bwd)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fwd_slots", max(self.fwd_slots, 1))
@@ -113,6 +119,89 @@ def split_microbatches(batch: dict[str, jax.Array], microbatches: int) -> dict[s
     return {k: split(v) for k, v in batch.items()}
 
 
+def _chunk_moves(p: int, v: int, inverse: bool = False) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """(contiguous position a, interleaved chunk c, device pairs) for every permute that takes
+    chunk g from device g // v (position g % v) to device g % p (local chunk g // p)."""
+    moves = []
+    for a in range(v):
+        for c in range(v):
+            pairs = [(g // v, d) for d in range(p) if (g := c * p + d) % v == a]
+            if pairs:
+                moves.append((a, c, [(b, a_) for a_, b in pairs] if inverse else pairs))
+    return moves
+
+
+def _interleave(layers: Any, p: int, v: int) -> Any:
+    """A device's contiguous ``(L/p, ...)`` layers as its ``(v, L/vp, ...)`` interleaved chunks."""
+
+    def move(a: jax.Array) -> jax.Array:
+        blocks = a.reshape(v, a.shape[0] // v, *a.shape[1:])
+        if v == 1:
+            return blocks
+        out = [jnp.zeros_like(blocks[0]) for _ in range(v)]
+        for pos, c, pairs in _chunk_moves(p, v):
+            out[c] = out[c] + jax.lax.ppermute(blocks[pos], AXIS, pairs)
+        return jnp.stack(out)
+
+    return jax.tree_util.tree_map(move, layers)
+
+
+def _deinterleave(chunks: Any, p: int, v: int) -> Any:
+    """The inverse of ``_interleave``: ``(v, L/vp, ...)`` chunks back to contiguous ``(L/p, ...)``."""
+
+    def move(a: jax.Array) -> jax.Array:
+        if v > 1:
+            out = [jnp.zeros_like(a[0]) for _ in range(v)]
+            for pos, c, pairs in _chunk_moves(p, v, inverse=True):
+                out[pos] = out[pos] + jax.lax.ppermute(a[c], AXIS, pairs)
+            a = jnp.stack(out)
+        return a.reshape(a.shape[0] * a.shape[1], *a.shape[2:])
+
+    return jax.tree_util.tree_map(move, chunks)
+
+
+def inside_layout(layout: Layout, manual: tuple[str, ...]) -> Layout:
+    """The plan's activation placement as seen inside the program: the manual axes dropped from
+    every spec (each device already holds its own rows), constraints on the context mesh, and no
+    per-shard kernels (a kernel sees the device's whole activation)."""
+    if layout.spec is None:
+        return UNPLACED
+    spec_of = layout.spec
+
+    def keep(entry: Any) -> Any:
+        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(a for a in axes if a not in manual)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    def constrain(x: jax.Array, logical_axes: Any, name: str = "<activation>") -> jax.Array:
+        spec = spec_of(logical_axes, x.shape, name)
+        return jax.lax.with_sharding_constraint(x, P(*(keep(e) for e in spec)))
+
+    return Layout(constrain=constrain)
+
+
+def check_pipeline(model: LanguageModel, schedule: Schedule, mesh_sizes: dict[str, int], rows: int) -> None:
+    """Refuse counts the executor cannot run, before anything is traced: a schedule for another
+    pipeline size, layers that do not cut into the schedule's chunks, a batch that does not split
+    into microbatches over the data replicas."""
+    p, m = schedule.stages, schedule.microbatches
+    axis = mesh_sizes.get(AXIS, 1)
+    if axis != p:
+        raise ScheduleError(
+            f"the schedule has {p} stages but the mesh's pipeline axis is {axis}. Fix: build "
+            f"the schedule for {axis} stages, or a mesh with pipeline={p}."
+        )
+    check_layers(model.num_layers, p, schedule.virtual)
+    replicas = mesh_sizes.get(DATA, 1)
+    if rows % (m * replicas):
+        fits = m * replicas
+        raise ScheduleError(
+            f"a batch of {rows} rows cannot be split into {m} microbatches over {replicas} data replica(s): it "
+            f"must be a multiple of {m} x {replicas} = {fits}. Fix: a batch of {max(fits, rows // fits * fits)} "
+            f"or {(rows // fits + 1) * fits}, or another microbatch count."
+        )
+
+
 def pipeline_loss_and_grads(
     model: LanguageModel,
     schedule: Schedule,
@@ -122,126 +211,128 @@ def pipeline_loss_and_grads(
     layout: Layout = UNPLACED,
 ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
     """(loss_sum, token count, gradients of loss_sum / count, executed trace) of ``batch``, run
-    by ``schedule`` over the mesh's ``pipeline`` axis. The trace is (stages, ticks, 2): the kind
-    (0 idle, 1 F, 2 B, 3 W) and microbatch of what each stage ran at each tick."""
-    p, m = schedule.stages, schedule.microbatches
-    if mesh.shape.get(AXIS, 1) != p:
-        raise ScheduleError(
-            f"the schedule has {p} stages but the mesh's pipeline axis is {mesh.shape.get(AXIS, 1)}. Fix: build "
-            f"the schedule for {mesh.shape.get(AXIS, 1)} stages, or a mesh with pipeline={p}."
-        )
-    replicas = mesh.shape.get(DATA, 1)
-    rows = batch["inputs"].shape[0]
-    if rows % (m * replicas):
-        fits = m * replicas
-        raise ScheduleError(
-            f"a batch of {rows} rows cannot be split into {m} microbatches over {replicas} data replica(s): it "
-            f"must be a multiple of {m} x {replicas} = {fits}. Fix: a batch of {max(fits, rows // fits * fits)} "
-            f"or {(rows // fits + 1) * fits}, or another microbatch count."
-        )
+    by ``schedule`` over the mesh's ``pipeline`` axis. The trace is (stages, ticks, 3): the kind
+    (0 idle, 1 F, 2 B, 3 W), microbatch and local chunk of what each stage ran at each tick."""
+    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual
+    check_pipeline(model, schedule, dict(mesh.shape), batch["inputs"].shape[0])
     key = model.layers_key
-    check_layers(model.num_layers, p)
     tables = Tables.of(schedule)
     micro = split_microbatches(batch, m)
     count = jnp.sum(batch["mask"].astype(jnp.float32))
-    layers, outer = params[key], {k: v for k, v in params.items() if k != key}
-
-    def stage(layers: Any, x: jax.Array, positions: jax.Array) -> jax.Array:
-        return run_layers(model, layers, x, positions, layout)[0]
+    layers, outer = params[key], {k: v_ for k, v_ in params.items() if k != key}
+    # The data axis is manual too: its replicas then run their ticks with no collective inside a
+    # branch (each replica sums its own rows) and add their gradients once at the end. A runtime
+    # may not let devices that took different branches meet in a collective.
+    data = (DATA,) if mesh.shape.get(DATA, 1) > 1 else ()
+    body_layout = inside_layout(layout, (AXIS, *data))
 
     def program(layers: Any, outer: Any, micro: dict[str, jax.Array], count: jax.Array):
         s = jax.lax.axis_index(AXIS)
-        first, last = s == 0, s == p - 1
+        chunks = _interleave(layers, p, v)
         tokens0 = micro["inputs"][0]
         positions = default_positions(tokens0)
-        x_like = model.embed(outer, tokens0, positions, layout)
-        zeros_x = jnp.zeros_like(x_like)
+        x_like = jax.eval_shape(lambda: model.embed(outer, tokens0, positions, body_layout))
+        zeros_x = jnp.zeros(x_like.shape, x_like.dtype)
         f32 = lambda t: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), t)
-        kind_t, micro_t, slot_t = (jnp.asarray(a) for a in (tables.kind, tables.microbatch, tables.slot))
-        fstore_t, fread_t = jnp.asarray(tables.fwd_store), jnp.asarray(tables.fwd_read)
-        bstore_t, bread_t = jnp.asarray(tables.bwd_store), jnp.asarray(tables.bwd_read)
+        table = {
+            name: jnp.asarray(getattr(tables, name))
+            for name in ("kind", "microbatch", "chunk", "slot", "fwd_store", "fwd_read", "bwd_store", "bwd_read")
+        }
 
-        def head_loss(outer: Any, y: jax.Array, i: jax.Array) -> jax.Array:
-            loss_sum, _ = model.loss({**outer, key: layers}, y, micro["targets"][i], micro["mask"][i], layout)
-            return loss_sum
-
-        def add(acc: Any, d: Any) -> Any:
-            return jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), acc, d)
+        def wide(tree: Any) -> Any:
+            return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), tree)
 
         def tick(carry, t):
-            recv_f, recv_b, stash, cots, g_layers, g_outer, loss = carry
-            k, i, slot = kind_t[t, s], micro_t[t, s], slot_t[t, s]
-            fwd_in = jax.lax.dynamic_index_in_dim(recv_f, fread_t[t, s], 0, keepdims=False)
-            bwd_in = jax.lax.dynamic_index_in_dim(recv_b, bread_t[t, s], 0, keepdims=False)
+            recv_f, recv_b, stash, cots, g_chunks, g_outer, loss = carry
+            at = {name: a[t, s] for name, a in table.items()}
+            k, i, c, slot = at["kind"], at["microbatch"], at["chunk"], at["slot"]
+            first, last = (s == 0) & (c == 0), (s == p - 1) & (c == v - 1)
+            own = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, c, 0, keepdims=False), chunks)
+            fwd_in = jax.lax.dynamic_index_in_dim(recv_f, at["fwd_read"], 0, keepdims=False)
+            bwd_in = jax.lax.dynamic_index_in_dim(recv_b, at["bwd_read"], 0, keepdims=False)
+            held = jax.lax.dynamic_index_in_dim(stash, slot, 0, keepdims=False)
+            held_cot = jax.lax.dynamic_index_in_dim(cots, jnp.minimum(slot, cots.shape[0] - 1), 0, keepdims=False)
             cot_loss = jnp.where(last, 1.0, 0.0).astype(jnp.float32)
 
-            def through(outer: Any, layers: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-                """The stage from its stashed input (the first embeds its tokens), with the loss
-                share on the last: what a backward differentiates."""
-                x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, layout), x)
-                y = stage(layers, x, positions)
-                return y, head_loss(outer, y, i) / count
+            def head_loss(outer: Any, y: jax.Array) -> jax.Array:
+                loss_sum, _ = model.loss({**outer, key: own}, y, micro["targets"][i], micro["mask"][i], body_layout)
+                return loss_sum
 
+            def through(outer: Any, layers: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+                """The chunk from its stashed input (the first embeds its tokens), with the loss
+                share on the last: what a backward differentiates."""
+                x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, body_layout), x)
+                y = run_layers(model, layers, x, positions, body_layout)[0]
+                share = jax.lax.cond(last, lambda: head_loss(outer, y) / count, lambda: jnp.zeros((), jnp.float32))
+                return y, share
+
+            no_grads = (f32(own), f32(outer))
+
+            # Each branch returns (stash entry, kept output gradient, sent forward, sent back,
+            # chunk gradient, outer gradient, loss gained): small pieces; the carried buffers
+            # are updated in place after the switch.
             def idle(_):
-                return stash, cots, zeros_x, zeros_x, g_layers, g_outer, loss
+                return held, held_cot, zeros_x, zeros_x, *no_grads, jnp.zeros((), jnp.float32)
 
             def forward(_):
-                x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, layout), fwd_in)
-                new_stash = jax.lax.dynamic_update_index_in_dim(stash, x, slot, 0)
-                y = stage(layers, x, positions)
-                gain = jnp.where(last, head_loss(outer, y, i), 0.0)
-                return new_stash, cots, y, zeros_x, g_layers, g_outer, loss + gain
+                x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, body_layout), fwd_in)
+                y = run_layers(model, own, x, positions, body_layout)[0]
+                gain = jax.lax.cond(last, lambda: head_loss(outer, y), lambda: jnp.zeros((), jnp.float32))
+                return x, held_cot, y, zeros_x, *no_grads, gain
 
             def backward(_):
-                x = jax.lax.dynamic_index_in_dim(stash, slot, 0, keepdims=False)
-                cot_y = jnp.where(last, jnp.zeros_like(x), bwd_in.astype(x.dtype))
+                cot_y = jnp.where(last, zeros_x, bwd_in.astype(zeros_x.dtype))
                 if schedule.split_backward:  # B: the input gradient only; W comes later
-                    _, pull = jax.vjp(lambda x: through(outer, layers, x), x)
+                    _, pull = jax.vjp(lambda x: through(outer, own, x), held)
                     (dx,) = pull((cot_y, cot_loss))
-                    new_cots = jax.lax.dynamic_update_index_in_dim(cots, cot_y, slot, 0)
-                    return stash, new_cots, zeros_x, dx, g_layers, g_outer, loss
-                _, pull = jax.vjp(through, outer, layers, x)
-                d_outer, d_layers, dx = pull((cot_y, cot_loss))
-                return stash, cots, zeros_x, dx, add(g_layers, d_layers), add(g_outer, d_outer), loss
+                    return held, cot_y, zeros_x, dx, *no_grads, jnp.zeros((), jnp.float32)
+                _, pull = jax.vjp(through, outer, own, held)
+                d_outer, d_own, dx = pull((cot_y, cot_loss))
+                return held, held_cot, zeros_x, dx, wide(d_own), wide(d_outer), jnp.zeros((), jnp.float32)
 
             def weight(_):
-                x = jax.lax.dynamic_index_in_dim(stash, slot, 0, keepdims=False)
-                cot_y = jax.lax.dynamic_index_in_dim(cots, slot, 0, keepdims=False)
-                _, pull = jax.vjp(lambda outer, layers: through(outer, layers, x), outer, layers)
-                d_outer, d_layers = pull((cot_y, cot_loss))
-                return stash, cots, zeros_x, zeros_x, add(g_layers, d_layers), add(g_outer, d_outer), loss
+                _, pull = jax.vjp(lambda outer, layers: through(outer, layers, held), outer, own)
+                d_outer, d_own = pull((held_cot, cot_loss))
+                return held, held_cot, zeros_x, zeros_x, wide(d_own), wide(d_outer), jnp.zeros((), jnp.float32)
 
             branches = (idle, forward, backward, weight) if schedule.split_backward else (idle, forward, backward)
-            out = jax.lax.switch(k, branches, None)
-            new_stash, new_cots, send_fwd, send_bwd, g_layers, g_outer, loss = out
-            got_f = jax.lax.ppermute(send_fwd, AXIS, [(j, j + 1) for j in range(p - 1)])
-            got_b = jax.lax.ppermute(send_bwd, AXIS, [(j + 1, j) for j in range(p - 1)])
-            fs, bs = fstore_t[t, s], bstore_t[t, s]
-            recv_f = jnp.where(
-                fs >= 0, jax.lax.dynamic_update_index_in_dim(recv_f, got_f, jnp.maximum(fs, 0), 0), recv_f
+            keep_x, keep_cot, send_f, send_b, d_own, d_outer, gain = jax.lax.switch(k, branches, None)
+            stash = jax.lax.dynamic_update_index_in_dim(stash, keep_x, slot, 0)
+            if schedule.split_backward:
+                cots = jax.lax.dynamic_update_index_in_dim(cots, keep_cot, slot, 0)
+            g_chunks = jax.tree_util.tree_map(
+                lambda g, d: jax.lax.dynamic_update_index_in_dim(g, g[c] + d, c, 0), g_chunks, d_own
             )
-            recv_b = jnp.where(
-                bs >= 0, jax.lax.dynamic_update_index_in_dim(recv_b, got_b, jnp.maximum(bs, 0), 0), recv_b
-            )
-            return (recv_f, recv_b, new_stash, new_cots, g_layers, g_outer, loss), jnp.stack([k, i])
+            g_outer = jax.tree_util.tree_map(jnp.add, g_outer, d_outer)
+            ring = v > 1  # interleaved chunks wrap from the last device to the first
+            fwd_pairs = [(j, (j + 1) % p) for j in range(p if ring else p - 1)]
+            got_f = jax.lax.ppermute(send_f, AXIS, fwd_pairs)
+            got_b = jax.lax.ppermute(send_b, AXIS, [(b, a) for a, b in fwd_pairs])
+
+            def deliver(box: jax.Array, got: jax.Array, where: jax.Array) -> jax.Array:
+                kept = jax.lax.dynamic_index_in_dim(box, jnp.maximum(where, 0), 0, keepdims=False)
+                return jax.lax.dynamic_update_index_in_dim(
+                    box, jnp.where(where >= 0, got, kept), jnp.maximum(where, 0), 0
+                )
+
+            recv_f = deliver(recv_f, got_f, at["fwd_store"])
+            recv_b = deliver(recv_b, got_b, at["bwd_store"])
+            return (recv_f, recv_b, stash, cots, g_chunks, g_outer, loss + gain), jnp.stack([k, i, c])
 
         stash = jnp.zeros((tables.slots, *x_like.shape), x_like.dtype)
         recv_f = jnp.zeros((tables.fwd_slots, *x_like.shape), x_like.dtype)
         recv_b = jnp.zeros((tables.bwd_slots, *x_like.shape), x_like.dtype)
         # Split backwards keep each microbatch's output gradient from its B until its W.
         cots = jnp.zeros((tables.slots if schedule.split_backward else 1, *x_like.shape), x_like.dtype)
-        init = (recv_f, recv_b, stash, cots, f32(layers), f32(outer), jnp.zeros((), jnp.float32))
-        (_, _, _, _, g_layers, g_outer, loss), trace = jax.lax.scan(tick, init, jnp.arange(schedule.ticks))
+        init = (recv_f, recv_b, stash, cots, f32(chunks), f32(outer), jnp.zeros((), jnp.float32))
+        (_, _, _, _, g_chunks, g_outer, loss), trace = jax.lax.scan(tick, init, jnp.arange(schedule.ticks))
+        g_layers = _deinterleave(g_chunks, p, v)
         g_outer = jax.lax.psum(g_outer, (AXIS, *data))
         loss = jax.lax.psum(loss, (AXIS, *data))
         if data:
             g_layers = jax.lax.psum(g_layers, data)
         return loss, g_layers, g_outer, trace[None]
 
-    # The data axis is manual too: its replicas then run their ticks with no collective inside a
-    # branch (each replica sums its own rows) and add their gradients once at the end. A runtime
-    # may not let devices that took different branches meet in a collective.
-    data = (DATA,) if mesh.shape.get(DATA, 1) > 1 else ()
     layer_spec = jax.tree_util.tree_map(lambda _: P(AXIS), layers)
     outer_spec = jax.tree_util.tree_map(lambda _: P(), outer)
     micro_spec = {k: P(None, *data) for k in micro}
