@@ -231,7 +231,16 @@ def test_a_second_job_is_refused_the_folder_until_the_first_dies(tmp_path):
         ),
         (["--mesh", "pipeline=4,data=2", "--microbatches", "2"], "error: 1f1b needs at least as many microbatches"),
         (
-            ["--mesh", "pipeline=2,data=4", "--schedule", "interleaved", "--virtual-stages", "2", "--microbatches", "3"],
+            [
+                "--mesh",
+                "pipeline=2,data=4",
+                "--schedule",
+                "interleaved",
+                "--virtual-stages",
+                "2",
+                "--microbatches",
+                "3",
+            ],
             "error: interleaved needs microbatches in whole groups of the 2 stages",
         ),
         (["--mesh", "pipeline=2,data=4", "--strategy", "dp"], "error: --mesh 'pipeline=2,data=4' has pipeline=2, but"),
