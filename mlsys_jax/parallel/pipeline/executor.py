@@ -207,7 +207,7 @@ def pipeline_loss_and_grads(
     schedule: Schedule,
     params: Any,
     batch: dict[str, jax.Array],
-    mesh: jax.sharding.Mesh,
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
     layout: Layout = UNPLACED,
 ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
     """(loss_sum, token count, gradients of loss_sum / count, executed trace) of ``batch``, run
