@@ -2,6 +2,7 @@
 by tick and gives the unpipelined loss and every gradient (fp32, rtol 1e-5), running exactly the
 work its schedule names; 1F1B's stash holds p microbatch inputs where GPipe's holds m."""
 
+import dataclasses
 import math
 
 import jax
@@ -10,7 +11,9 @@ import pytest
 
 import mlsys_jax as mj
 from mlsys_jax.models import get_config, llama
+from mlsys_jax.comm.hlo import array_shapes
 from mlsys_jax.models.base import loss_sums
+from mlsys_jax.parallel.plan import Plan
 from mlsys_jax.parallel.pipeline import ScheduleError, gpipe, interleaved, one_f_one_b, zero_bubble
 from mlsys_jax.parallel.pipeline.executor import Tables, pipeline_loss_and_grads
 
@@ -18,6 +21,10 @@ from mlsys_jax.parallel.pipeline.executor import Tables, pipeline_loss_and_grads
 CFG = get_config("tiny", dtype="float32", n_layers=8)
 MODEL = llama.language_model(CFG)
 KINDS = {"F": 1, "B": 2, "W": 3}
+
+
+#: The stacked weights whose per-layer shapes no activation of these tests shares (seq 16).
+DISTINCT = ("w_up", "w_gate", "w_down", "wq", "wo")
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +42,45 @@ def problem():
     return params, batch, float(loss), grads
 
 
-@pytest.mark.parametrize(
-    "make, sizes",
-    [
-        (gpipe, {"pipeline": 4}),
-        (one_f_one_b, {"pipeline": 4}),
-        (zero_bubble, {"pipeline": 4}),
-        (lambda p, m: interleaved(p, m, 2), {"pipeline": 4}),
-        (one_f_one_b, {"pipeline": 4, "data": 2}),
-    ],
-    ids=["gpipe", "1f1b", "zb", "interleaved", "1f1b-data2"],
-)
-def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, problem, make, sizes):
+def most_layers_held(hlo: str, plan: Plan) -> int:
+    """The most layers of one stacked weight that any buffer of a compiled program holds: the
+    product of the leading dims of every array whose trailing dims are one layer of a weight,
+    whole or as its shard under ``plan``."""
+    layer_shapes = set()
+    for placed in plan.placements(MODEL.specs):
+        if placed.path.split("/")[-1] in DISTINCT:
+            layer_shapes |= {placed.shape[1:], placed.shard_shape[1:]}
+    most = 0
+    for _, dims in array_shapes(hlo):
+        for shape in layer_shapes:
+            if len(dims) > len(shape) and dims[-len(shape) :] == shape:
+                most = max(most, math.prod(dims[: -len(shape)]))
+    return most
+
+
+CASES = {
+    "gpipe": (gpipe(4, 8), {"pipeline": 4}, "pp", CFG),
+    "1f1b": (one_f_one_b(4, 8), {"pipeline": 4}, "pp", CFG),
+    "zb": (zero_bubble(4, 8), {"pipeline": 4}, "pp", CFG),
+    "interleaved": (interleaved(4, 8, 2), {"pipeline": 4}, "pp", CFG),
+    "1f1b-data2": (one_f_one_b(4, 8), {"pipeline": 4, "data": 2}, "pp_dp", CFG),
+    "1f1b-fsdp2": (one_f_one_b(4, 8), {"pipeline": 4, "fsdp": 2}, "pp_fsdp", CFG),
+    "1f1b-tensor2": (one_f_one_b(4, 8), {"pipeline": 4, "tensor": 2}, "pp_tp", CFG),
+    "1f1b-pallas": (one_f_one_b(4, 8), {"pipeline": 4}, "pp", dataclasses.replace(CFG, attention_impl="pallas")),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, problem, case):
+    """And runs what its schedule says, holding no more than its own layers of any weight."""
+    schedule, sizes, strategy, cfg = CASES[case]
     params, batch, want_loss, want_grads = problem
-    schedule = make(4, 8)
-    mesh = mj.make_mesh(sizes, devices=devices[: math.prod(sizes.values())])
-    loss, count, grads, trace = jax.jit(lambda p, b: pipeline_loss_and_grads(MODEL, schedule, p, b, mesh))(
-        params, batch
-    )
+    model = llama.language_model(cfg)
+    plan = Plan(mj.make_mesh(sizes, devices=devices[: math.prod(sizes.values())]), mj.rules(strategy))
+    placed = jax.device_put(params, plan.param_shardings(model.specs))
+    step = jax.jit(lambda p, b: pipeline_loss_and_grads(model, schedule, p, b, plan.mesh, plan.layout))
+    compiled = step.lower(placed, batch).compile()
+    loss, count, grads, trace = compiled(placed, batch)
     assert float(loss / count) == pytest.approx(want_loss, rel=1e-5)
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(
@@ -65,17 +93,24 @@ def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, prob
             kind, microbatch, chunk = ran[stage, tick]
             want = (KINDS[work.kind], work.microbatch, schedule.local_chunk(work.chunk)) if work else (0, None, None)
             assert (kind, *((microbatch, chunk) if kind else (None, None))) == want
+    # No buffer on a device holds more than the stage's L/p layers of any weight.
+    assert most_layers_held(compiled.as_text(), plan) == CFG.n_layers // 4
+
+
+def test_the_layer_count_check_sees_an_unpipelined_step_gather_every_layer(devices, problem):
+    """The check above can fail: differentiating the plain model under the same plan makes the
+    partitioner gather all of a weight's layers onto every device."""
+    params, batch, _, _ = problem
+    plan = Plan(mj.make_mesh({"pipeline": 4}, devices=devices[:4]), mj.rules("pp"))
+    placed = jax.device_put(params, plan.param_shardings(MODEL.specs))
+    grad = jax.jit(jax.grad(lambda p, b: loss_sums(MODEL, p, b, plan.layout)[0]))
+    assert most_layers_held(grad.lower(placed, batch).compile().as_text(), plan) == CFG.n_layers
 
 
 def test_1f1b_stashes_p_microbatch_inputs_where_gpipe_stashes_m():
     for m in (8, 16):
         assert Tables.of(one_f_one_b(4, m)).slots == 4
         assert Tables.of(gpipe(4, m)).slots == m
-
-
-def test_interleaving_is_refused_until_the_executor_has_its_layout():
-    with pytest.raises(ScheduleError, match="'interleaved' with 2 virtual stages"):
-        Tables.of(interleaved(2, 4, 2))
 
 
 def test_counts_that_cannot_run_are_refused_before_tracing(devices, problem):

@@ -174,7 +174,7 @@ def inside_layout(layout: Layout, manual: tuple[str, ...]) -> Layout:
         return kept[0] if len(kept) == 1 else (kept or None)
 
     def constrain(x: jax.Array, logical_axes: Any, name: str = "<activation>") -> jax.Array:
-        spec = spec_of(logical_axes, x.shape, name)
+        spec = spec_of(logical_axes, None, name)  # x's manual dims are already per device
         return jax.lax.with_sharding_constraint(x, P(*(keep(e) for e in spec)))
 
     return Layout(constrain=constrain)
