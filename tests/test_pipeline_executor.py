@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import mlsys_jax as mj
-from mlsys_jax.models import get_config, llama
 from mlsys_jax.comm.hlo import array_shapes
+from mlsys_jax.models import get_config, llama
 from mlsys_jax.models.base import loss_sums
-from mlsys_jax.parallel.plan import Plan
 from mlsys_jax.parallel.pipeline import ScheduleError, gpipe, interleaved, one_f_one_b, zero_bubble
 from mlsys_jax.parallel.pipeline.executor import Tables, pipeline_loss_and_grads
+from mlsys_jax.parallel.plan import Plan
 
 #: The 8-layer test config: two layers per stage at p=4.
 CFG = get_config("tiny", dtype="float32", n_layers=8)
