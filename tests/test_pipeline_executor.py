@@ -67,18 +67,20 @@ CASES = {
     "1f1b-fsdp2": (one_f_one_b(4, 8), {"pipeline": 4, "fsdp": 2}, "pp_fsdp", CFG),
     "1f1b-tensor2": (one_f_one_b(4, 8), {"pipeline": 4, "tensor": 2}, "pp_tp", CFG),
     "1f1b-pallas": (one_f_one_b(4, 8), {"pipeline": 4}, "pp", dataclasses.replace(CFG, attention_impl="pallas")),
+    "1f1b-residuals": (one_f_one_b(4, 8), {"pipeline": 4}, "pp", CFG, "residuals"),
+    "zb-residuals": (zero_bubble(4, 8), {"pipeline": 4}, "pp", CFG, "residuals"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, problem, case):
     """And runs what its schedule says, holding no more than its own layers of any weight."""
-    schedule, sizes, strategy, cfg = CASES[case]
+    schedule, sizes, strategy, cfg, *keep = CASES[case]
     params, batch, want_loss, want_grads = problem
     model = llama.language_model(cfg)
     plan = Plan(mj.make_mesh(sizes, devices=devices[: math.prod(sizes.values())]), mj.rules(strategy))
     placed = jax.device_put(params, plan.param_shardings(model.specs))
-    step = jax.jit(lambda p, b: pipeline_loss_and_grads(model, schedule, p, b, plan.mesh, plan.layout))
+    step = jax.jit(lambda p, b: pipeline_loss_and_grads(model, schedule, p, b, plan.mesh, plan.layout, *keep))
     compiled = step.lower(placed, batch).compile()
     loss, count, grads, trace = compiled(placed, batch)
     assert float(loss / count) == pytest.approx(want_loss, rel=1e-5)
@@ -123,3 +125,30 @@ def test_counts_that_cannot_run_are_refused_before_tracing(devices, problem):
     deep = llama.language_model(get_config("tiny", dtype="float32", n_layers=6))
     with pytest.raises(ScheduleError, match=r"6 layers do not split into 4 stages"):
         pipeline_loss_and_grads(deep, one_f_one_b(4, 8), params, batch, mesh)
+
+
+def temp_bytes(devices, make, microbatches: int, keep: str) -> int:
+    """Temporary bytes per device of a compiled pipelined step, 8 rows x 32 tokens a microbatch."""
+    mesh = mj.make_mesh({"pipeline": 4}, devices=devices[:4])
+    params = jax.eval_shape(lambda: mj.init_params(MODEL.specs, jax.random.PRNGKey(0)))
+    rows = 8 * microbatches
+    batch = {
+        k: jax.ShapeDtypeStruct((rows, 32), np.bool_ if k == "mask" else np.int32)
+        for k in ("inputs", "targets", "mask")
+    }
+    schedule = make(4, microbatches)
+    step = jax.jit(lambda p, b: pipeline_loss_and_grads(MODEL, schedule, p, b, mesh, keep=keep))
+    return step.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_1f1b_memory_stays_flat_in_microbatches_while_gpipes_grows(devices):
+    """Stashing residuals (no recompute), GPipe holds every microbatch's activations and 1F1B at
+    most p of them; stashing inputs, both hold little, 1F1B least."""
+    sizes = {
+        (make.__name__, m): temp_bytes(devices, make, m, "residuals") for make in (gpipe, one_f_one_b) for m in (8, 16)
+    }
+    assert sizes[("one_f_one_b", 16)] <= 1.1 * sizes[("one_f_one_b", 8)]
+    assert sizes[("gpipe", 16)] >= 1.6 * sizes[("gpipe", 8)]
+    assert sizes[("one_f_one_b", 8)] <= 0.65 * sizes[("gpipe", 8)]
+    recompute = [temp_bytes(devices, one_f_one_b, m, "inputs") for m in (8, 16)]
+    assert recompute[1] <= 1.1 * recompute[0] and recompute[0] < 0.5 * sizes[("one_f_one_b", 8)]

@@ -32,6 +32,9 @@ class MeshSettings:
     --virtual-stages chunks per device), zb (zero-bubble ZB-H1). Microbatches: --microbatches."""
     virtual_stages: int = 1
     """Model chunks per pipeline device for --schedule interleaved."""
+    pipeline_stash: Literal["inputs", "residuals"] = "inputs"
+    """What a pipeline forward keeps for its backward: inputs (the backward recomputes the stage:
+    least memory) or residuals (no recompute: faster, a stage's activations per microbatch held)."""
     simulate_devices: int | None = None
     """CPU devices to simulate (default: as many as the mesh needs)."""
     cluster: Literal["auto", "off"] = "auto"
@@ -269,6 +272,7 @@ MAY_CHANGE = (
     "microbatches",
     "schedule",
     "virtual_stages",
+    "pipeline_stash",
     "ckpt_every",
     "keep",
     "eval_every",

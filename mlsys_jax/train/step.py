@@ -123,13 +123,15 @@ def make_train_step(
     donate: bool = True,
     guard: str | None = None,
     schedule: Schedule | None = None,
+    pipeline_stash: str = "inputs",
 ) -> TrainStep:
     """Build the jitted step. Batches are dicts of (batch, seq) arrays: ``inputs`` and
     ``targets`` (int32) and ``mask`` (bool, which target tokens count). ``guard`` is None (apply
     every update), ``"stop"`` or ``"skip"`` (see the module's docstring). With a pipeline
     ``schedule`` (the plan's rules cut ``layers`` over ``pipeline``) the loss and gradients come
     from the pipeline executor, its microbatches replacing ``microbatches``, and the metrics carry
-    the executed ``pipeline_trace``."""
+    the executed ``pipeline_trace``; ``pipeline_stash`` is what its forwards keep (``inputs`` or
+    ``residuals``, see ``pipeline_loss_and_grads``)."""
     if guard is not None and guard not in GUARDS:
         raise PlanError(f"guard={guard!r} is not one of {GUARDS} or None")
     pipelined = plan.axis_sizes.get("pipeline", 1) > 1 and plan.rules.pipelined
@@ -162,7 +164,7 @@ def make_train_step(
         if schedule is not None:
             compute = cast_for_compute(model, state.params, state_sh.params)
             loss_sum, count, grads, extra["pipeline_trace"] = pipeline_loss_and_grads(
-                model, schedule, compute, batch, plan.mesh, plan.layout
+                model, schedule, compute, batch, plan.mesh, plan.layout, pipeline_stash
             )
             grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
         elif microbatches == 1:

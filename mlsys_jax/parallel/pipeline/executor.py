@@ -40,6 +40,7 @@ from mlsys_jax.parallel.pipeline.schedule import Schedule, ScheduleError, check_
 AXIS = "pipeline"
 DATA = "data"
 IDLE, FORWARD, BACKWARD, WEIGHT = 0, 1, 2, 3
+STASH_KINDS = ("inputs", "residuals")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,10 +210,16 @@ def pipeline_loss_and_grads(
     batch: dict[str, jax.Array],
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
     layout: Layout = UNPLACED,
+    keep: str = "inputs",
 ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
     """(loss_sum, token count, gradients of loss_sum / count, executed trace) of ``batch``, run
     by ``schedule`` over the mesh's ``pipeline`` axis. The trace is (stages, ticks, 3): the kind
-    (0 idle, 1 F, 2 B, 3 W), microbatch and local chunk of what each stage ran at each tick."""
+    (0 idle, 1 F, 2 B, 3 W), microbatch and local chunk of what each stage ran at each tick.
+    ``keep`` is what a forward stashes for its backward: ``"inputs"`` (the chunk's input; the
+    backward recomputes the chunk) or ``"residuals"`` (everything the backward needs: no
+    recompute, memory per stashed microbatch a whole chunk's activations)."""
+    if keep not in STASH_KINDS:
+        raise ScheduleError(f"keep={keep!r} is not one of {STASH_KINDS}")
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual
     check_pipeline(model, schedule, dict(mesh.shape), batch["inputs"].shape[0])
     key = model.layers_key
@@ -242,6 +249,50 @@ def pipeline_loss_and_grads(
         def wide(tree: Any) -> Any:
             return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), tree)
 
+        def chunk_fn(i: jax.Array, first: jax.Array, last: jax.Array) -> Any:
+            """A chunk of microbatch ``i`` as a function of (outer, layers, input): the first
+            chunk embeds its tokens instead, the last adds its loss sum; what a backward
+            differentiates."""
+
+            def through(outer: Any, layers: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+                x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, body_layout), x)
+                y = run_layers(model, layers, x, positions, body_layout)[0]
+
+                def head() -> jax.Array:
+                    params = {**outer, key: layers}
+                    return model.loss(params, y, micro["targets"][i], micro["mask"][i], body_layout)[0]
+
+                return y, jax.lax.cond(last, head, lambda: jnp.zeros((), jnp.float32))
+
+            return through
+
+        # With stashed residuals a forward keeps what its backward needs (jax.vjp's residuals,
+        # all but the weights, which every microbatch shares), so the backward does not recompute.
+        # A probe trace finds their shapes and which of them are the weights themselves.
+        own_like = jax.tree_util.tree_map(lambda a: a[0], chunks)
+        probe: dict[str, Any] = {}
+
+        def residuals_of(outer: Any, own: Any, x: jax.Array, i: jax.Array, first: jax.Array, last: jax.Array):
+            _, pull = jax.vjp(chunk_fn(i, first, last), outer, own, x)
+            leaves, probe["tree"] = jax.tree_util.tree_flatten(pull)
+            weights = {id(w): n for n, w in enumerate(jax.tree_util.tree_leaves((outer, own)))}
+            probe["weights"] = {n: weights[id(r)] for n, r in enumerate(leaves) if id(r) in weights}
+            return [r for n, r in enumerate(leaves) if n not in probe["weights"]]
+
+        if keep == "residuals":
+            stash_like = jax.eval_shape(
+                residuals_of, outer, own_like, x_like, jnp.int32(0), jnp.bool_(False), jnp.bool_(False)
+            )
+        else:
+            stash_like = [x_like]
+
+        def pullback(entry: Any, outer: Any, own: Any) -> Any:
+            """The stashed residuals, with the current weights put back, as the chunk's vjp."""
+            weights, rest = jax.tree_util.tree_leaves((outer, own)), iter(entry)
+            total = probe["tree"].num_leaves
+            leaves = [weights[probe["weights"][n]] if n in probe["weights"] else next(rest) for n in range(total)]
+            return jax.tree_util.tree_unflatten(probe["tree"], leaves)
+
         def tick(carry, t):
             recv_f, recv_b, stash, cots, g_chunks, g_outer, loss = carry
             at = {name: a[t, s] for name, a in table.items()}
@@ -250,54 +301,57 @@ def pipeline_loss_and_grads(
             own = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, c, 0, keepdims=False), chunks)
             fwd_in = jax.lax.dynamic_index_in_dim(recv_f, at["fwd_read"], 0, keepdims=False)
             bwd_in = jax.lax.dynamic_index_in_dim(recv_b, at["bwd_read"], 0, keepdims=False)
-            held = jax.lax.dynamic_index_in_dim(stash, slot, 0, keepdims=False)
+            held = tuple(jax.lax.dynamic_index_in_dim(b, slot, 0, keepdims=False) for b in stash)
             held_cot = jax.lax.dynamic_index_in_dim(cots, jnp.minimum(slot, cots.shape[0] - 1), 0, keepdims=False)
-            cot_loss = jnp.where(last, 1.0, 0.0).astype(jnp.float32)
-
-            def head_loss(outer: Any, y: jax.Array) -> jax.Array:
-                loss_sum, _ = model.loss({**outer, key: own}, y, micro["targets"][i], micro["mask"][i], body_layout)
-                return loss_sum
-
-            def through(outer: Any, layers: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-                """The chunk from its stashed input (the first embeds its tokens), with the loss
-                share on the last: what a backward differentiates."""
-                x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, body_layout), x)
-                y = run_layers(model, layers, x, positions, body_layout)[0]
-                share = jax.lax.cond(last, lambda: head_loss(outer, y) / count, lambda: jnp.zeros((), jnp.float32))
-                return y, share
-
+            cot_loss = jnp.where(last, 1.0 / count, 0.0).astype(jnp.float32)
+            through = chunk_fn(i, first, last)
             no_grads = (f32(own), f32(outer))
+            nothing = jnp.zeros((), jnp.float32)
+
+            def vjp_of_held() -> Any:
+                if keep == "residuals":
+                    return pullback(held, outer, own)
+                return jax.vjp(through, outer, own, held[0])[1]
 
             # Each branch returns (stash entry, kept output gradient, sent forward, sent back,
             # chunk gradient, outer gradient, loss gained): small pieces; the carried buffers
             # are updated in place after the switch.
             def idle(_):
-                return held, held_cot, zeros_x, zeros_x, *no_grads, jnp.zeros((), jnp.float32)
+                return held, held_cot, zeros_x, zeros_x, *no_grads, nothing
 
             def forward(_):
+                if keep == "residuals":
+                    (y, gain), pull = jax.vjp(through, outer, own, fwd_in)
+                    leaves = jax.tree_util.tree_leaves(pull)
+                    entry = tuple(r for n, r in enumerate(leaves) if n not in probe["weights"])
+                    return entry, held_cot, y, zeros_x, *no_grads, gain
                 x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, body_layout), fwd_in)
-                y = run_layers(model, own, x, positions, body_layout)[0]
-                gain = jax.lax.cond(last, lambda: head_loss(outer, y), lambda: jnp.zeros((), jnp.float32))
-                return x, held_cot, y, zeros_x, *no_grads, gain
+                y, gain = through(outer, own, x)
+                return (x,), held_cot, y, zeros_x, *no_grads, gain
 
             def backward(_):
                 cot_y = jnp.where(last, zeros_x, bwd_in.astype(zeros_x.dtype))
                 if schedule.split_backward:  # B: the input gradient only; W comes later
-                    _, pull = jax.vjp(lambda x: through(outer, own, x), held)
-                    (dx,) = pull((cot_y, cot_loss))
-                    return held, cot_y, zeros_x, dx, *no_grads, jnp.zeros((), jnp.float32)
-                _, pull = jax.vjp(through, outer, own, held)
-                d_outer, d_own, dx = pull((cot_y, cot_loss))
-                return held, held_cot, zeros_x, dx, wide(d_own), wide(d_outer), jnp.zeros((), jnp.float32)
+                    if keep == "residuals":
+                        dx = vjp_of_held()((cot_y, cot_loss))[2]
+                    else:
+                        _, pull = jax.vjp(lambda x: through(outer, own, x), held[0])
+                        (dx,) = pull((cot_y, cot_loss))
+                    return held, cot_y, zeros_x, dx, *no_grads, nothing
+                d_outer, d_own, dx = vjp_of_held()((cot_y, cot_loss))
+                return held, held_cot, zeros_x, dx, wide(d_own), wide(d_outer), nothing
 
             def weight(_):
-                _, pull = jax.vjp(lambda outer, layers: through(outer, layers, held), outer, own)
-                d_outer, d_own = pull((held_cot, cot_loss))
-                return held, held_cot, zeros_x, zeros_x, wide(d_own), wide(d_outer), jnp.zeros((), jnp.float32)
+                if keep == "residuals":
+                    d_outer, d_own, _ = vjp_of_held()((held_cot, cot_loss))
+                else:
+                    _, pull = jax.vjp(lambda outer, layers: through(outer, layers, held[0]), outer, own)
+                    d_outer, d_own = pull((held_cot, cot_loss))
+                return held, held_cot, zeros_x, zeros_x, wide(d_own), wide(d_outer), nothing
 
             branches = (idle, forward, backward, weight) if schedule.split_backward else (idle, forward, backward)
             keep_x, keep_cot, send_f, send_b, d_own, d_outer, gain = jax.lax.switch(k, branches, None)
-            stash = jax.lax.dynamic_update_index_in_dim(stash, keep_x, slot, 0)
+            stash = tuple(jax.lax.dynamic_update_index_in_dim(b, e, slot, 0) for b, e in zip(stash, keep_x))
             if schedule.split_backward:
                 cots = jax.lax.dynamic_update_index_in_dim(cots, keep_cot, slot, 0)
             g_chunks = jax.tree_util.tree_map(
@@ -319,7 +373,7 @@ def pipeline_loss_and_grads(
             recv_b = deliver(recv_b, got_b, at["bwd_store"])
             return (recv_f, recv_b, stash, cots, g_chunks, g_outer, loss + gain), jnp.stack([k, i, c])
 
-        stash = jnp.zeros((tables.slots, *x_like.shape), x_like.dtype)
+        stash = tuple(jnp.zeros((tables.slots, *r.shape), r.dtype) for r in stash_like)
         recv_f = jnp.zeros((tables.fwd_slots, *x_like.shape), x_like.dtype)
         recv_b = jnp.zeros((tables.bwd_slots, *x_like.shape), x_like.dtype)
         # Split backwards keep each microbatch's output gradient from its B until its W.
