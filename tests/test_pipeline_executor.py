@@ -96,7 +96,7 @@ def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, prob
             want = (KINDS[work.kind], work.microbatch, schedule.local_chunk(work.chunk)) if work else (0, None, None)
             assert (kind, *((microbatch, chunk) if kind else (None, None))) == want
     # No buffer on a device holds more than the stage's L/p layers of any weight.
-    assert most_layers_held(compiled.as_text(), plan) == CFG.n_layers // 4
+    assert most_layers_held(compiled.as_text() or "", plan) == CFG.n_layers // 4
 
 
 def test_the_layer_count_check_sees_an_unpipelined_step_gather_every_layer(devices, problem):
@@ -106,7 +106,7 @@ def test_the_layer_count_check_sees_an_unpipelined_step_gather_every_layer(devic
     plan = Plan(mj.make_mesh({"pipeline": 4}, devices=devices[:4]), mj.rules("pp"))
     placed = jax.device_put(params, plan.param_shardings(MODEL.specs))
     grad = jax.jit(jax.grad(lambda p, b: loss_sums(MODEL, p, b, plan.layout)[0]))
-    assert most_layers_held(grad.lower(placed, batch).compile().as_text(), plan) == CFG.n_layers
+    assert most_layers_held(grad.lower(placed, batch).compile().as_text() or "", plan) == CFG.n_layers
 
 
 def test_1f1b_stashes_p_microbatch_inputs_where_gpipe_stashes_m():
@@ -138,7 +138,9 @@ def temp_bytes(devices, make, microbatches: int, keep: str) -> int:
     }
     schedule = make(4, microbatches)
     step = jax.jit(lambda p, b: pipeline_loss_and_grads(MODEL, schedule, p, b, mesh, keep=keep))
-    return step.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+    analysis = step.lower(params, batch).compile().memory_analysis()
+    assert analysis is not None
+    return analysis.temp_size_in_bytes
 
 
 def test_1f1b_memory_stays_flat_in_microbatches_while_gpipes_grows(devices):
