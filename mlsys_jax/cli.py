@@ -24,6 +24,12 @@ class PlanConfig:
     """Rule preset (default: the mesh preset's)."""
     sequence_parallel: bool = False
     """Shard activations' sequence dim over the 'sequence' mesh axis."""
+    schedule: str = "1f1b"
+    """Pipeline schedule shown when the mesh has a pipeline axis: gpipe, 1f1b, interleaved, zb."""
+    microbatches: int = 8
+    """Microbatches per step for the pipeline schedule."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline device for --schedule interleaved."""
 
 
 def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
@@ -33,6 +39,7 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     from mlsys_jax.models import build_model
     from mlsys_jax.parallel import Plan, resolve_mesh, rules
     from mlsys_jax.parallel.memory import human_bytes, memory_per_device
+    from mlsys_jax.parallel.pipeline import check_layers, make_schedule
     from mlsys_jax.train.optim import OptimConfig, adamw
     from mlsys_jax.train.report import make_console, plan_table
 
@@ -44,8 +51,15 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
         device=preset.device if preset is not None else None,
     )
     model = build_model(cfg.model)
+    stages = the_plan.axis_sizes.get("pipeline", 1)
+    schedule = None
+    if stages > 1 and the_plan.rules.pipelined:
+        check_layers(model.num_layers, stages, cfg.virtual_stages)
+        schedule = make_schedule(cfg.schedule, stages, cfg.microbatches, cfg.virtual_stages)
     optimizer = adamw(OptimConfig(), model.specs)
     console.print(plan_table(the_plan, model, optimizer, cfg.mesh))
+    if schedule is not None:
+        console.print(str(schedule), soft_wrap=True)
     mem = memory_per_device(the_plan, model, optimizer)
     fits = mem.fits
     if fits is None or mem.hbm is None:
