@@ -56,3 +56,16 @@ def test_a_bad_model_name_is_one_message_and_exit_status_2(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'llama:7bb'") and "Did you mean '7b'" in err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_pipelined_plan_shows_its_schedule_and_stage_bytes():
+    _, text = run_plan(model="7b", mesh="pipeline=4,fsdp=2", schedule="interleaved", virtual_stages=2)
+    assert "under pp_fsdp" in text
+    assert "interleaved: p=4, m=8, v=2, 38 ticks, bubble 15.8%" in text
+    _, flat = run_plan(model="7b", mesh="fsdp=2")
+
+    def wq_bytes(table: str) -> str:
+        (line,) = [row for row in table.splitlines() if "layers/wq" in row]
+        return line.split("│")[-2].strip()
+
+    assert (wq_bytes(flat), wq_bytes(text)) == ("1.00 GiB", "256.00 MiB")  # a quarter of the layers per stage
