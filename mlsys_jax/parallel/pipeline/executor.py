@@ -249,13 +249,17 @@ def pipeline_loss_and_grads(
         def wide(tree: Any) -> Any:
             return jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), tree)
 
+        def embed(outer: Any, i: jax.Array, dtype: Any) -> jax.Array:
+            """Microbatch ``i``'s tokens embedded: the first chunk's input (only its stage pays)."""
+            return model.embed(outer, micro["inputs"][i], positions, body_layout).astype(dtype)
+
         def chunk_fn(i: jax.Array, first: jax.Array, last: jax.Array) -> Any:
             """A chunk of microbatch ``i`` as a function of (outer, layers, input): the first
             chunk embeds its tokens instead, the last adds its loss sum; what a backward
             differentiates."""
 
             def through(outer: Any, layers: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-                x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, body_layout), x)
+                x = jax.lax.cond(first, lambda: embed(outer, i, x.dtype), lambda: x)
                 y = run_layers(model, layers, x, positions, body_layout)[0]
 
                 def head() -> jax.Array:
@@ -325,7 +329,7 @@ def pipeline_loss_and_grads(
                     leaves = jax.tree_util.tree_leaves(pull)
                     entry = tuple(r for n, r in enumerate(leaves) if n not in probe["weights"])
                     return entry, held_cot, y, zeros_x, *no_grads, gain
-                x = jnp.where(first, model.embed(outer, micro["inputs"][i], positions, body_layout), fwd_in)
+                x = jax.lax.cond(first, lambda: embed(outer, i, fwd_in.dtype), lambda: fwd_in)
                 y, gain = through(outer, own, x)
                 return (x,), held_cot, y, zeros_x, *no_grads, gain
 
