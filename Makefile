@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) bench/loss_memory.py
 	$(PY) bench/sampling.py
 	$(PY) bench/host_overhead.py
+	$(PY) bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

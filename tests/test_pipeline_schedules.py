@@ -99,6 +99,6 @@ def test_a_schedule_reads_as_text_and_draws_as_a_gantt_chart(tmp_path):
 
 
 def test_the_readme_shows_the_schedule_as_printed(repo_root):
-    section = (repo_root / "README.md").read_text().split("## Pipeline schedules", 1)[1]
+    section = (repo_root / "README.md").read_text().split("## Pipeline parallelism", 1)[1]
     shown = section.split("```text\n", 1)[1].split("```", 1)[0]
     assert shown.rstrip("\n") == str(one_f_one_b(4, 8))
