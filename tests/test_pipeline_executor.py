@@ -14,7 +14,7 @@ from mlsys_jax.comm.hlo import array_shapes
 from mlsys_jax.models import get_config, llama
 from mlsys_jax.models.base import loss_sums
 from mlsys_jax.parallel.pipeline import ScheduleError, gpipe, interleaved, one_f_one_b, zero_bubble
-from mlsys_jax.parallel.pipeline.executor import Tables, pipeline_loss_and_grads
+from mlsys_jax.parallel.pipeline.executor import Tables, pipeline_loss, pipeline_loss_and_grads
 from mlsys_jax.parallel.plan import Plan
 
 #: The 8-layer test config: two layers per stage at p=4.
@@ -154,3 +154,15 @@ def test_1f1b_memory_stays_flat_in_microbatches_while_gpipes_grows(devices):
     assert sizes[("one_f_one_b", 8)] <= 0.65 * sizes[("gpipe", 8)]
     recompute = [temp_bytes(devices, one_f_one_b, m, "inputs") for m in (8, 16)]
     assert recompute[1] <= 1.1 * recompute[0] and recompute[0] < 0.5 * sizes[("one_f_one_b", 8)]
+
+
+@pytest.mark.parametrize("make", [lambda: one_f_one_b(4, 8), lambda: interleaved(4, 8, 2)], ids=["1f1b", "interleaved"])
+def test_evaluation_runs_the_forwards_alone_on_each_stages_own_layers(devices, problem, make):
+    params, batch, want_loss, _ = problem
+    plan = Plan(mj.make_mesh({"pipeline": 4, "data": 2}, devices=devices), mj.rules("pp_dp"))
+    placed = jax.device_put(params, plan.param_shardings(MODEL.specs))
+    evaluate = jax.jit(lambda p, b: pipeline_loss(MODEL, make(), p, b, plan.mesh, plan.layout))
+    compiled = evaluate.lower(placed, batch).compile()
+    loss, count = compiled(placed, batch)
+    assert float(loss / count) == pytest.approx(want_loss, rel=1e-5)
+    assert most_layers_held(compiled.as_text() or "", plan) == CFG.n_layers // 4

@@ -11,6 +11,7 @@ from mlsys_jax.parallel.pipeline import (
     ScheduleError,
     Work,
     check_layers,
+    forward_only,
     gpipe,
     interleaved,
     make_schedule,
@@ -102,3 +103,17 @@ def test_the_readme_shows_the_schedule_as_printed(repo_root):
     section = (repo_root / "README.md").read_text().split("## Pipeline parallelism", 1)[1]
     shown = section.split("```text\n", 1)[1].split("```", 1)[0]
     assert shown.rstrip("\n") == str(one_f_one_b(4, 8))
+
+
+@pytest.mark.parametrize("p, m, v", [(4, 8, 1), (4, 8, 2), (2, 6, 3)])
+def test_an_evaluation_runs_each_stages_forwards_in_the_schedules_order(p, m, v):
+    schedule = interleaved(p, m, v) if v > 1 else one_f_one_b(p, m)
+    forwards = forward_only(schedule)
+
+    def column(sch, s):
+        return [row[s] for row in sch.grid if row[s] is not None and row[s].kind == "F"]
+
+    for s in range(p):
+        assert column(forwards, s) == column(schedule, s)
+    assert all(w.kind == "F" for row in forwards.grid for w in row if w is not None)
+    assert forwards.ticks < schedule.ticks

@@ -316,7 +316,7 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
         tokenizer,
         step_fn,
         compiled,
-        make_eval_step(model, plan, optimizer),
+        make_eval_step(model, plan, optimizer, pipeline),
         dataset,
         val,
         ckpt,

@@ -22,7 +22,7 @@ import optax
 
 from mlsys_jax.models.base import LanguageModel, loss_sums
 from mlsys_jax.parallel.errors import PlanError
-from mlsys_jax.parallel.pipeline.executor import pipeline_loss_and_grads, split_microbatches
+from mlsys_jax.parallel.pipeline.executor import pipeline_loss, pipeline_loss_and_grads, split_microbatches
 from mlsys_jax.parallel.pipeline.schedule import Schedule, ScheduleError
 from mlsys_jax.parallel.plan import Plan
 from mlsys_jax.train.state import TrainState, abstract_state, state_shardings
@@ -219,13 +219,19 @@ def make_train_step(
     return TrainStep(fn, plan, model, optimizer, microbatches, state_sh, batch_sh, guard, schedule)
 
 
-def make_eval_step(model: LanguageModel, plan: Plan, optimizer: optax.GradientTransformation) -> Any:
-    """Jitted ``(params, batch) -> (loss_sum, count)`` for validation."""
+def make_eval_step(
+    model: LanguageModel, plan: Plan, optimizer: optax.GradientTransformation, schedule: Schedule | None = None
+) -> Any:
+    """Jitted ``(params, batch) -> (loss_sum, count)`` for validation; with a pipeline
+    ``schedule``, through its forwards, so no device gathers another stage's layers."""
     param_sh = state_shardings(plan, model.specs, optimizer).params
     tokens_sh = plan.activation_sharding(("batch", "seq"))
 
     def evaluate(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        return loss_sums(model, cast_for_compute(model, params, param_sh), batch, plan.layout)
+        compute = cast_for_compute(model, params, param_sh)
+        if schedule is not None:
+            return pipeline_loss(model, schedule, compute, batch, plan.mesh, plan.layout)
+        return loss_sums(model, compute, batch, plan.layout)
 
     return jax.jit(
         evaluate,

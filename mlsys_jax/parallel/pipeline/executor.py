@@ -35,12 +35,13 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from mlsys_jax.models.base import UNPLACED, LanguageModel, Layout, default_positions, run_layers
-from mlsys_jax.parallel.pipeline.schedule import Schedule, ScheduleError, check_layers
+from mlsys_jax.parallel.pipeline.schedule import Schedule, ScheduleError, check_layers, forward_only
 
 AXIS = "pipeline"
 DATA = "data"
 IDLE, FORWARD, BACKWARD, WEIGHT = 0, 1, 2, 3
 STASH_KINDS = ("inputs", "residuals")
+FORWARD_ONLY = "nothing"  # what an evaluation keeps: no backward follows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +221,32 @@ def pipeline_loss_and_grads(
     recompute, memory per stashed microbatch a whole chunk's activations)."""
     if keep not in STASH_KINDS:
         raise ScheduleError(f"keep={keep!r} is not one of {STASH_KINDS}")
+    return _execute(model, schedule, params, batch, mesh, layout, keep)
+
+
+def pipeline_loss(
+    model: LanguageModel,
+    schedule: Schedule,
+    params: Any,
+    batch: dict[str, jax.Array],
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+    layout: Layout = UNPLACED,
+) -> tuple[jax.Array, jax.Array]:
+    """(loss_sum, token count) of ``batch`` from the forwards of ``schedule`` alone: evaluation
+    with each device holding only its stage's layers, nothing stashed, no gradients."""
+    loss, count, _, _ = _execute(model, forward_only(schedule), params, batch, mesh, layout, FORWARD_ONLY)
+    return loss, count
+
+
+def _execute(
+    model: LanguageModel,
+    schedule: Schedule,
+    params: Any,
+    batch: dict[str, jax.Array],
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+    layout: Layout,
+    keep: str,
+) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual
     check_pipeline(model, schedule, dict(mesh.shape), batch["inputs"].shape[0])
     key = model.layers_key
@@ -240,7 +267,12 @@ def pipeline_loss_and_grads(
         positions = default_positions(tokens0)
         x_like = jax.eval_shape(lambda: model.embed(outer, tokens0, positions, body_layout))
         zeros_x = jnp.zeros(x_like.shape, x_like.dtype)
-        f32 = lambda t: jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), t)
+        training = keep != FORWARD_ONLY
+
+        def f32(tree: Any) -> Any:
+            """Zero fp32 gradients shaped like ``tree`` (none at all when only evaluating)."""
+            return jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, jnp.float32), tree) if training else ()
+
         table = {
             name: jnp.asarray(getattr(tables, name))
             for name in ("kind", "microbatch", "chunk", "slot", "fwd_store", "fwd_read", "bwd_store", "bwd_read")
@@ -288,7 +320,7 @@ def pipeline_loss_and_grads(
                 residuals_of, outer, own_like, x_like, jnp.int32(0), jnp.bool_(False), jnp.bool_(False)
             )
         else:
-            stash_like = [x_like]
+            stash_like = [x_like] if training else []
 
         def pullback(entry: Any, outer: Any, own: Any) -> Any:
             """The stashed residuals, with the current weights put back, as the chunk's vjp."""
@@ -331,7 +363,7 @@ def pipeline_loss_and_grads(
                     return entry, held_cot, y, zeros_x, *no_grads, gain
                 x = jax.lax.cond(first, lambda: embed(outer, i, fwd_in.dtype), lambda: fwd_in)
                 y, gain = through(outer, own, x)
-                return (x,), held_cot, y, zeros_x, *no_grads, gain
+                return ((x,) if training else ()), held_cot, y, zeros_x, *no_grads, gain
 
             def backward(_):
                 cot_y = jnp.where(last, zeros_x, bwd_in.astype(zeros_x.dtype))
@@ -354,6 +386,7 @@ def pipeline_loss_and_grads(
                 return held, held_cot, zeros_x, zeros_x, wide(d_own), wide(d_outer), nothing
 
             branches = (idle, forward, backward, weight) if schedule.split_backward else (idle, forward, backward)
+            branches = branches if training else (idle, forward)
             keep_x, keep_cot, send_f, send_b, d_own, d_outer, gain = jax.lax.switch(k, branches, None)
             stash = tuple(jax.lax.dynamic_update_index_in_dim(b, e, slot, 0) for b, e in zip(stash, keep_x))
             if schedule.split_backward:
@@ -365,7 +398,6 @@ def pipeline_loss_and_grads(
             ring = v > 1  # interleaved chunks wrap from the last device to the first
             fwd_pairs = [(j, (j + 1) % p) for j in range(p if ring else p - 1)]
             got_f = jax.lax.ppermute(send_f, AXIS, fwd_pairs)
-            got_b = jax.lax.ppermute(send_b, AXIS, [(b, a) for a, b in fwd_pairs])
 
             def deliver(box: jax.Array, got: jax.Array, where: jax.Array) -> jax.Array:
                 kept = jax.lax.dynamic_index_in_dim(box, jnp.maximum(where, 0), 0, keepdims=False)
@@ -374,7 +406,9 @@ def pipeline_loss_and_grads(
                 )
 
             recv_f = deliver(recv_f, got_f, at["fwd_store"])
-            recv_b = deliver(recv_b, got_b, at["bwd_store"])
+            if training:  # gradients go back only when there is a backward
+                got_b = jax.lax.ppermute(send_b, AXIS, [(b, a) for a, b in fwd_pairs])
+                recv_b = deliver(recv_b, got_b, at["bwd_store"])
             return (recv_f, recv_b, stash, cots, g_chunks, g_outer, loss + gain), jnp.stack([k, i, c])
 
         stash = tuple(jnp.zeros((tables.slots, *r.shape), r.dtype) for r in stash_like)
@@ -391,6 +425,7 @@ def pipeline_loss_and_grads(
             g_layers = jax.lax.psum(g_layers, data)
         return loss, g_layers, g_outer, trace[None]
 
+    training = keep != FORWARD_ONLY
     layer_spec = jax.tree_util.tree_map(lambda _: P(AXIS), layers)
     outer_spec = jax.tree_util.tree_map(lambda _: P(), outer)
     micro_spec = {k: P(None, *data) for k in micro}
@@ -398,9 +433,9 @@ def pipeline_loss_and_grads(
         program,
         mesh=mesh,
         in_specs=(layer_spec, outer_spec, micro_spec, P()),
-        out_specs=(P(), layer_spec, outer_spec, P(AXIS)),
+        out_specs=(P(), layer_spec if training else (), outer_spec if training else (), P(AXIS)),
         axis_names={AXIS, *data},
         check_vma=False,
     )
     loss, g_layers, g_outer, trace = run(layers, outer, micro, count)
-    return loss, count, {**g_outer, key: g_layers}, trace
+    return loss, count, ({**g_outer, key: g_layers} if training else None), trace

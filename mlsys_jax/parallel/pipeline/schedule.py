@@ -222,6 +222,18 @@ def simulate(
     return Schedule(name, stages, microbatches, virtual, split_backward, grid)
 
 
+def forward_only(schedule: Schedule) -> Schedule:
+    """The forwards of ``schedule`` alone, each stage keeping its own order: a pipelined
+    evaluation (its table has no backward, so ``check`` does not apply)."""
+    orders: list[list[Work]] = [[] for _ in range(schedule.stages)]
+    for row in schedule.grid:
+        for s, work in enumerate(row):
+            if work is not None and work.kind == "F":
+                orders[s].append(work)
+    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual
+    return simulate(f"{schedule.name} forwards", p, m, v, False, orders)
+
+
 # ---- the schedules ----------------------------------------------------------------------------
 def _check_counts(name: str, stages: int, microbatches: int, virtual: int = 1) -> None:
     if stages < 1 or microbatches < 1 or virtual < 1:
