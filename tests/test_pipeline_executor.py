@@ -151,7 +151,7 @@ def test_1f1b_memory_stays_flat_in_microbatches_while_gpipes_grows(devices):
     }
     assert sizes[("one_f_one_b", 16)] <= 1.1 * sizes[("one_f_one_b", 8)]
     assert sizes[("gpipe", 16)] >= 1.6 * sizes[("gpipe", 8)]
-    assert sizes[("one_f_one_b", 8)] <= 0.65 * sizes[("gpipe", 8)]
+    assert sizes[("one_f_one_b", 8)] <= 0.6 * sizes[("gpipe", 8)]
     recompute = [temp_bytes(devices, one_f_one_b, m, "inputs") for m in (8, 16)]
     assert recompute[1] <= 1.1 * recompute[0] and recompute[0] < 0.5 * sizes[("one_f_one_b", 8)]
 

@@ -337,14 +337,18 @@ def _execute(
             own = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, c, 0, keepdims=False), chunks)
             fwd_in = jax.lax.dynamic_index_in_dim(recv_f, at["fwd_read"], 0, keepdims=False)
             bwd_in = jax.lax.dynamic_index_in_dim(recv_b, at["bwd_read"], 0, keepdims=False)
-            held = tuple(jax.lax.dynamic_index_in_dim(b, slot, 0, keepdims=False) for b in stash)
+
+            def read() -> tuple[jax.Array, ...]:
+                """The stash entry at this tick's slot, read inside the branch that needs it and
+                handed back as the branch's entry, so one buffer serves both."""
+                return tuple(jax.lax.dynamic_index_in_dim(b, slot, 0, keepdims=False) for b in stash)
             held_cot = jax.lax.dynamic_index_in_dim(cots, jnp.minimum(slot, cots.shape[0] - 1), 0, keepdims=False)
             cot_loss = jnp.where(last, 1.0 / count, 0.0).astype(jnp.float32)
             through = chunk_fn(i, first, last)
             no_grads = (f32(own), f32(outer))
             nothing = jnp.zeros((), jnp.float32)
 
-            def vjp_of_held() -> Any:
+            def vjp_of_held(held: tuple[jax.Array, ...]) -> Any:
                 if keep == "residuals":
                     return pullback(held, outer, own)
                 return jax.vjp(through, outer, own, held[0])[1]
@@ -353,7 +357,7 @@ def _execute(
             # chunk gradient, outer gradient, loss gained): small pieces; the carried buffers
             # are updated in place after the switch.
             def idle(_):
-                return held, held_cot, zeros_x, zeros_x, *no_grads, nothing
+                return read(), held_cot, zeros_x, zeros_x, *no_grads, nothing
 
             def forward(_):
                 if keep == "residuals":
@@ -366,20 +370,22 @@ def _execute(
                 return ((x,) if training else ()), held_cot, y, zeros_x, *no_grads, gain
 
             def backward(_):
+                held = read()
                 cot_y = jnp.where(last, zeros_x, bwd_in.astype(zeros_x.dtype))
                 if schedule.split_backward:  # B: the input gradient only; W comes later
                     if keep == "residuals":
-                        dx = vjp_of_held()((cot_y, cot_loss))[2]
+                        dx = vjp_of_held(held)((cot_y, cot_loss))[2]
                     else:
                         _, pull = jax.vjp(lambda x: through(outer, own, x), held[0])
                         (dx,) = pull((cot_y, cot_loss))
                     return held, cot_y, zeros_x, dx, *no_grads, nothing
-                d_outer, d_own, dx = vjp_of_held()((cot_y, cot_loss))
+                d_outer, d_own, dx = vjp_of_held(held)((cot_y, cot_loss))
                 return held, held_cot, zeros_x, dx, wide(d_own), wide(d_outer), nothing
 
             def weight(_):
+                held = read()
                 if keep == "residuals":
-                    d_outer, d_own, _ = vjp_of_held()((held_cot, cot_loss))
+                    d_outer, d_own, _ = vjp_of_held(held)((held_cot, cot_loss))
                 else:
                     _, pull = jax.vjp(lambda outer, layers: through(outer, layers, held[0]), outer, own)
                     d_outer, d_own = pull((held_cot, cot_loss))
