@@ -342,6 +342,7 @@ def _execute(
                 """The stash entry at this tick's slot, read inside the branch that needs it and
                 handed back as the branch's entry, so one buffer serves both."""
                 return tuple(jax.lax.dynamic_index_in_dim(b, slot, 0, keepdims=False) for b in stash)
+
             held_cot = jax.lax.dynamic_index_in_dim(cots, jnp.minimum(slot, cots.shape[0] - 1), 0, keepdims=False)
             cot_loss = jnp.where(last, 1.0 / count, 0.0).astype(jnp.float32)
             through = chunk_fn(i, first, last)
