@@ -16,7 +16,7 @@ class PlanConfig:
     """Show a model's placement and bytes per device on a mesh, without devices."""
 
     model: str = "7b"
-    """Model as family:preset (llama:7b) or a Llama preset: tiny, small, 125m, 1b, 7b, 8b, 70b.
+    """Model as family:preset (llama:7b) or a Llama preset: tiny, tiny8, small, 125m, 1b, 7b, 8b, 70b.
     Families outside the toolkit load from $MLSYS_JAX_PLUGINS or 'mlsys_jax.models' entry points."""
     mesh: str = "gpu-h100x8"
     """Mesh preset name or axis sizes such as 'fsdp=8,tensor=4'."""

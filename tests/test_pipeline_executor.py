@@ -18,7 +18,7 @@ from mlsys_jax.parallel.pipeline.executor import Tables, pipeline_loss, pipeline
 from mlsys_jax.parallel.plan import Plan
 
 #: The 8-layer test config: two layers per stage at p=4.
-CFG = get_config("tiny", dtype="float32", n_layers=8)
+CFG = get_config("tiny8", dtype="float32")
 MODEL = llama.language_model(CFG)
 KINDS = {"F": 1, "B": 2, "W": 3}
 

@@ -64,6 +64,9 @@ class LlamaConfig:
 CONFIGS: dict[str, LlamaConfig] = {
     # Test-sized: compiles in seconds, shards over up to 8 devices on every axis but kv_heads.
     "tiny": LlamaConfig(),
+    # The pipeline test config: tiny with 8 layers, two per stage at pipeline=4 (one per chunk
+    # interleaved with 2 virtual stages).
+    "tiny8": LlamaConfig(n_layers=8),
     # The CPU demo: about 1M parameters, trains visibly in a few minutes on simulated devices.
     "small": LlamaConfig(
         vocab_size=384,

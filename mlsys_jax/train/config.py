@@ -53,7 +53,7 @@ class ModelSettings:
     """What is trained: the model and how its operations run."""
 
     model: str = "small"
-    """Model as family:preset (llama:7b) or a Llama preset: tiny, small, 125m, 1b, 7b, 8b, 70b."""
+    """Model as family:preset (llama:7b) or a Llama preset: tiny, tiny8, small, 125m, 1b, 7b, 8b, 70b."""
     dtype: str = "bfloat16"
     """Compute dtype (parameters stay float32)."""
     remat: str = "none"
