@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import mlsys_jax as mj
-from mlsys_jax.comm.hlo import array_shapes
+from mlsys_jax.comm.hlo import array_shapes, collectives
 from mlsys_jax.models import get_config, llama
 from mlsys_jax.models.base import loss_sums
 from mlsys_jax.parallel.pipeline import ScheduleError, gpipe, interleaved, one_f_one_b, zero_bubble
-from mlsys_jax.parallel.pipeline.executor import Tables, pipeline_loss, pipeline_loss_and_grads
+from mlsys_jax.parallel.pipeline.executor import Tables, gathered_specs, pipeline_loss, pipeline_loss_and_grads
 from mlsys_jax.parallel.plan import Plan
 
 #: The 8-layer test config: two layers per stage at p=4.
@@ -69,18 +69,30 @@ CASES = {
     "1f1b-pallas": (one_f_one_b(4, 8), {"pipeline": 4}, "pp", dataclasses.replace(CFG, attention_impl="pallas")),
     "1f1b-residuals": (one_f_one_b(4, 8), {"pipeline": 4}, "pp", CFG, "residuals"),
     "zb-residuals": (zero_bubble(4, 8), {"pipeline": 4}, "pp", CFG, "residuals"),
+    "1f1b-fsdp2-gathered": (one_f_one_b(4, 8), {"pipeline": 4, "fsdp": 2}, "pp_fsdp", CFG, "inputs", "gathered"),
 }
+
+
+def weight_gathers_in_ticks(hlo: str) -> int:
+    """All-gathers of weights (no activation dim of 16 tokens) inside the tick loop, per step."""
+    return sum(
+        c.count
+        for c in collectives(hlo)
+        if c.kind == "all-gather" and c.trip_counts and not any(len(sh) > 1 and sh[1] == 16 for sh in c.shapes)
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, problem, case):
     """And runs what its schedule says, holding no more than its own layers of any weight."""
-    schedule, sizes, strategy, cfg, *keep = CASES[case]
+    schedule, sizes, strategy, cfg, *extra = CASES[case]
+    keep, weights = (*extra, *("inputs", "sharded")[len(extra) :])
     params, batch, want_loss, want_grads = problem
     model = llama.language_model(cfg)
     plan = Plan(mj.make_mesh(sizes, devices=devices[: math.prod(sizes.values())]), mj.rules(strategy))
     placed = jax.device_put(params, plan.param_shardings(model.specs))
-    step = jax.jit(lambda p, b: pipeline_loss_and_grads(model, schedule, p, b, plan.mesh, plan.layout, *keep))
+    specs = gathered_specs(plan.param_pspecs(model.specs), "layers") if weights == "gathered" else None
+    step = jax.jit(lambda p, b: pipeline_loss_and_grads(model, schedule, p, b, plan.mesh, plan.layout, keep, specs))
     compiled = step.lower(placed, batch).compile()
     loss, count, grads, trace = compiled(placed, batch)
     assert float(loss / count) == pytest.approx(want_loss, rel=1e-5)
@@ -96,7 +108,11 @@ def test_a_pipelined_step_gives_the_unpipelined_loss_and_gradients(devices, prob
             want = (KINDS[work.kind], work.microbatch, schedule.local_chunk(work.chunk)) if work else (0, None, None)
             assert (kind, *((microbatch, chunk) if kind else (None, None))) == want
     # No buffer on a device holds more than the stage's L/p layers of any weight.
-    assert most_layers_held(compiled.as_text() or "", plan) == CFG.n_layers // 4
+    hlo = compiled.as_text() or ""
+    assert most_layers_held(hlo, plan) == CFG.n_layers // 4
+    # FSDP gathers a stage's weights inside the ticks, unless they are held gathered for the step.
+    if "fsdp" in sizes:
+        assert (weight_gathers_in_ticks(hlo) == 0) == (weights == "gathered")
 
 
 def test_the_layer_count_check_sees_an_unpipelined_step_gather_every_layer(devices, problem):

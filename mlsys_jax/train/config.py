@@ -32,6 +32,9 @@ class MeshSettings:
     --virtual-stages chunks per device), zb (zero-bubble ZB-H1). Microbatches: --microbatches."""
     virtual_stages: int = 1
     """Model chunks per pipeline device for --schedule interleaved."""
+    pipeline_weights: Literal["sharded", "gathered"] = "sharded"
+    """A pipeline stage's FSDP-sharded weights: sharded (gathered in every tick that uses them:
+    least memory) or gathered (once per step, held whole: no gathers in the ticks)."""
     pipeline_stash: Literal["inputs", "residuals"] = "inputs"
     """What a pipeline forward keeps for its backward: inputs (the backward recomputes the stage:
     least memory) or residuals (no recompute: faster, a stage's activations per microbatch held)."""
@@ -273,6 +276,7 @@ MAY_CHANGE = (
     "schedule",
     "virtual_stages",
     "pipeline_stash",
+    "pipeline_weights",
     "ckpt_every",
     "keep",
     "eval_every",

@@ -270,6 +270,7 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
         guard=loop.on_nan,
         schedule=pipeline,
         pipeline_stash=cfg.mesh.pipeline_stash,
+        pipeline_weights=cfg.mesh.pipeline_weights,
     )
     rows = data_lib.local_rows(step_fn.batch_shardings["inputs"], d.batch, d.seq)
     dataset = data_lib.train_dataset(corpus.train, seq_len=d.seq, global_batch=d.batch, seed=d.seed, rows=rows)

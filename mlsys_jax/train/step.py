@@ -22,7 +22,12 @@ import optax
 
 from mlsys_jax.models.base import LanguageModel, loss_sums
 from mlsys_jax.parallel.errors import PlanError
-from mlsys_jax.parallel.pipeline.executor import pipeline_loss, pipeline_loss_and_grads, split_microbatches
+from mlsys_jax.parallel.pipeline.executor import (
+    gathered_specs,
+    pipeline_loss,
+    pipeline_loss_and_grads,
+    split_microbatches,
+)
 from mlsys_jax.parallel.pipeline.schedule import Schedule, ScheduleError
 from mlsys_jax.parallel.plan import Plan
 from mlsys_jax.train.state import TrainState, abstract_state, state_shardings
@@ -124,6 +129,7 @@ def make_train_step(
     guard: str | None = None,
     schedule: Schedule | None = None,
     pipeline_stash: str = "inputs",
+    pipeline_weights: str = "sharded",
 ) -> TrainStep:
     """Build the jitted step. Batches are dicts of (batch, seq) arrays: ``inputs`` and
     ``targets`` (int32) and ``mask`` (bool, which target tokens count). ``guard`` is None (apply
@@ -131,7 +137,8 @@ def make_train_step(
     ``schedule`` (the plan's rules cut ``layers`` over ``pipeline``) the loss and gradients come
     from the pipeline executor, its microbatches replacing ``microbatches``, and the metrics carry
     the executed ``pipeline_trace``; ``pipeline_stash`` is what its forwards keep (``inputs`` or
-    ``residuals``, see ``pipeline_loss_and_grads``)."""
+    ``residuals``, see ``pipeline_loss_and_grads``) and ``pipeline_weights`` whether FSDP gathers
+    a stage's weights in every tick (``sharded``) or once per step (``gathered``)."""
     if guard is not None and guard not in GUARDS:
         raise PlanError(f"guard={guard!r} is not one of {GUARDS} or None")
     pipelined = plan.axis_sizes.get("pipeline", 1) > 1 and plan.rules.pipelined
@@ -148,6 +155,10 @@ def make_train_step(
                 "pp_* strategy, or no schedule."
             )
         microbatches = schedule.microbatches
+    if pipeline_weights not in ("sharded", "gathered"):
+        raise PlanError(f"pipeline_weights={pipeline_weights!r} is not 'sharded' or 'gathered'")
+    gathered = schedule is not None and pipeline_weights == "gathered"
+    stage_specs = gathered_specs(plan.param_pspecs(model.specs), model.layers_key) if gathered else None
     state_sh = state_shardings(plan, model.specs, optimizer)
     tokens_sh = plan.activation_sharding(("batch", "seq"))
     batch_sh = {k: tokens_sh for k in BATCH_KEYS}
@@ -164,7 +175,7 @@ def make_train_step(
         if schedule is not None:
             compute = cast_for_compute(model, state.params, state_sh.params)
             loss_sum, count, grads, extra["pipeline_trace"] = pipeline_loss_and_grads(
-                model, schedule, compute, batch, plan.mesh, plan.layout, pipeline_stash
+                model, schedule, compute, batch, plan.mesh, plan.layout, pipeline_stash, stage_specs
             )
             grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
         elif microbatches == 1:

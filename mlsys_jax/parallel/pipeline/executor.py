@@ -182,6 +182,24 @@ def inside_layout(layout: Layout, manual: tuple[str, ...]) -> Layout:
     return Layout(constrain=constrain)
 
 
+def gathered_specs(param_specs: dict[str, Any], layers_key: str, axis: str = "fsdp") -> dict[str, Any]:
+    """``stage_specs`` that hold every weight gathered over ``axis`` (other axes kept): the
+    parameters' specs without it, the stacked ones also without their layers dim."""
+
+    def drop(spec: P, lead: int) -> P:
+        def keep(entry: Any) -> Any:
+            axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            kept = tuple(a for a in axes if a != axis)
+            return kept[0] if len(kept) == 1 else (kept or None)
+
+        return P(*(keep(e) for e in tuple(spec)[lead:]))
+
+    def each(tree: Any, lead: int) -> Any:
+        return jax.tree_util.tree_map(lambda sp: drop(sp, lead), tree, is_leaf=lambda x: isinstance(x, P))
+
+    return {k: each(v, 1 if k == layers_key else 0) for k, v in param_specs.items()}
+
+
 def check_pipeline(model: LanguageModel, schedule: Schedule, mesh_sizes: dict[str, int], rows: int) -> None:
     """Refuse counts the executor cannot run, before anything is traced: a schedule for another
     pipeline size, layers that do not cut into the schedule's chunks, a batch that does not split
@@ -212,16 +230,20 @@ def pipeline_loss_and_grads(
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
     layout: Layout = UNPLACED,
     keep: str = "inputs",
+    stage_specs: Any = None,
 ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
     """(loss_sum, token count, gradients of loss_sum / count, executed trace) of ``batch``, run
     by ``schedule`` over the mesh's ``pipeline`` axis. The trace is (stages, ticks, 3): the kind
     (0 idle, 1 F, 2 B, 3 W), microbatch and local chunk of what each stage ran at each tick.
     ``keep`` is what a forward stashes for its backward: ``"inputs"`` (the chunk's input; the
     backward recomputes the chunk) or ``"residuals"`` (everything the backward needs: no
-    recompute, memory per stashed microbatch a whole chunk's activations)."""
+    recompute, memory per stashed microbatch a whole chunk's activations). ``stage_specs``, a
+    ``PartitionSpec`` per parameter (a stacked weight's over its per-layer dims), holds the weights
+    so for the whole step (e.g. without ``fsdp``: gathered once, not inside every tick); None
+    leaves them to the partitioner."""
     if keep not in STASH_KINDS:
         raise ScheduleError(f"keep={keep!r} is not one of {STASH_KINDS}")
-    return _execute(model, schedule, params, batch, mesh, layout, keep)
+    return _execute(model, schedule, params, batch, mesh, layout, keep, stage_specs)
 
 
 def pipeline_loss(
@@ -246,6 +268,7 @@ def _execute(
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
     layout: Layout,
     keep: str,
+    stage_specs: Any = None,
 ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual
     check_pipeline(model, schedule, dict(mesh.shape), batch["inputs"].shape[0])
@@ -263,6 +286,12 @@ def _execute(
     def program(layers: Any, outer: Any, micro: dict[str, jax.Array], count: jax.Array):
         s = jax.lax.axis_index(AXIS)
         chunks = _interleave(layers, p, v)
+        if stage_specs is not None:  # held as the specs say for the whole step
+            hold = lambda tree, specs, lead: jax.tree_util.tree_map(
+                lambda a, spec: jax.lax.with_sharding_constraint(a, P(*lead, *spec)), tree, specs
+            )
+            chunks = hold(chunks, stage_specs[key], (None, None))  # (v, L/vp, *per-layer dims)
+            outer = hold(outer, {k: stage_specs[k] for k in outer}, ())
         tokens0 = micro["inputs"][0]
         positions = default_positions(tokens0)
         x_like = jax.eval_shape(lambda: model.embed(outer, tokens0, positions, body_layout))
