@@ -72,7 +72,7 @@ from mlsys_jax.comm import Collective
 from mlsys_jax.models import get_config, llama
 from mlsys_jax.models.base import loss_sums
 from mlsys_jax.parallel.pipeline import Schedule, make_schedule
-from mlsys_jax.parallel.pipeline.executor import pipeline_loss_and_grads
+from mlsys_jax.parallel.pipeline.executor import gathered_specs, pipeline_loss_and_grads
 from mlsys_jax.parallel.rules import Rules
 
 CFG = get_config("tiny", dtype="float32", n_layers=8)
@@ -93,6 +93,7 @@ def case(
     m: int = MICROBATCHES,
     keep: str = "inputs",
     base: str | None = None,
+    weights: str = "sharded",
 ):
     return {
         "case": name,
@@ -103,6 +104,7 @@ def case(
         "microbatches": m,
         "keep": keep,
         "base": base,
+        "weights": weights,
     }
 
 
@@ -113,6 +115,8 @@ CASES = [
     case("interleaved v=2", "interleaved", 2, PIPE_DATA, DATA_RULES),
     case("zb (ZB-H1)", "zb", 1, PIPE_DATA, DATA_RULES),
     case("1f1b, fsdp=2", "1f1b", 1, {"pipeline": STAGES, "fsdp": 2}, FSDP_RULES),
+    # The same, each stage's weights gathered once per step and held (--pipeline-weights gathered).
+    case("1f1b, fsdp=2, gathered", "1f1b", 1, {"pipeline": STAGES, "fsdp": 2}, FSDP_RULES, weights="gathered"),
     # Stashing the forward's residuals instead of the stage input: no recompute in the backward.
     case("gpipe, residuals", "gpipe", 1, PIPE_DATA, DATA_RULES, keep="residuals"),
     case("1f1b, residuals", "1f1b", 1, PIPE_DATA, DATA_RULES, keep="residuals"),
@@ -157,9 +161,13 @@ def compile_case(spec: dict[str, Any], devices: list, batch: dict[str, np.ndarra
     params = plan.init(MODEL.specs, jax.random.PRNGKey(0))
     placed = jax.device_put(batch, plan.activation_sharding(("batch", "seq")))
     schedule = make_schedule(spec["schedule"], STAGES, spec["microbatches"], spec["virtual"])
+    gathered = spec["weights"] == "gathered"
+    stage_specs = gathered_specs(plan.param_pspecs(MODEL.specs), MODEL.layers_key) if gathered else None
 
     def step(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, Any]:
-        loss, count, grads, _ = pipeline_loss_and_grads(MODEL, schedule, params, batch, mesh, plan.layout, spec["keep"])
+        loss, count, grads, _ = pipeline_loss_and_grads(
+            MODEL, schedule, params, batch, mesh, plan.layout, spec["keep"], stage_specs
+        )
         return loss / count, grads
 
     t0 = time.perf_counter()
