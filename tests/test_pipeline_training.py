@@ -59,9 +59,10 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_a_pipeline_spans_two_processes_over_gloo(tmp_path):
-    """pipeline=2 is the outer mesh axis: stage 0 is process 0's four devices, stage 1 process 1's;
-    they train to the losses of the unpipelined model in one process."""
-    mesh = ["--mesh", "pipeline=2,data=4", "--schedule", "zb", "--steps", "2"]
+    """pipeline=2 is the outer mesh axis: stage 0 is process 0's four devices, stage 1 process 1's,
+    each stage sharded over fsdp=4 with its weights gathered once per step; they train to the
+    losses of the unpipelined model in one process."""
+    mesh = ["--mesh", "pipeline=2,fsdp=4", "--schedule", "zb", "--pipeline-weights", "gathered", "--steps", "2"]
     one = run(*COMMON, *FLAT, "--steps", "2", "--ckpt-dir", str(tmp_path / "one"))  # unpipelined, one process
     assert one.returncode == 0, one.stderr[-3000:]
     port = free_port()
