@@ -310,7 +310,7 @@ def print_table(rows: list[dict[str, Any]], device: str, scaling: dict[str, Any]
             "-" if not ag else f"{ag['bytes_as_read'] / MIB:.1f}; {ag['bytes_executed'] / MIB:.1f}",
             "-"
             if not ag
-            else f"{'/'.join(map(str, ag['repeats_as_read']))}; {'/'.join(map(str, ag['repeats_executed']))}",
+            else f"{'/'.join(map(str, ag['repeats_as_read'])) or '-'}; {'/'.join(map(str, ag['repeats_executed'])) or '-'}",
         )
     console = Console(width=200)
     console.print(table)
