@@ -20,7 +20,7 @@ the batch split over ``data``). Each case reports:
 * the schedule's ticks, bubble (idle share of stage-ticks) and peak stash (microbatch inputs a
   stage holds at once), from the ``Schedule`` object;
 * temporary bytes per device, ``compiled.memory_analysis().temp_size_in_bytes``;
-* collectives per step from the compiled HLO (``mlsys_jax.comm``: every op times the trip counts
+* collectives per step from the compiled HLO (``mlsys_jax.analysis``: every op times the trip counts
   of its enclosing loops): collective-permute executions and bytes, the bytes both per op as the
   reader gives them (one operand per op, whether or not this device sends) and as the busiest
   device sends them (ops where it is the source of a pair to another device); for the fsdp
@@ -67,8 +67,8 @@ from rich.console import Console
 from rich.table import Table
 
 import mlsys_jax as mj
-from mlsys_jax import comm
-from mlsys_jax.comm import Collective
+from mlsys_jax import analysis
+from mlsys_jax.analysis import Collective
 from mlsys_jax.models import get_config, llama
 from mlsys_jax.models.base import loss_sums
 from mlsys_jax.parallel.pipeline import Schedule, make_schedule
@@ -212,11 +212,11 @@ def is_weight_gather(c: Collective) -> bool:
 def read_program(built: dict[str, Any]) -> dict[str, Any]:
     compiled, schedule = built["compiled"], built.get("schedule")
     sizes = dict(built["mesh"].shape)
-    ops = list(comm.collectives(compiled.as_text()))
+    ops = list(analysis.collectives(compiled.as_text()))
     permutes = [c for c in ops if c.kind == "collective-permute"]
     gathers = [c for c in ops if is_weight_gather(c)]
     in_loop = [c for c in gathers if c.trip_counts]
-    summary = comm.summarize(ops)
+    summary = analysis.summarize(ops)
     sent: dict[int, int] = {}  # device -> permute bytes it sends per step (self pairs move nothing)
     for c in permutes:
         for src in {s for s, t in c.pairs if s != t}:
@@ -249,7 +249,7 @@ def read_program(built: dict[str, Any]) -> dict[str, Any]:
                 if any(tick_branch(c) == kind for c in gathers)
             },
             "conditional_ops_not_attributed": sum(c.conditional and tick_branch(c) is None for c in gathers),
-            "axes": sorted({a for c in gathers for a in comm.collective_axes(c, sizes)}),
+            "axes": sorted({a for c in gathers for a in analysis.collective_axes(c, sizes)}),
         }
     return out
 

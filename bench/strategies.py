@@ -7,7 +7,7 @@ step and the state initializer of a few-million-parameter Llama, then reports:
     against the ideal: each state leaf divided by the devices its parameter's logical axes are
     sharded over under the strategy's rules (norms cannot be split by tensor parallelism);
 (b) collectives per step read from the compiled step's HLO (loops counted per iteration), as
-    compiled and under the accelerator reading of ``mlsys_jax.comm`` (all-reduce + slice read as
+    compiled and under the accelerator reading of ``mlsys_jax.analysis`` (all-reduce + slice read as
     a reduce-scatter, CPU-widened bf16 read as bf16), against the strategy's analytic minimum
     (``MINIMUM_IN_WORDS``: bf16 gradients but the embedding's fp32, ZeRO-3 gathers for FSDP,
     Megatron all-reduces for TP);
@@ -40,8 +40,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import optax
 
 import mlsys_jax as mj
-from mlsys_jax import comm, train
-from mlsys_jax.comm import Collective
+from mlsys_jax import analysis, train
+from mlsys_jax.analysis import Collective
 from mlsys_jax.models import build_model
 from mlsys_jax.params import is_spec, spec_leaves
 
@@ -185,7 +185,7 @@ def minimum(cfg: Any, specs: Any, plan: mj.Plan) -> list[dict[str, Any]]:
                 "kind": kind,
                 "axes": [axis],
                 "payload_bytes": payload,
-                "traffic_bytes": comm.ring_traffic(kind, payload, n),
+                "traffic_bytes": analysis.ring_traffic(kind, payload, n),
                 "what": what,
             }
         )
@@ -216,7 +216,7 @@ def minimum(cfg: Any, specs: Any, plan: mj.Plan) -> list[dict[str, Any]]:
 
 
 def category(c: Collective, sizes: dict[str, int]) -> tuple[str, tuple[str, ...]]:
-    return c.kind, comm.collective_axes(c, sizes)
+    return c.kind, analysis.collective_axes(c, sizes)
 
 
 def is_backward(c: Collective) -> bool:
@@ -227,7 +227,7 @@ def describe(c: Collective, sizes: dict[str, int]) -> dict[str, Any]:
     return {
         "op": c.name,
         "kind": c.kind,
-        "axes": list(comm.collective_axes(c, sizes)),
+        "axes": list(analysis.collective_axes(c, sizes)),
         "dtypes": sorted(set(c.dtypes)),
         "elements": len(c.shapes),
         "shapes": [list(s) for s in c.shapes][:6],
@@ -274,7 +274,7 @@ def notes(raw: list[Collective], reading: list[Collective], cfg: Any, sizes: dic
         )
     for c in reading:
         act = [d for s, d in zip(c.shapes, c.dtypes) if math.prod(s) == act_elems]
-        axes = comm.collective_axes(c, sizes)
+        axes = analysis.collective_axes(c, sizes)
         if c.kind == "all-reduce" and axes == ("tensor",) and is_backward(c) and len(act) > 1:
             out.append(
                 f"{c.name}: one all-reduce per projection input gradient ({len(act)} "
@@ -291,8 +291,8 @@ def notes(raw: list[Collective], reading: list[Collective], cfg: Any, sizes: dic
         for c in reading
         if c.kind in ("reduce-scatter", "all-reduce")
         and "bf16" in c.dtypes
-        and comm.collective_axes(c, sizes)
-        and set(comm.collective_axes(c, sizes)) <= {"data", "fsdp"}
+        and analysis.collective_axes(c, sizes)
+        and set(analysis.collective_axes(c, sizes)) <= {"data", "fsdp"}
     ]
     if bf16_grads:
         b = sum(c.total_payload_bytes for c in bf16_grads)
@@ -315,9 +315,9 @@ def notes(raw: list[Collective], reading: list[Collective], cfg: Any, sizes: dic
     return out
 
 
-def collectives(compiled_step: Any, cfg: Any, specs: Any, plan: mj.Plan, link_of: comm.LinkOf) -> dict[str, Any]:
-    raw = list(comm.collectives(compiled_step.as_text()))
-    reading = comm.readings(raw, as_reduce_scatter=True, program_dtypes=True)
+def collectives(compiled_step: Any, cfg: Any, specs: Any, plan: mj.Plan, link_of: analysis.LinkOf) -> dict[str, Any]:
+    raw = list(analysis.collectives(compiled_step.as_text()))
+    reading = analysis.readings(raw, as_reduce_scatter=True, program_dtypes=True)
     sizes = plan.axis_sizes
     mins = minimum(cfg, specs, plan)
     min_traffic = sum(m["traffic_bytes"] for m in mins)
@@ -353,8 +353,8 @@ def collectives(compiled_step: Any, cfg: Any, specs: Any, plan: mj.Plan, link_of
             mine.sort(key=lambda c: -c.total_traffic_bytes)
             excess.extend(describe(c, sizes) for c in mine[:8])
     return {
-        "as_compiled": {k: vars(v) for k, v in comm.summarize(raw).items() if v.ops},
-        "reading": {k: vars(v) for k, v in comm.summarize(reading).items() if v.ops},
+        "as_compiled": {k: vars(v) for k, v in analysis.summarize(raw).items() if v.ops},
+        "reading": {k: vars(v) for k, v in analysis.summarize(reading).items() if v.ops},
         "by_category": sorted(cats.values(), key=lambda r: (r["kind"], r["axes"])),
         "minimum": mins,
         "traffic_bytes_as_compiled": raw_traffic,
@@ -367,10 +367,10 @@ def collectives(compiled_step: Any, cfg: Any, specs: Any, plan: mj.Plan, link_of
         / (min_traffic - sum(m["traffic_bytes"] / 2 for m in mins if m["kind"] == "all-gather")),
         "all_counts_exact": all(c.exact for c in raw),
         "alpha_beta_seconds": {
-            "as_compiled": comm.total_time(raw, link_of),
-            "reading": comm.total_time(reading, link_of),
+            "as_compiled": analysis.total_time(raw, link_of),
+            "reading": analysis.total_time(reading, link_of),
             "minimum": sum(
-                comm.collective_time(_as_collective(m, sizes), link_of(_as_collective(m, sizes))) for m in mins
+                analysis.collective_time(_as_collective(m, sizes), link_of(_as_collective(m, sizes))) for m in mins
             ),
         },
         "excess_ops": excess,
@@ -411,7 +411,7 @@ def run_strategy(name: str, axes: dict[str, int], devices: list, cfg: Any) -> di
     sizes = dict(mesh.shape)
     preset = mj.load_preset(PRESET)
     link = next(iter(preset.links.values()))
-    link_of = comm.preset_links(preset, sizes, default=link)
+    link_of = analysis.preset_links(preset, sizes, default=link)
     found = collectives(compiled_step, cfg, model.specs, plan, link_of)
     frozen_compiled, frozen_reading = FROZEN_TRAFFIC[name]
     found["frozen_traffic_bytes"] = {"as_compiled": frozen_compiled, "reading": frozen_reading}
@@ -533,7 +533,7 @@ def main() -> None:
             "reading": "as compiled, but an all-reduce only used through a slice of this "
             "device's 1/n shard counts as a reduce-scatter, and collectives the CPU "
             "backend widened from bf16 count in bf16 (what a GPU/TPU backend would "
-            "run; inferred, see mlsys_jax.comm.hlo)",
+            "run; inferred, see mlsys_jax.analysis)",
         },
         "targets": {"fsdp_memory_ratio_max": 1.10, "collective_ratio_max": 1.10},
         "strategies": results,

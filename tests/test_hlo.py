@@ -14,8 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mlsys_jax as mj
-from mlsys_jax import comm
-from mlsys_jax.comm import hlo
+from mlsys_jax import analysis
 from mlsys_jax.meshes import Link, parse_preset
 
 F32 = 4
@@ -47,7 +46,7 @@ def test_psum_is_an_all_reduce_of_the_operand(mesh8):
     text = compile_text(
         lambda a: jax.lax.psum(a, "fsdp"), x, mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp"))
     )
-    c = only(comm.collectives(text), "all-reduce")
+    c = only(analysis.collectives(text), "all-reduce")
     assert c.shapes == ((8, 16),) and c.dtype == "f32"
     assert c.payload_bytes == c.operand_bytes == 8 * 16 * F32
     assert c.group_size == 4 and sorted(map(sorted, c.groups)) == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -64,7 +63,7 @@ def test_all_gather_payload_is_the_gathered_result(mesh8):
         in_specs=P(("data", "fsdp")),
         out_specs=P("fsdp"),
     )
-    c = only(comm.collectives(text), "all-gather")
+    c = only(analysis.collectives(text), "all-gather")
     assert c.shapes == ((16, 16),)
     assert c.result_bytes == c.payload_bytes == 16 * 16 * F32
     assert c.operand_bytes == 8 * 16 * F32
@@ -81,7 +80,7 @@ def test_reduce_scatter_payload_is_the_operand(mesh8):
         in_specs=P(("data", "fsdp")),
         out_specs=P(("data", "fsdp")),
     )
-    c = only(comm.collectives(text), "reduce-scatter")
+    c = only(analysis.collectives(text), "reduce-scatter")
     assert c.group_size == 8
     assert c.operand_bytes == c.payload_bytes == 8 * 16 * F32
     assert c.result_bytes == 1 * 16 * F32
@@ -98,7 +97,7 @@ def test_ppermute_is_a_collective_permute_that_sends_its_operand(mesh8):
         in_specs=P(("data", "fsdp")),
         out_specs=P(("data", "fsdp")),
     )
-    c = only(comm.collectives(text), "collective-permute")
+    c = only(analysis.collectives(text), "collective-permute")
     assert c.payload_bytes == 8 * 16 * F32 and c.traffic_bytes == 8 * 16 * F32
     assert set(c.pairs) == {(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4)}
     assert c.group_size == 4
@@ -113,7 +112,7 @@ def test_all_to_all_counts_every_tuple_element(mesh8):
         in_specs=P(("data", "fsdp")),
         out_specs=P(("data", "fsdp")),
     )
-    c = only(comm.collectives(text), "all-to-all")
+    c = only(analysis.collectives(text), "all-to-all")
     assert c.payload_bytes == 8 * 16 * F32  # 4 pieces of (2, 16) or one (8, 16): same bytes
     assert c.group_size == 4
     assert c.traffic_bytes == pytest.approx(3 / 4 * 8 * 16 * F32)
@@ -129,7 +128,7 @@ def test_tuple_all_reduce_sums_its_elements(mesh8):
         in_specs=(P(), P()),
         out_specs=(P(), P()),
     )
-    colls = [c for c in comm.collectives(text) if c.kind == "all-reduce"]
+    colls = [c for c in analysis.collectives(text) if c.kind == "all-reduce"]
     total = sum(c.payload_bytes for c in colls)
     assert total == (8 * 16 + 8 * 3) * F32
     assert sorted(s for c in colls for s in c.shapes) == [(8, 3), (8, 16)]
@@ -151,10 +150,10 @@ def scan_psum(length: int):
 def test_psum_inside_a_scan_counts_once_per_step(mesh8):
     x = jnp.zeros((64, 16), jnp.float32)
     text = compile_text(scan_psum(5), x, mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
-    c = only(comm.collectives(text), "all-reduce")
+    c = only(analysis.collectives(text), "all-reduce")
     assert c.count == 5 and c.trip_counts == (5,) and c.exact
     assert c.total_payload_bytes == 5 * 8 * 16 * F32
-    assert comm.summarize([c])["all-reduce"].executions == 5
+    assert analysis.summarize([c])["all-reduce"].executions == 5
 
 
 def test_nested_scans_multiply(mesh8):
@@ -166,7 +165,7 @@ def test_nested_scans_multiply(mesh8):
 
     x = jnp.zeros((64, 16), jnp.float32)
     text = compile_text(f, x, mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
-    c = only(comm.collectives(text), "all-reduce")
+    c = only(analysis.collectives(text), "all-reduce")
     assert c.count == 12 and c.trip_counts in ((3, 4), (4, 3))
 
 
@@ -175,7 +174,7 @@ def test_trip_count_is_derived_from_the_condition_when_not_recorded(mesh8):
     text = compile_text(scan_psum(5), x, mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
     stripped = re.sub(r'"known_trip_count":\{"n":"\d+"\},?', "", text)
     assert "known_trip_count" not in stripped
-    c = only(comm.collectives(stripped), "all-reduce")
+    c = only(analysis.collectives(stripped), "all-reduce")
     assert c.count == 5 and c.trip_counts == (5,)
 
 
@@ -191,7 +190,7 @@ def test_data_dependent_loop_counts_once_and_says_so(mesh8):
 
     x = jnp.zeros((64, 16), jnp.float32)
     text = compile_text(f, x, mesh=mesh8, in_specs=P(("data", "fsdp")), out_specs=P(("data", "fsdp")))
-    c = only(comm.collectives(text), "all-reduce")
+    c = only(analysis.collectives(text), "all-reduce")
     assert c.count == 1 and c.trip_counts == (None,) and not c.exact
 
 
@@ -213,7 +212,7 @@ def test_data_dependent_loop_counts_once_and_says_so(mesh8):
     ],
 )
 def test_replica_group_forms(text, expected):
-    groups = comm.parse_replica_groups(text, 4 if text == "{}" else 8)
+    groups = analysis.parse_replica_groups(text, 4 if text == "{}" else 8)
     assert groups == expected
 
 
@@ -223,9 +222,9 @@ def test_groups_of_an_auto_partitioned_program_span_the_right_mesh_axes(devices)
     sh = NamedSharding(mesh, P(("data", "tensor"), "fsdp"))
     f = jax.jit(lambda x: (x.sum(0), x.sum(1)), in_shardings=sh, out_shardings=NamedSharding(mesh, P()))
     text = f.lower(jax.ShapeDtypeStruct((16, 16), jnp.float32)).compile().as_text()
-    spans = {comm.collective_axes(c, sizes) for c in comm.collectives(text) if c.kind == "all-reduce"}
+    spans = {analysis.collective_axes(c, sizes) for c in analysis.collectives(text) if c.kind == "all-reduce"}
     assert spans == {("data", "tensor"), ("fsdp",)}
-    for c in comm.collectives(text):
+    for c in analysis.collectives(text):
         assert sorted(d for g in c.groups for d in g) == list(range(8))
 
 
@@ -241,13 +240,13 @@ def test_all_reduce_then_slice_of_this_device_reads_as_a_reduce_scatter(devices)
 
     x = jnp.zeros((64, 16), jnp.float32)
     text = compile_text(f, x, mesh=mesh, in_specs=P(None), out_specs=P("fsdp"))
-    (c,) = comm.collectives(text)
+    (c,) = analysis.collectives(text)
     assert c.kind == "all-reduce" and c.sliced == (True,)  # what XLA:CPU runs
     (rs,) = c.as_reduce_scatter()
     assert rs.kind == "reduce-scatter" and rs.inferred
     assert rs.payload_bytes == 64 * 16 * F32 and rs.result_bytes == 8 * 16 * F32
     assert rs.traffic_bytes == pytest.approx(c.traffic_bytes / 2)
-    moved = comm.summarize([c], as_reduce_scatter=True)
+    moved = analysis.summarize([c], as_reduce_scatter=True)
     assert moved["all-reduce"].ops == 0 and moved["reduce-scatter"].ops == 1
 
 
@@ -259,7 +258,7 @@ def test_all_reduce_used_whole_stays_an_all_reduce(devices):
         return s[:8] + jax.lax.dynamic_slice_in_dim(s, jax.lax.axis_index("fsdp") * 8, 8, 0)
 
     x = jnp.zeros((64, 16), jnp.float32)
-    (c,) = comm.collectives(compile_text(f, x, mesh=mesh, in_specs=P(None), out_specs=P("fsdp")))
+    (c,) = analysis.collectives(compile_text(f, x, mesh=mesh, in_specs=P(None), out_specs=P("fsdp")))
     assert c.sliced == (False,) and c.as_reduce_scatter() == (c,)
 
 
@@ -271,7 +270,7 @@ def test_slice_bigger_than_one_shard_is_not_a_scatter(devices):
         return jax.lax.dynamic_slice_in_dim(s, jax.lax.axis_index("fsdp") * 4, 16, 0)
 
     x = jnp.zeros((64, 16), jnp.float32)
-    (c,) = comm.collectives(compile_text(f, x, mesh=mesh, in_specs=P(None), out_specs=P(None)))
+    (c,) = analysis.collectives(compile_text(f, x, mesh=mesh, in_specs=P(None), out_specs=P(None)))
     assert c.sliced == (False,)
 
 
@@ -284,7 +283,7 @@ def test_bf16_collective_widened_by_the_cpu_backend_reads_back_as_bf16(devices, 
         fn, out, full = (lambda a: jax.lax.psum(a, "fsdp")), P("fsdp"), 8
     for dtype, program in ((jnp.bfloat16, "bf16"), (jnp.float32, None)):
         x = jnp.zeros((64, 16), dtype)
-        (c,) = comm.collectives(compile_text(fn, x, mesh=mesh, in_specs=P("fsdp"), out_specs=out))
+        (c,) = analysis.collectives(compile_text(fn, x, mesh=mesh, in_specs=P("fsdp"), out_specs=out))
         assert c.dtype == "f32"  # measured: XLA:CPU has no bf16 collectives
         assert c.program_dtypes == (program,)
         assert c.in_program_dtypes().payload_bytes == full * 16 * (2 if program else F32)
@@ -327,7 +326,7 @@ ENTRY %main (x: bf16[8], m: pred[8]) -> OUT {
 def test_reduction_reads_as_bf16_only_when_its_result_is_narrowed_back(use, program):
     out = use.split(" ", 1)[0]
     text = MASKED_SUM.replace("OUT", out).replace("USE", use)
-    (c,) = comm.collectives(text)
+    (c,) = analysis.collectives(text)
     assert c.dtype == "f32" and c.program_dtypes == (program,)
     assert c.in_program_dtypes().payload_bytes == 8 * (2 if program else F32)
 
@@ -346,7 +345,7 @@ ENTRY %main (p: f32[8]) -> (f32[32], f32[8], f32[8]) {
   ROOT %t = (f32[32]{0}, f32[8]{0}, f32[8]{0}) tuple(%agd, %ard, %cpd)
 }
 """
-    colls = comm.collectives(text)
+    colls = analysis.collectives(text)
     assert [c.kind for c in colls] == ["all-gather", "all-reduce", "collective-permute"]
     ag, ar, cp = colls
     assert ag.result_bytes == 32 * F32 and ag.operand_bytes == 8 * F32 and ag.group_size == 4
@@ -355,8 +354,8 @@ ENTRY %main (p: f32[8]) -> (f32[32], f32[8], f32[8]) {
 
 
 def test_text_without_an_entry_is_refused():
-    with pytest.raises(comm.HloParseError, match="ENTRY"):
-        comm.collectives("HloModule m\n")
+    with pytest.raises(analysis.HloParseError, match="ENTRY"):
+        analysis.collectives("HloModule m\n")
 
 
 # ---- traffic and cost ---------------------------------------------------------------------
@@ -373,13 +372,13 @@ def test_text_without_an_entry_is_refused():
     ],
 )
 def test_ring_traffic_formulas(kind, factor):
-    assert comm.ring_traffic(kind, 1024, 8) == pytest.approx(factor * 1024)
-    assert comm.ring_traffic(kind, 1024, 1) == 0.0
+    assert analysis.ring_traffic(kind, 1024, 8) == pytest.approx(factor * 1024)
+    assert analysis.ring_traffic(kind, 1024, 1) == 0.0
 
 
 def test_alpha_beta_time_on_a_hand_computed_case():
     s = 1 << 20
-    c = hlo.Collective(
+    c = analysis.Collective(
         name="ar",
         kind="all-reduce",
         dtypes=("f32",),
@@ -393,9 +392,9 @@ def test_alpha_beta_time_on_a_hand_computed_case():
     )
     link = Link("nv", bandwidth=100e9, latency=2e-6)
     one = 14 * 2e-6 + (2 * 7 / 8 * s) / 100e9  # 2(n-1) steps, 2(n-1)/n S bytes
-    assert comm.collective_time(c, link) == pytest.approx(one)
-    assert comm.total_time([c], comm.uniform_link(link)) == pytest.approx(3 * one)
-    assert comm.ring_steps("all-gather", 8) == 7 and comm.ring_steps("collective-permute", 8) == 1
+    assert analysis.collective_time(c, link) == pytest.approx(one)
+    assert analysis.total_time([c], analysis.uniform_link(link)) == pytest.approx(3 * one)
+    assert analysis.ring_steps("all-gather", 8) == 7 and analysis.ring_steps("collective-permute", 8) == 1
 
 
 def test_each_collective_is_charged_at_the_slowest_link_it_crosses(devices):
@@ -414,15 +413,15 @@ def test_each_collective_is_charged_at_the_slowest_link_it_crosses(devices):
     mesh = mj.make_mesh(data=2, fsdp=4)
     x = jnp.zeros((64, 16), jnp.float32)
     spec = P(("data", "fsdp"))
-    link_of = comm.preset_links(preset, dict(mesh.shape))
+    link_of = analysis.preset_links(preset, dict(mesh.shape))
     for axes, link in ((("fsdp",), "ici"), (("data",), "dcn"), (("data", "fsdp"), "dcn")):
         text = compile_text(lambda a, axes=axes: jax.lax.psum(a, axes), x, mesh=mesh, in_specs=spec, out_specs=spec)
-        c = only(comm.collectives(text), "all-reduce")
-        assert comm.collective_axes(c, dict(mesh.shape)) == axes
+        c = only(analysis.collectives(text), "all-reduce")
+        assert analysis.collective_axes(c, dict(mesh.shape)) == axes
         assert link_of(c).name == link
         n = math.prod(dict(mesh.shape)[a] for a in axes)
         expected = preset.links[link].latency * 2 * (n - 1) + c.traffic_bytes / preset.links[link].bandwidth
-        assert comm.total_time([c], link_of) == pytest.approx(expected)
+        assert analysis.total_time([c], link_of) == pytest.approx(expected)
 
 
 PROMOTED = """HloModule m, num_partitions=2
@@ -458,6 +457,6 @@ ENTRY %main (x: bf16[16], i: s32[]) -> f32[8] {
     ],
 )
 def test_promoted_all_reduce_of_sliced_bf16_values_reads_as_bf16(reducer, program):
-    (c,) = comm.collectives(PROMOTED.replace("REDUCER", reducer))
+    (c,) = analysis.collectives(PROMOTED.replace("REDUCER", reducer))
     assert c.dtype == "f32" and c.program_dtypes == (program,)
     assert c.in_program_dtypes().payload_bytes == 8 * (2 if program else F32)

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mlsys_jax as mj
-from mlsys_jax.comm.hlo import collectives
+from mlsys_jax.analysis import collectives
 from mlsys_jax.kernels import AttentionBlocks, LossBlocks, NormBlocks
 from mlsys_jax.kernels.attention import flash_attention
 from mlsys_jax.kernels.cross_entropy import linear_cross_entropy

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: What each layer's modules may not import (prefixes of ``mlsys_jax`` module names).
 FORBIDDEN = {
     "kernels": (
-        "mlsys_jax.comm",
+        "mlsys_jax.analysis",
         "mlsys_jax.models",
         "mlsys_jax.parallel",
         "mlsys_jax.train",
@@ -22,18 +22,19 @@ FORBIDDEN = {
         "mlsys_jax.cli",
         "mlsys_jax.distributed",
     ),
-    "mlsys_jax/comm": ("mlsys_jax.models", "mlsys_jax.parallel", "mlsys_jax.train", "mlsys_jax.serve", "mlsys_jax.cli"),
+    "mlsys_jax/analysis": ("mlsys_jax.serve", "mlsys_jax.cli"),
     "mlsys_jax/models": (
         "mlsys_jax.parallel",
         "mlsys_jax.train",
         "mlsys_jax.serve",
         "mlsys_jax.mesh",
         "mlsys_jax.meshes",
-        "mlsys_jax.comm",
+        "mlsys_jax.analysis",
         "mlsys_jax.cli",
         "mlsys_jax.distributed",
     ),
-    "mlsys_jax/parallel": ("mlsys_jax.train", "mlsys_jax.serve", "mlsys_jax.cli"),
+    "mlsys_jax/parallel": ("mlsys_jax.train", "mlsys_jax.serve", "mlsys_jax.cli", "mlsys_jax.analysis"),
+    "mlsys_jax/train": ("mlsys_jax.cli", "mlsys_jax.analysis"),
 }
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mlsys_jax as mj
-from mlsys_jax.comm.hlo import array_shapes, collectives
+from mlsys_jax.analysis import array_shapes, collectives
 from mlsys_jax.models import get_config, llama
 from mlsys_jax.models.base import loss_sums
 from mlsys_jax.parallel.pipeline import ScheduleError, gpipe, interleaved, one_f_one_b, zero_bubble

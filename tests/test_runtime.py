@@ -313,7 +313,7 @@ def test_stop_requests_outside_the_main_thread_catch_nothing_and_break_nothing()
     "sizes, strategy", [({"fsdp": 4, "tensor": 2}, "fsdp_tp"), ({"data": 2, "fsdp": 4}, "dp_fsdp")]
 )
 def test_the_guard_moves_no_more_bytes_between_devices(devices, sizes, strategy):
-    from mlsys_jax.comm.hlo import collectives
+    from mlsys_jax.analysis import collectives
 
     plan = mj.Plan(mj.make_mesh(sizes), mj.rules(strategy))
     opt = train.adamw(train.OptimConfig(), MODEL.specs)

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 import mlsys_jax as mj
-from mlsys_jax import comm, train
+from mlsys_jax import analysis, train
 from mlsys_jax.models import build_model
 
 FROZEN_JAX = "0.10.2"
@@ -38,8 +38,8 @@ def test_no_strategy_moves_more_than_before(devices, strategy):
     model = build_model(bench.MODEL_NAME, **bench.MODEL)
     plan = mj.Plan(mj.make_mesh(**bench.STRATEGIES[strategy]), mj.rules(strategy))
     step = train.make_train_step(model, plan, train.adamw(train.OptimConfig(), model.specs))
-    raw = list(comm.collectives(step.lower(bench.BATCH, bench.SEQ).compile().as_text()))
-    reading = comm.readings(raw, as_reduce_scatter=True, program_dtypes=True)
+    raw = list(analysis.collectives(step.lower(bench.BATCH, bench.SEQ).compile().as_text()))
+    reading = analysis.readings(raw, as_reduce_scatter=True, program_dtypes=True)
     compiled, read = bench.FROZEN_TRAFFIC[strategy]
     assert sum(c.total_traffic_bytes for c in raw) <= compiled
     assert sum(c.total_traffic_bytes for c in reading) <= read

@@ -9,7 +9,7 @@ import pytest
 
 import mlsys_jax as mj
 from mlsys_jax import train
-from mlsys_jax.comm.hlo import collectives
+from mlsys_jax.analysis import collectives
 from mlsys_jax.models import get_config, llama
 from mlsys_jax.train.metrics import model_flops_utilization
 from mlsys_jax.train.optim import decay_mask

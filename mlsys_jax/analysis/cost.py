@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from mlsys_jax.comm.hlo import Collective
+from mlsys_jax.analysis.collectives import Collective
 from mlsys_jax.meshes import Link, MeshPreset, PresetError
 
 #: Which link a collective crosses.

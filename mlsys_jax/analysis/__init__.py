@@ -1,6 +1,16 @@
-"""Communication: the collectives a compiled program runs, and what they cost on a given link."""
+"""Analysis of a plan before paying for it: the collectives a compiled program runs (read from
+its HLO), and what they cost on a given link."""
 
-from mlsys_jax.comm.cost import (
+from mlsys_jax.analysis.collectives import (
+    KINDS,
+    Collective,
+    KindSummary,
+    collectives,
+    readings,
+    ring_traffic,
+    summarize,
+)
+from mlsys_jax.analysis.cost import (
     LinkOf,
     collective_axes,
     collective_time,
@@ -11,17 +21,7 @@ from mlsys_jax.comm.cost import (
     total_time,
     uniform_link,
 )
-from mlsys_jax.comm.hlo import (
-    KINDS,
-    Collective,
-    HloParseError,
-    KindSummary,
-    collectives,
-    parse_replica_groups,
-    readings,
-    ring_traffic,
-    summarize,
-)
+from mlsys_jax.analysis.hlo_module import HloParseError, array_shapes, parse_module, parse_replica_groups
 
 __all__ = [
     "KINDS",
@@ -29,10 +29,12 @@ __all__ = [
     "HloParseError",
     "KindSummary",
     "LinkOf",
+    "array_shapes",
     "collective_axes",
     "collective_time",
     "collectives",
     "group_axes",
+    "parse_module",
     "parse_replica_groups",
     "preset_links",
     "readings",
