@@ -1,5 +1,6 @@
-"""Analysis of a plan before paying for it: the collectives a compiled program runs (read from
-its HLO), and what they cost on a given link."""
+"""Analysis of a plan before paying for it: ``analyze`` compiles the train step a plan would run
+ahead of time and reports its memory, cost and collectives; the collectives a compiled program
+runs are read from its HLO, and priced on a given link."""
 
 from mlsys_jax.analysis.collectives import (
     KINDS,
@@ -10,6 +11,7 @@ from mlsys_jax.analysis.collectives import (
     ring_traffic,
     summarize,
 )
+from mlsys_jax.analysis.compiled_step import Analysis, CollectiveRow, Compiled, analyze
 from mlsys_jax.analysis.cost import (
     LinkOf,
     collective_axes,
@@ -25,10 +27,14 @@ from mlsys_jax.analysis.hlo_module import HloParseError, array_shapes, parse_mod
 
 __all__ = [
     "KINDS",
+    "Analysis",
     "Collective",
+    "CollectiveRow",
+    "Compiled",
     "HloParseError",
     "KindSummary",
     "LinkOf",
+    "analyze",
     "array_shapes",
     "collective_axes",
     "collective_time",
