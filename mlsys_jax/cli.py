@@ -30,6 +30,13 @@ class PlanConfig:
     """Microbatches per step for the pipeline schedule."""
     virtual_stages: int = 1
     """Model chunks per pipeline device for --schedule interleaved."""
+    compile: bool = False
+    """Also compile the train step ahead of time on simulated CPU devices (a subprocess when the
+    mesh is larger than this process's) and show its bytes per device and every collective."""
+    batch: int = 16
+    """Global batch in sequences, for --compile."""
+    seq: int = 128
+    """Sequence length, for --compile."""
 
 
 def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
@@ -60,6 +67,21 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     console.print(plan_table(the_plan, model, optimizer, cfg.mesh))
     if schedule is not None:
         console.print(str(schedule), soft_wrap=True)
+    if cfg.compile:
+        from mlsys_jax.analysis import analyze
+        from mlsys_jax.analysis.views import collectives_table, compiled_summary
+
+        settings = {"model": cfg.model, "mesh": cfg.mesh, "strategy": strategy, "batch": cfg.batch, "seq": cfg.seq}
+        if schedule is not None:
+            settings |= {
+                "schedule": cfg.schedule,
+                "microbatches": cfg.microbatches,
+                "virtual_stages": cfg.virtual_stages,
+            }
+        analysis = analyze(**settings)
+        console.print(compiled_summary(analysis))
+        if analysis.collectives:
+            console.print(collectives_table(analysis))
     mem = memory_per_device(the_plan, model, optimizer)
     fits = mem.fits
     if fits is None or mem.hbm is None:

@@ -69,3 +69,13 @@ def test_a_pipelined_plan_shows_its_schedule_and_stage_bytes():
         return line.split("│")[-2].strip()
 
     assert (wq_bytes(flat), wq_bytes(text)) == ("1.00 GiB", "256.00 MiB")  # a quarter of the layers per stage
+
+
+def test_plan_compile_shows_the_compiled_bytes_and_every_collective_by_mesh_axes():
+    _, text = run_plan(model="small", mesh="data=2,fsdp=2,tensor=2", compile=True)
+    assert "compiled ahead of time on 8 simulated CPU devices" in text
+    assert "(predicted parameters + optimizer state 3.10 MiB, 1.00x)" in text.replace("\n", " ")
+    rows = [line for line in text.splitlines() if line.startswith("│ all-gather")]
+    assert rows and all("fsdp" in row for row in rows)
+    _, piped = run_plan(model="tiny8", mesh="pipeline=4,data=2", compile=True, batch=16, seq=32)
+    assert any(line.startswith("│ collective-permute") and "pipeline" in line for line in piped.splitlines())

@@ -1,0 +1,39 @@
+"""Terminal views of an ``Analysis``: what the compiled step holds per device beside the plan's
+prediction, and every collective it runs, grouped by kind, dtype and mesh axes."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from mlsys_jax.analysis.compiled_step import Analysis
+from mlsys_jax.parallel.memory import human_bytes
+
+
+def compiled_summary(a: Analysis) -> str:
+    """One paragraph: the compiled step's bytes per device against the predicted state, its FLOPs."""
+    if a.compiled is None:
+        return "; ".join(a.notes) or "not compiled"
+    c = a.compiled
+    held = a.param_bytes + a.opt_state_bytes
+    return (
+        f"compiled ahead of time on {a.devices} simulated CPU devices in {c.compile_seconds:.1f} s: per device "
+        f"{human_bytes(c.argument_bytes)} of arguments (predicted parameters + optimizer state "
+        f"{human_bytes(held)}, {c.argument_bytes / max(held, 1):.2f}x), {human_bytes(c.temp_bytes)} of "
+        f"temporaries (XLA:CPU's schedule, not an accelerator's), {c.flops / 1e9:,.2f} GFLOP per step"
+    )
+
+
+def collectives_table(a: Analysis) -> Table:
+    """Collectives per step, one row per (kind, dtype, mesh axes): ops, executions, bytes moved."""
+    groups: dict[tuple[str, str, tuple[str, ...]], list[int]] = {}
+    for r in a.collectives:
+        ops_runs_bytes = groups.setdefault((r.kind, r.dtype, r.axes), [0, 0, 0])
+        ops_runs_bytes[0] += 1
+        ops_runs_bytes[1] += r.count
+        ops_runs_bytes[2] += r.count * r.payload_bytes
+    table = Table(title=f"collectives per step ({a.strategy} on {a.devices} devices)")
+    for name in ("kind", "dtype", "mesh axes", "ops", "runs per step", "bytes per step"):
+        table.add_column(name, justify="right" if name in ("ops", "runs per step", "bytes per step") else "left")
+    for (kind, dtype, axes), (ops, runs, moved) in sorted(groups.items(), key=lambda kv: -kv[1][2]):
+        table.add_row(kind, dtype, ", ".join(axes) or "-", str(ops), f"{runs:,}", human_bytes(moved))
+    return table
