@@ -72,6 +72,7 @@ class Analysis:
     grad_bytes: int
     opt_state_bytes: int
     activation_estimate: int | None
+    activations: int | None
     compiled: Compiled | None
     collectives: tuple[CollectiveRow, ...]
     notes: tuple[str, ...] = ()
@@ -121,7 +122,7 @@ def analyze(**settings: Any) -> Analysis:
             f"{devices} devices is more than the {MAX_SIMULATED} CPU devices that can be simulated: "
             "predicted from shapes only, nothing compiled"
         )
-        return dataclasses.replace(shapes_only, notes=(note,))
+        return dataclasses.replace(shapes_only, notes=(*shapes_only.notes, note))
     return _analyze_in_subprocess(settings, devices)
 
 
@@ -130,6 +131,7 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
 
     import jax
 
+    from mlsys_jax.analysis.activations import activation_memory
     from mlsys_jax.mesh import abstract_mesh, make_mesh
     from mlsys_jax.models import registry
     from mlsys_jax.parallel import Plan, resolve_mesh, rules
@@ -150,6 +152,15 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
     schedule = pipeline_schedule(cfg, plan.axis_sizes.get("pipeline", 1), strategy, model)
     optimizer = adamw(OptimConfig(lr=cfg.optimizer.lr, warmup_steps=cfg.optimizer.warmup), model.specs)
     mem = memory_per_device(plan, model, optimizer, d.batch, d.seq, d.microbatches)
+    activations, notes = None, []
+    if schedule is not None:
+        notes.append("activations of a pipeline's stash are not modelled yet")
+    else:
+        local_rows = d.batch // (plan.batch_shards * d.microbatches)
+        activations = activation_memory(model, local_rows, d.seq).total
+        split = [a for a in ("tensor", "sequence") if plan.axis_sizes.get(a, 1) > 1]
+        if split:
+            notes.append(f"activations modelled whole per token, not split over {' and '.join(split)}")
     compiled, rows = None, ()
     if compile_step:
         step = make_train_step(
@@ -188,8 +199,10 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
         grad_bytes=mem.grads,
         opt_state_bytes=mem.opt_state,
         activation_estimate=mem.activations,
+        activations=activations,
         compiled=compiled,
         collectives=rows,
+        notes=tuple(notes),
     )
 
 

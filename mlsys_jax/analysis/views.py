@@ -15,12 +15,19 @@ def compiled_summary(a: Analysis) -> str:
         return "; ".join(a.notes) or "not compiled"
     c = a.compiled
     held = a.param_bytes + a.opt_state_bytes
-    return (
+    temps = f"{human_bytes(c.temp_bytes)} of temporaries (XLA:CPU's schedule, not an accelerator's"
+    if a.activations is not None:
+        predicted = a.activations + a.grad_bytes
+        temps += (
+            f"; predicted activations + gradients {human_bytes(predicted)}, {predicted / max(c.temp_bytes, 1):.2f}x"
+        )
+    text = (
         f"compiled ahead of time on {a.devices} simulated CPU devices in {c.compile_seconds:.1f} s: per device "
         f"{human_bytes(c.argument_bytes)} of arguments (predicted parameters + optimizer state "
-        f"{human_bytes(held)}, {c.argument_bytes / max(held, 1):.2f}x), {human_bytes(c.temp_bytes)} of "
-        f"temporaries (XLA:CPU's schedule, not an accelerator's), {c.flops / 1e9:,.2f} GFLOP per step"
+        f"{human_bytes(held)}, {c.argument_bytes / max(held, 1):.2f}x), {temps}), "
+        f"{c.flops / 1e9:,.2f} GFLOP per step"
     )
+    return "; ".join((text, *a.notes))
 
 
 def collectives_table(a: Analysis) -> Table:
