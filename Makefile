@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/sampling.py
 	$(PY) bench/host_overhead.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/activation_memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs
