@@ -69,7 +69,7 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
         console.print(str(schedule), soft_wrap=True)
     if cfg.compile:
         from mlsys_jax.analysis import analyze
-        from mlsys_jax.analysis.views import collectives_table, compiled_summary
+        from mlsys_jax.analysis.views import collectives_table, compiled_summary, prediction_summary
 
         settings = {"model": cfg.model, "mesh": cfg.mesh, "strategy": strategy, "batch": cfg.batch, "seq": cfg.seq}
         if schedule is not None:
@@ -82,6 +82,8 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
         console.print(compiled_summary(analysis))
         if analysis.collectives:
             console.print(collectives_table(analysis))
+        if analysis.hardware is not None:
+            console.print(prediction_summary(analysis))
     mem = memory_per_device(the_plan, model, optimizer)
     fits = mem.fits
     if fits is None or mem.hbm is None:

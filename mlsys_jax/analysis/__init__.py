@@ -24,6 +24,7 @@ from mlsys_jax.analysis.cost import (
     uniform_link,
 )
 from mlsys_jax.analysis.hlo_module import HloParseError, array_shapes, parse_module, parse_replica_groups
+from mlsys_jax.analysis.prediction import Prediction, predict
 
 __all__ = [
     "KINDS",
@@ -34,6 +35,7 @@ __all__ = [
     "HloParseError",
     "KindSummary",
     "LinkOf",
+    "Prediction",
     "analyze",
     "array_shapes",
     "collective_axes",
@@ -42,6 +44,7 @@ __all__ = [
     "group_axes",
     "parse_module",
     "parse_replica_groups",
+    "predict",
     "preset_links",
     "readings",
     "ring_steps",

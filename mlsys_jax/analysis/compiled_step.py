@@ -36,10 +36,13 @@ class CollectiveRow:
     axes: tuple[str, ...]
     count: int
     trip_counts: tuple[int | None, ...]
+    group_size: int = 1
+    traffic_bytes: float = 0.0
 
     @classmethod
     def of(cls, c: Collective, axis_sizes: dict[str, int]) -> CollectiveRow:
-        return cls(c.kind, c.dtype, c.payload_bytes, collective_axes(c, axis_sizes), c.count, c.trip_counts)
+        axes = collective_axes(c, axis_sizes)
+        return cls(c.kind, c.dtype, c.payload_bytes, axes, c.count, c.trip_counts, c.group_size, c.traffic_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,9 @@ class Analysis:
     microbatches: int
     schedule: str | None
     devices: int
+    hardware: str | None
+    flops_per_token: float
+    bubble: float
     param_bytes: int
     grad_bytes: int
     opt_state_bytes: int
@@ -195,6 +201,9 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
         microbatches=d.microbatches,
         schedule=schedule.name if schedule is not None else None,
         devices=plan.num_devices,
+        hardware=cfg.mesh.mesh if preset is not None else None,
+        flops_per_token=float(model.flops_per_token(d.seq)),
+        bubble=schedule.bubble if schedule is not None else 0.0,
         param_bytes=mem.params,
         grad_bytes=mem.grads,
         opt_state_bytes=mem.opt_state,

@@ -44,3 +44,17 @@ def collectives_table(a: Analysis) -> Table:
     for (kind, dtype, axes), (ops, runs, moved) in sorted(groups.items(), key=lambda kv: -kv[1][2]):
         table.add_row(kind, dtype, ", ".join(axes) or "-", str(ops), f"{runs:,}", human_bytes(moved))
     return table
+
+
+def prediction_summary(a: Analysis) -> str:
+    """The predicted step on the analysis's preset hardware, by part, with MFU and tokens/s."""
+    from mlsys_jax.analysis.prediction import predict
+
+    p = predict(a)
+    bubble = f", bubble {p.bubble:.1%}" if p.bubble else ""
+    return (
+        f"predicted on {a.hardware}: compute {p.compute_s * 1e3:.2f} ms, memory {p.memory_s * 1e3:.2f} ms, "
+        f"communication {p.comm_s * 1e3:.2f} ms{bubble}; step {p.serial_s * 1e3:.2f} ms without overlap "
+        f"(MFU {p.mfu():.1%}, {p.tokens_per_s():,.0f} tokens/s), {p.overlapped_s * 1e3:.2f} ms with "
+        f"full overlap (MFU {p.mfu(overlapped=True):.1%})"
+    )

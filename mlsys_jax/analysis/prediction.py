@@ -1,0 +1,93 @@
+"""Step time predicted from an ``Analysis`` and the hardware a mesh preset describes.
+
+- **compute**: the model's FLOPs per device (``flops_per_token`` times the tokens a device's share
+  of the batch holds) at the device's peak;
+- **memory**: the compiled step's bytes accessed at the device's HBM bandwidth (XLA:CPU's count:
+  an upper bound where an accelerator compiler fuses more);
+- **communication**: every collective, each execution ``latency * ring steps + traffic /
+  bandwidth`` over the slowest link among the mesh axes it spans (``cost.ring_steps``);
+- **step**: without overlap, the slower of compute and memory plus communication; with perfect
+  overlap, the slowest of the three. A pipeline's devices idle for its bubble share of the step.
+
+MFU is the model FLOPs of a step over what the devices could do in the predicted time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from mlsys_jax.analysis.compiled_step import Analysis, CollectiveRow
+from mlsys_jax.analysis.cost import ring_steps, slowest_link
+from mlsys_jax.meshes import Link, MeshPreset, load_preset
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """Seconds per step by part, and what they add up to."""
+
+    compute_s: float
+    memory_s: float
+    comm_s: float
+    bubble: float
+    model_flops: float
+    tokens: int
+    devices: int
+    peak_flops: float
+
+    @property
+    def serial_s(self) -> float:
+        """The step with no overlap of communication and computation."""
+        return (max(self.compute_s, self.memory_s) + self.comm_s) / (1 - self.bubble)
+
+    @property
+    def overlapped_s(self) -> float:
+        """The step with communication hidden behind computation as far as it can be."""
+        return max(self.compute_s, self.memory_s, self.comm_s) / (1 - self.bubble)
+
+    def mfu(self, overlapped: bool = False) -> float:
+        step = self.overlapped_s if overlapped else self.serial_s
+        return self.model_flops / (self.devices * self.peak_flops * step)
+
+    def tokens_per_s(self, overlapped: bool = False) -> float:
+        return self.tokens / (self.overlapped_s if overlapped else self.serial_s)
+
+
+def row_time(row: CollectiveRow, link: Link) -> float:
+    """Seconds for one execution of a collective over ``link`` (alpha-beta, ring algorithm)."""
+    if row.traffic_bytes == 0:
+        return 0.0
+    return link.latency * ring_steps(row.kind, row.group_size) + row.traffic_bytes / link.bandwidth
+
+
+def predict(analysis: Analysis, hardware: str | MeshPreset | None = None) -> Prediction:
+    """The predicted step of ``analysis`` on the hardware of a mesh preset: the analysis's own
+    when its mesh was one, else ``hardware`` (its device, and each axis's link where the preset
+    names that axis, its slowest link otherwise)."""
+    name = hardware if hardware is not None else analysis.hardware
+    if name is None:
+        raise ValueError(
+            f"plan {analysis.strategy!r} on {analysis.mesh} names no hardware. Fix: pass a preset, "
+            "e.g. predict(analysis, 'gpu-h100x8'), or analyze on a preset mesh."
+        )
+    preset = load_preset(name) if isinstance(name, str) else name
+    links = list(preset.links.values())
+
+    def link_of(axes: tuple[str, ...]) -> Link:
+        named = [preset.link_of(a) for a in axes if a in {ax.name for ax in preset.axes}]
+        return slowest_link(named or links)
+
+    tokens = analysis.batch * analysis.seq
+    model_flops = analysis.flops_per_token * tokens
+    device = preset.device
+    bytes_accessed = analysis.compiled.bytes_accessed if analysis.compiled is not None else 0.0
+    comm = sum(r.count * row_time(r, link_of(r.axes)) for r in analysis.collectives)
+    return Prediction(
+        compute_s=model_flops / analysis.devices / device.peak_bf16_flops,
+        memory_s=bytes_accessed / device.hbm_bandwidth,
+        comm_s=comm,
+        bubble=analysis.bubble,
+        model_flops=model_flops,
+        tokens=tokens,
+        devices=analysis.devices,
+        peak_flops=device.peak_bf16_flops,
+    )
