@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) bench/host_overhead.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/activation_memory.py
+	$(PY) bench/plan_scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs
