@@ -162,6 +162,17 @@ def _deinterleave(chunks: Any, p: int, v: int) -> Any:
     return jax.tree_util.tree_map(move, chunks)
 
 
+def without(spec: Any, axes: tuple[str, ...]) -> P:
+    """``spec`` with ``axes`` taken out of every entry (an entry left empty becomes None)."""
+
+    def keep(entry: Any) -> Any:
+        named = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = tuple(a for a in named if a not in axes)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    return P(*(keep(e) for e in spec))
+
+
 def inside_layout(layout: Layout, manual: tuple[str, ...]) -> Layout:
     """The plan's activation placement as seen inside the program: the manual axes dropped from
     every spec (each device already holds its own rows), constraints on the context mesh, and no
@@ -170,14 +181,9 @@ def inside_layout(layout: Layout, manual: tuple[str, ...]) -> Layout:
         return UNPLACED
     spec_of = layout.spec
 
-    def keep(entry: Any) -> Any:
-        axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-        kept = tuple(a for a in axes if a not in manual)
-        return kept[0] if len(kept) == 1 else (kept or None)
-
     def constrain(x: jax.Array, logical_axes: Any, name: str = "<activation>") -> jax.Array:
         spec = spec_of(logical_axes, None, name)  # x's manual dims are already per device
-        return jax.lax.with_sharding_constraint(x, P(*(keep(e) for e in spec)))
+        return jax.lax.with_sharding_constraint(x, without(spec, manual))
 
     return Layout(constrain=constrain)
 
@@ -186,16 +192,9 @@ def gathered_specs(param_specs: dict[str, Any], layers_key: str, axis: str = "fs
     """``stage_specs`` that hold every weight gathered over ``axis`` (other axes kept): the
     parameters' specs without it, the stacked ones also without their layers dim."""
 
-    def drop(spec: P, lead: int) -> P:
-        def keep(entry: Any) -> Any:
-            axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-            kept = tuple(a for a in axes if a != axis)
-            return kept[0] if len(kept) == 1 else (kept or None)
-
-        return P(*(keep(e) for e in tuple(spec)[lead:]))
-
     def each(tree: Any, lead: int) -> Any:
-        return jax.tree_util.tree_map(lambda sp: drop(sp, lead), tree, is_leaf=lambda x: isinstance(x, P))
+        drop = lambda sp: without(P(*tuple(sp)[lead:]), (axis,))
+        return jax.tree_util.tree_map(drop, tree, is_leaf=lambda x: isinstance(x, P))
 
     return {k: each(v, 1 if k == layers_key else 0) for k, v in param_specs.items()}
 
