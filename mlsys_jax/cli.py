@@ -4,6 +4,7 @@ costs per device on a mesh preset before any accelerator is paid for."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
 
@@ -13,7 +14,8 @@ from rich.console import Console
 
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
-    """Show a model's placement and bytes per device on a mesh, without devices."""
+    """Show a plan before paying for it: placements, memory per device and the fit, collectives,
+    the predicted step, the pipeline; as terminal views, --html and --json."""
 
     model: str = "7b"
     """Model as family:preset (llama:7b) or a Llama preset: tiny, tiny8, small, 125m, 1b, 7b, 8b, 70b.
@@ -24,79 +26,125 @@ class PlanConfig:
     """Rule preset (default: the mesh preset's)."""
     sequence_parallel: bool = False
     """Shard activations' sequence dim over the 'sequence' mesh axis."""
+    batch: int | None = None
+    """Global batch in sequences (default: one sequence per batch shard and microbatch)."""
+    seq: int = 2048
+    """Sequence length in tokens."""
+    microbatches: int | None = None
+    """Microbatches per step (default: 8 with a pipeline axis, else 1)."""
     schedule: str = "1f1b"
-    """Pipeline schedule shown when the mesh has a pipeline axis: gpipe, 1f1b, interleaved, zb."""
-    microbatches: int = 8
-    """Microbatches per step for the pipeline schedule."""
+    """Pipeline schedule when the mesh has a pipeline axis: gpipe, 1f1b, interleaved, zb."""
     virtual_stages: int = 1
     """Model chunks per pipeline device for --schedule interleaved."""
+    remat: str = "none"
+    """Activation checkpointing: none, full, save_dots."""
+    hardware: str | None = None
+    """Mesh preset whose device and links price a mesh given as axis sizes (default: the mesh's own preset)."""
     compile: bool = False
     """Also compile the train step ahead of time on simulated CPU devices (a subprocess when the
     mesh is larger than this process's) and show its bytes per device and every collective."""
-    batch: int = 16
-    """Global batch in sequences, for --compile."""
-    seq: int = 128
-    """Sequence length, for --compile."""
+    param: str | None = None
+    """Parameter whose shards the mesh grid shows (default: the largest)."""
+    html: str | None = None
+    """Also write the report as one self-contained HTML page to this path."""
+    json: str | None = None
+    """Also write the report as JSON to this path ('-' for standard output, alone)."""
+
+
+def plan_settings(cfg: PlanConfig) -> dict[str, object]:
+    """The recipe settings a plan's flags describe, with the defaults filled in."""
+    from mlsys_jax.analysis.parts import batch_shards
+    from mlsys_jax.parallel import resolve_mesh
+
+    _, sizes, _ = resolve_mesh(cfg.mesh, cfg.strategy, cfg.sequence_parallel)
+    piped = sizes.get("pipeline", 1) > 1
+    microbatches = cfg.microbatches or (8 if piped else 1)
+    settings: dict[str, object] = {
+        "model": cfg.model,
+        "mesh": cfg.mesh,
+        "strategy": cfg.strategy,
+        "sequence_parallel": cfg.sequence_parallel,
+        "seq": cfg.seq,
+        "microbatches": microbatches,
+        "remat": cfg.remat,
+        "schedule": cfg.schedule,
+        "virtual_stages": cfg.virtual_stages,
+    }
+    settings["batch"] = cfg.batch or batch_shards(settings) * microbatches
+    return settings
 
 
 def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
-    """Print the plan table; returns whether parameters, gradients and optimizer state fit in
-    the preset's HBM (activations are not counted)."""
-    from mlsys_jax.mesh import abstract_mesh
-    from mlsys_jax.models import build_model
-    from mlsys_jax.parallel import Plan, resolve_mesh, rules
-    from mlsys_jax.parallel.memory import human_bytes, memory_per_device
-    from mlsys_jax.parallel.pipeline import check_layers, make_schedule
-    from mlsys_jax.train.optim import OptimConfig, adamw
+    """Print the plan's views (and write --html/--json); returns whether it fits the device's
+    HBM (True when no hardware is named)."""
+    from mlsys_jax.analysis import views
+    from mlsys_jax.analysis.compiled_step import MAX_SIMULATED
+    from mlsys_jax.analysis.parts import plan_parts
+    from mlsys_jax.analysis.report import build_report
+    from mlsys_jax.parallel.errors import PlanError
+    from mlsys_jax.train.config import RunConfig
     from mlsys_jax.train.report import make_console, plan_table
 
-    console = console or make_console()
-    preset, sizes, strategy = resolve_mesh(cfg.mesh, cfg.strategy, cfg.sequence_parallel)
-    the_plan = Plan(
-        abstract_mesh(preset if preset is not None else sizes),
-        rules(strategy, sequence_parallel=cfg.sequence_parallel),
-        device=preset.device if preset is not None else None,
-    )
-    model = build_model(cfg.model)
-    stages = the_plan.axis_sizes.get("pipeline", 1)
-    schedule = None
-    if stages > 1 and the_plan.rules.pipelined:
-        check_layers(model.num_layers, stages, cfg.virtual_stages)
-        schedule = make_schedule(cfg.schedule, stages, cfg.microbatches, cfg.virtual_stages)
-    optimizer = adamw(OptimConfig(), model.specs)
-    console.print(plan_table(the_plan, model, optimizer, cfg.mesh))
-    if schedule is not None:
-        console.print(str(schedule), soft_wrap=True)
-    if cfg.compile:
-        from mlsys_jax.analysis import analyze
-        from mlsys_jax.analysis.views import collectives_table, compiled_summary, prediction_summary
+    settings = plan_settings(cfg)
+    run_cfg = RunConfig.of(**settings)
+    parts = plan_parts(run_cfg)
+    if cfg.compile and parts.plan.num_devices > MAX_SIMULATED:
+        raise PlanError(
+            f"--compile: the mesh {cfg.mesh!r} has {parts.plan.num_devices} devices, more than the {MAX_SIMULATED} "
+            "CPU devices that can be simulated. Fix: drop --compile for the plan from shapes alone, or plan a "
+            "smaller mesh."
+        )
+    if cfg.hardware is not None:
+        from mlsys_jax.meshes import load_preset
 
-        settings = {"model": cfg.model, "mesh": cfg.mesh, "strategy": strategy, "batch": cfg.batch, "seq": cfg.seq}
-        if schedule is not None:
-            settings |= {
-                "schedule": cfg.schedule,
-                "microbatches": cfg.microbatches,
-                "virtual_stages": cfg.virtual_stages,
-            }
-        analysis = analyze(**settings)
-        console.print(compiled_summary(analysis))
-        if analysis.collectives:
-            console.print(collectives_table(analysis))
-        if analysis.hardware is not None:
-            console.print(prediction_summary(analysis))
-    mem = memory_per_device(the_plan, model, optimizer)
-    fits = mem.fits
-    if fits is None or mem.hbm is None:
-        console.print("no hardware given (explicit axis sizes): name a preset to check the fit")
-        return True
-    verdict = "[green]fits" if fits else "[red]does not fit"
-    console.print(
-        f"{verdict}[/]: {human_bytes(mem.total)} of state per device, "
-        f"{human_bytes(mem.hbm)} HBM ({mem.total / mem.hbm:.0%}), before activations"
-    )
-    if not fits:
-        console.print("Fix: a strategy that shards more of the state (fsdp, fsdp_tp) or a mesh with more devices.")
-    return fits
+        load_preset(cfg.hardware)
+    report = build_report(compile_step=cfg.compile, hardware=cfg.hardware, **settings)
+    param = views.find_param(report, cfg.param)
+    if cfg.json == "-":
+        print(json.dumps(report.to_json(), indent=1))
+        return report.memory.fits is not False
+    console = console or make_console()
+    label = cfg.mesh + (f", batch {report.batch} x {report.seq}")
+    console.print(plan_table(parts.plan, parts.model, report.memory, label))
+    console.print(views.mesh_grid(report, param))
+    console.print(views.memory_bars(report))
+    pipeline = views.pipeline_view(report)
+    if pipeline is not None:
+        console.print(pipeline)
+    if cfg.compile:
+        console.print(views.compiled_summary(report), soft_wrap=True)
+        if report.collectives:
+            console.print(views.collectives_table(report))
+    console.print(views.prediction_summary(report), soft_wrap=True)
+    for note in report.notes:
+        console.print(f"note: {note}", soft_wrap=True)
+    if cfg.json is not None:
+        write_text(cfg.json, json.dumps(report.to_json(), indent=1))
+        console.print(f"wrote {cfg.json}")
+    if cfg.html is not None:
+        from mlsys_jax.analysis.html import render_html
+
+        write_text(cfg.html, render_html(report))
+        console.print(f"wrote {cfg.html}")
+    return report.memory.fits is not False
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a file whole or not at all (a temporary beside it, then renamed)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def user_errors() -> tuple[type[Exception], ...]:

@@ -171,7 +171,7 @@ PEAK = (
 
 
 def test_a_model_that_cannot_fit_is_refused_in_seconds_before_anything_is_allocated(tmp_path):
-    for model, seq, part in (("70b", "64", r"parameters \d+\.\d\d GiB"), ("small", "100000", r"activations ~\d")):
+    for model, seq, part in (("70b", "64", r"parameters \d+\.\d\d GiB"), ("small", "100000", r"activations \d")):
         t0 = time.perf_counter()
         command = recipe(*flags(model=model, seq=seq), "--ckpt-dir", str(tmp_path / model))
         measured = subprocess.run(
@@ -183,7 +183,7 @@ def test_a_model_that_cannot_fit_is_refused_in_seconds_before_anything_is_alloca
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
         assert out.stderr.startswith(f"error: model {model!r} with batch 16 x {seq}")
         assert "does not fit" in out.stderr and re.search(part, out.stderr)
-        assert "a device has 2.00 GiB" in out.stderr and "--force" in out.stderr
+        assert "of 2.00 GiB" in out.stderr and "too much" in out.stderr and "--force" in out.stderr
         assert elapsed < 60, f"refusing {model} took {elapsed:.0f} s"
         assert not (tmp_path / model).exists()  # nothing written, nothing locked
         assert int(peak_kib) < 3 * 1024 * 1024  # KiB: the refused run's own peak

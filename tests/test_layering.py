@@ -37,6 +37,9 @@ FORBIDDEN = {
     "mlsys_jax/train": ("mlsys_jax.cli", "mlsys_jax.analysis"),
 }
 
+#: Exceptions to ``FORBIDDEN``: the runtime's fit check uses the analysis's memory model.
+ALLOWED = {"mlsys_jax/train": ("mlsys_jax.analysis.memory",)}
+
 
 def modules(folder: str) -> list[Path]:
     return sorted((ROOT / folder).rglob("*.py"))
@@ -55,7 +58,8 @@ def imported(path: Path) -> set[str]:
 @pytest.mark.parametrize("folder", list(FORBIDDEN))
 def test_imports_point_down_the_layers(folder):
     for path in modules(folder):
-        bad = [n for n in imported(path) if n.startswith(FORBIDDEN[folder])]
+        allowed = ALLOWED.get(folder, ())
+        bad = [n for n in imported(path) if n.startswith(FORBIDDEN[folder]) and n not in allowed]
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 

@@ -29,8 +29,9 @@ def synthetic(**changes) -> Analysis:
         param_bytes=0,
         grad_bytes=0,
         opt_state_bytes=0,
-        activation_estimate=None,
-        activations=None,
+        activations=0,
+        hbm=None,
+        stage_activations=(),
         compiled=Compiled(0, 0, 0, 0, 0.0, 1e7, 0.0),
         collectives=(ALL_REDUCE,),
     )

@@ -16,12 +16,12 @@ import pytest
 
 import mlsys_jax as mj
 from mlsys_jax import train
+from mlsys_jax.analysis.memory import FitError, check_fit, fit_fix, memory_of, plan_memory
 from mlsys_jax.cli import main
 from mlsys_jax.mesh import MeshError, abstract_mesh, parse_axis_sizes
 from mlsys_jax.meshes import PresetError, load_preset
 from mlsys_jax.models import build_model, get_config, llama
 from mlsys_jax.models.base import ConfigError
-from mlsys_jax.parallel.memory import FitError, check_fit, memory_per_device
 from mlsys_jax.train import integrity
 from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError, summarize
 from mlsys_jax.train.config import RunConfig, run_settings
@@ -76,24 +76,46 @@ def test_the_fit_check_counts_state_and_activations_against_the_presets_memory()
     plan = mj.Plan(abstract_mesh(preset), mj.rules("dp_fsdp_tp"), device=preset.device)
     small = build_model("small")
     opt = train.adamw(train.OptimConfig(), small.specs)
-    mem = memory_per_device(plan, small, opt, batch=16, seq=128)
+    mem = plan_memory(plan, small, opt, batch=16, seq=128)
     state = train.abstract_state(plan, small.specs, opt)
     shard_bytes = lambda tree: sum(
         np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
     )
     assert mem.params == shard_bytes(state.params) and mem.opt_state == shard_bytes(state.opt_state)
-    assert mem.fits and (mem.activations or 0) > 0
-    longer = memory_per_device(plan, small, opt, batch=16, seq=100_000)
-    with pytest.raises(FitError, match=r"activations ~.*a device has 2.00 GiB.*--seq.*--force"):
+    assert mem.fits and mem.activations > 0
+    longer = plan_memory(plan, small, opt, batch=16, seq=100_000)
+    with pytest.raises(FitError, match=r"activations \d.*of 2.00 GiB.*too much.*--seq.*--force"):
         check_fit(longer, "small")
     remat = build_model("small", remat="full")
-    with_remat = memory_per_device(plan, remat, opt, batch=16, seq=4096).activations or 0
-    without = memory_per_device(plan, small, opt, batch=16, seq=4096).activations or 0
+    with_remat = plan_memory(plan, remat, opt, batch=16, seq=4096).activations
+    without = plan_memory(plan, small, opt, batch=16, seq=4096).activations
     assert 0 < with_remat < without
     big = build_model("70b")
-    huge = memory_per_device(plan, big, train.adamw(train.OptimConfig(), big.specs), batch=16, seq=128)
+    huge = plan_memory(plan, big, train.adamw(train.OptimConfig(), big.specs), batch=16, seq=128)
     with pytest.raises(FitError, match=r"parameters .* GiB \+ gradients .* optimizer state .*shards more"):
         check_fit(huge, "70b")
+
+
+def test_a_run_that_does_not_fit_is_offered_the_change_that_makes_it_fit_with_the_figure_after():
+    cfg = RunConfig.of(model="small", mesh="cpu-8", batch=16, seq=4096)
+    mem = memory_of(cfg)
+    assert mem.fits is False and mem.state < mem.hbm  # the activations are too big, not the state
+    fix = fit_fix(cfg, mem)
+    assert fix is not None and fix.memory.fits and fix.memory.total < mem.total
+    after = memory_of(RunConfig.of(**{**cfg.flat(), **fix.flags}))
+    assert after.total == fix.memory.total  # the figure after is the change's own
+    with pytest.raises(FitError) as err:
+        check_fit(mem, "small", cfg)
+    assert f"Fix: {fix.describe()}" in str(err.value) and "too much" in str(err.value)
+
+
+def test_the_memory_model_traces_one_tensor_shard_of_the_model():
+    small = build_model("small")
+    opt = train.adamw(train.OptimConfig(), small.specs)
+    whole = plan_memory(mj.Plan(abstract_mesh({"data": 2}), mj.rules("dp")), small, opt, batch=2, seq=1024)
+    split = plan_memory(mj.Plan(abstract_mesh({"data": 1, "tensor": 2}), mj.rules("dp_tp")), small, opt, batch=1, seq=1024)
+    # heads and the MLP split in two, the residual stream does not: between a half and the whole
+    assert 0.5 * whole.activations < split.activations < 0.9 * whole.activations
 
 
 # ---- the non-finite guard -----------------------------------------------------------------------

@@ -44,6 +44,8 @@ class ActivationMemory:
     layer: int
     largest: int
     rematerialized: bool
+    input: int = 0
+    """One layer's input (the residual stream of the device's rows)."""
 
     @property
     def working(self) -> int:
@@ -93,4 +95,5 @@ def activation_memory(model: LanguageModel, rows: int, seq: int) -> ActivationMe
 
     one, largest = _residual_bytes(layers, stacked(1), x)
     two, _ = _residual_bytes(layers, stacked(2), x)
-    return ActivationMemory(saved, two - one, largest, model.remat != "none")
+    x_bytes = math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+    return ActivationMemory(saved, two - one, largest, model.remat != "none", x_bytes)

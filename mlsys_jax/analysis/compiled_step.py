@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 
 from mlsys_jax.analysis.collectives import Collective, collectives
 from mlsys_jax.analysis.cost import collective_axes
+from mlsys_jax.analysis.memory import PlanMemory
 
 #: The most CPU devices a subprocess is asked to simulate.
 MAX_SIMULATED = 4096
@@ -77,8 +77,9 @@ class Analysis:
     param_bytes: int
     grad_bytes: int
     opt_state_bytes: int
-    activation_estimate: int | None
-    activations: int | None
+    activations: int
+    hbm: int | None
+    stage_activations: tuple[int, ...]
     compiled: Compiled | None
     collectives: tuple[CollectiveRow, ...]
     notes: tuple[str, ...] = ()
@@ -87,6 +88,13 @@ class Analysis:
     def state_bytes(self) -> int:
         """Parameters, gradients and optimizer state per device, predicted from shapes."""
         return self.param_bytes + self.grad_bytes + self.opt_state_bytes
+
+    @property
+    def memory(self) -> PlanMemory:
+        """The memory model's figures per device (see ``mlsys_jax.analysis.memory``)."""
+        return PlanMemory(
+            self.param_bytes, self.grad_bytes, self.opt_state_bytes, self.activations, self.hbm, self.stage_activations
+        )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -98,7 +106,15 @@ class Analysis:
             CollectiveRow(**{**r, "axes": tuple(r["axes"]), "trip_counts": tuple(r["trip_counts"])})
             for r in data["collectives"]
         )
-        return cls(**{**data, "compiled": compiled, "collectives": rows, "notes": tuple(data.get("notes", ()))})
+        return cls(
+            **{
+                **data,
+                "compiled": compiled,
+                "collectives": rows,
+                "stage_activations": tuple(data["stage_activations"]),
+                "notes": tuple(data.get("notes", ())),
+            }
+        )
 
 
 def analyze(**settings: Any) -> Analysis:
@@ -106,19 +122,11 @@ def analyze(**settings: Any) -> Analysis:
     names: ``model``, ``mesh``, ``strategy``, ``batch``, ``seq``, ``microbatches``, ``schedule``,
     ``virtual_stages``, ``remat``, ``dtype``, ``attention_impl``, ...). Bad settings raise the
     recipe's errors before anything compiles."""
-    from mlsys_jax.mesh import MeshError
-    from mlsys_jax.parallel import resolve_mesh
     from mlsys_jax.train.config import RunConfig
 
     cfg = RunConfig.of(**settings)
-    _, sizes, _ = resolve_mesh(cfg.mesh.mesh, cfg.mesh.strategy, cfg.mesh.sequence_parallel)
-    if -1 in sizes.values():
-        raise MeshError(
-            f"--mesh {cfg.mesh.mesh!r}: an axis of -1 ('the rest') has no size without devices. Fix: give every "
-            "axis a size to analyze a plan."
-        )
-    shapes_only = _analyze_here(cfg, compile_step=False)  # refuses a plan that cannot work, compiling nothing
-    devices = math.prod(sizes.values())
+    shapes = shapes_only(cfg)  # refuses a plan that cannot work, compiling nothing
+    devices = shapes.devices
     import jax
 
     if devices <= len(jax.devices()):
@@ -128,45 +136,28 @@ def analyze(**settings: Any) -> Analysis:
             f"{devices} devices is more than the {MAX_SIMULATED} CPU devices that can be simulated: "
             "predicted from shapes only, nothing compiled"
         )
-        return dataclasses.replace(shapes_only, notes=(*shapes_only.notes, note))
+        return dataclasses.replace(shapes, notes=(*shapes.notes, note))
     return _analyze_in_subprocess(settings, devices)
+
+
+def shapes_only(cfg: Any) -> Analysis:
+    """The analysis from shapes alone (``RunConfig`` settings): memory, FLOPs and the bubble,
+    nothing compiled."""
+    return _analyze_here(cfg, compile_step=False)
 
 
 def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
     import time
 
-    import jax
+    from mlsys_jax.analysis.memory import plan_memory
+    from mlsys_jax.analysis.parts import plan_parts
+    from mlsys_jax.train.step import make_train_step
 
-    from mlsys_jax.analysis.activations import activation_memory
-    from mlsys_jax.mesh import abstract_mesh, make_mesh
-    from mlsys_jax.models import registry
-    from mlsys_jax.parallel import Plan, resolve_mesh, rules
-    from mlsys_jax.parallel.memory import memory_per_device
-    from mlsys_jax.train.config import model_overrides
-    from mlsys_jax.train.optim import OptimConfig, adamw
-    from mlsys_jax.train.setup import pipeline_schedule
-    from mlsys_jax.train.step import check_batch, make_train_step
-
-    preset, sizes, strategy = resolve_mesh(cfg.mesh.mesh, cfg.mesh.strategy, cfg.mesh.sequence_parallel)
-    model = registry.build_model(cfg.model.model, **model_overrides(cfg))
-    layout = preset if preset is not None else sizes
-    wanted = math.prod(sizes.values())
-    mesh = make_mesh(layout, devices=jax.devices()[:wanted]) if compile_step else abstract_mesh(layout)
-    plan = Plan(mesh, rules(strategy, sequence_parallel=cfg.mesh.sequence_parallel))
+    parts = plan_parts(cfg, concrete=compile_step)
+    model, plan, schedule, optimizer = parts.model, parts.plan, parts.schedule, parts.optimizer
     d = cfg.data
-    check_batch(plan, d.batch, d.microbatches)
-    schedule = pipeline_schedule(cfg, plan.axis_sizes.get("pipeline", 1), strategy, model)
-    optimizer = adamw(OptimConfig(lr=cfg.optimizer.lr, warmup_steps=cfg.optimizer.warmup), model.specs)
-    mem = memory_per_device(plan, model, optimizer, d.batch, d.seq, d.microbatches)
-    activations, notes = None, []
-    if schedule is not None:
-        notes.append("activations of a pipeline's stash are not modelled yet")
-    else:
-        local_rows = d.batch // (plan.batch_shards * d.microbatches)
-        activations = activation_memory(model, local_rows, d.seq).total
-        split = [a for a in ("tensor", "sequence") if plan.axis_sizes.get(a, 1) > 1]
-        if split:
-            notes.append(f"activations modelled whole per token, not split over {' and '.join(split)}")
+    mem = plan_memory(plan, model, optimizer, d.batch, d.seq, d.microbatches, schedule, cfg.mesh.pipeline_stash)
+    notes = list(mem.notes)
     compiled, rows = None, ()
     if compile_step:
         step = make_train_step(
@@ -201,14 +192,15 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
         microbatches=d.microbatches,
         schedule=schedule.name if schedule is not None else None,
         devices=plan.num_devices,
-        hardware=cfg.mesh.mesh if preset is not None else None,
+        hardware=cfg.mesh.mesh if parts.preset is not None else None,
         flops_per_token=float(model.flops_per_token(d.seq)),
         bubble=schedule.bubble if schedule is not None else 0.0,
         param_bytes=mem.params,
         grad_bytes=mem.grads,
         opt_state_bytes=mem.opt_state,
-        activation_estimate=mem.activations,
-        activations=activations,
+        activations=mem.activations,
+        hbm=mem.hbm,
+        stage_activations=mem.stages,
         compiled=compiled,
         collectives=rows,
         notes=tuple(notes),

@@ -9,6 +9,12 @@
 - **step**: without overlap, the slower of compute and memory plus communication; with perfect
   overlap, the slowest of the three. A pipeline's devices idle for its bubble share of the step.
 
+How the parts combine is the hardware's ``Execution``: an accelerator's roofline by default (the
+slower of compute and memory hides the other, the whole bubble is idle time, nothing else). A
+host whose simulated devices share a few CPU cores has it measured by microbenchmarks instead
+(``analysis.calibration``: how much compute and memory time overlap, how much of the bubble an
+idle device's cores give back, what launching a step costs); its preset is a ``HostPreset``.
+
 MFU is the model FLOPs of a step over what the devices could do in the predicted time.
 """
 
@@ -19,6 +25,29 @@ import dataclasses
 from mlsys_jax.analysis.compiled_step import Analysis, CollectiveRow
 from mlsys_jax.analysis.cost import ring_steps, slowest_link
 from mlsys_jax.meshes import Link, MeshPreset, load_preset
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a device's parts of a step combine. The defaults are an accelerator's roofline.
+
+    ``overlap``: the share of the shorter of compute and memory time hidden behind the longer (1:
+    the slower one alone counts; 0: they add up). ``bubble_share``: the share of a pipeline's
+    bubble the step pays (1: idle stages' time is lost; 0: idle devices' cores go to busy ones,
+    as when simulated devices share a host). ``overhead_s``: fixed seconds per step (launching
+    the program on every device)."""
+
+    overlap: float = 1.0
+    bubble_share: float = 1.0
+    overhead_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class HostPreset(MeshPreset):
+    """A mesh preset that also says how its hardware combines a step's parts (what a calibrated
+    host gives, ``analysis.calibration.Calibration.preset``)."""
+
+    execution: Execution = dataclasses.field(default_factory=Execution)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,16 +62,28 @@ class Prediction:
     tokens: int
     devices: int
     peak_flops: float
+    execution: Execution = dataclasses.field(default_factory=Execution)
+
+    @property
+    def busy_s(self) -> float:
+        """Compute and memory time as the hardware combines them (``Execution.overlap``)."""
+        slow, fast = max(self.compute_s, self.memory_s), min(self.compute_s, self.memory_s)
+        return slow + (1 - self.execution.overlap) * fast
+
+    @property
+    def idle_factor(self) -> float:
+        """What the pipeline's bubble stretches the step by."""
+        return 1 / (1 - self.execution.bubble_share * self.bubble)
 
     @property
     def serial_s(self) -> float:
         """The step with no overlap of communication and computation."""
-        return (max(self.compute_s, self.memory_s) + self.comm_s) / (1 - self.bubble)
+        return (self.busy_s + self.comm_s) * self.idle_factor + self.execution.overhead_s
 
     @property
     def overlapped_s(self) -> float:
         """The step with communication hidden behind computation as far as it can be."""
-        return max(self.compute_s, self.memory_s, self.comm_s) / (1 - self.bubble)
+        return max(self.busy_s, self.comm_s) * self.idle_factor + self.execution.overhead_s
 
     def mfu(self, overlapped: bool = False) -> float:
         step = self.overlapped_s if overlapped else self.serial_s
@@ -59,10 +100,20 @@ def row_time(row: CollectiveRow, link: Link) -> float:
     return link.latency * ring_steps(row.kind, row.group_size) + row.traffic_bytes / link.bandwidth
 
 
-def predict(analysis: Analysis, hardware: str | MeshPreset | None = None) -> Prediction:
+def link_for(preset: MeshPreset, axes: tuple[str, ...]) -> Link:
+    """The link a collective over ``axes`` crosses on ``preset``: the slowest among the axes the
+    preset names, or its slowest link when it names none of them."""
+    named = [preset.link_of(a) for a in axes if a in {ax.name for ax in preset.axes}]
+    return slowest_link(named or list(preset.links.values()))
+
+
+def predict(
+    analysis: Analysis, hardware: str | MeshPreset | None = None, execution: Execution | None = None
+) -> Prediction:
     """The predicted step of ``analysis`` on the hardware of a mesh preset: the analysis's own
     when its mesh was one, else ``hardware`` (its device, and each axis's link where the preset
-    names that axis, its slowest link otherwise)."""
+    names that axis, its slowest link otherwise). The parts combine as ``execution`` says, else
+    as a ``HostPreset``'s own execution says, else as an accelerator's roofline."""
     name = hardware if hardware is not None else analysis.hardware
     if name is None:
         raise ValueError(
@@ -70,17 +121,11 @@ def predict(analysis: Analysis, hardware: str | MeshPreset | None = None) -> Pre
             "e.g. predict(analysis, 'gpu-h100x8'), or analyze on a preset mesh."
         )
     preset = load_preset(name) if isinstance(name, str) else name
-    links = list(preset.links.values())
-
-    def link_of(axes: tuple[str, ...]) -> Link:
-        named = [preset.link_of(a) for a in axes if a in {ax.name for ax in preset.axes}]
-        return slowest_link(named or links)
-
     tokens = analysis.batch * analysis.seq
     model_flops = analysis.flops_per_token * tokens
     device = preset.device
     bytes_accessed = analysis.compiled.bytes_accessed if analysis.compiled is not None else 0.0
-    comm = sum(r.count * row_time(r, link_of(r.axes)) for r in analysis.collectives)
+    comm = sum(r.count * row_time(r, link_for(preset, r.axes)) for r in analysis.collectives)
     return Prediction(
         compute_s=model_flops / analysis.devices / device.peak_bf16_flops,
         memory_s=bytes_accessed / device.hbm_bandwidth,
@@ -90,4 +135,5 @@ def predict(analysis: Analysis, hardware: str | MeshPreset | None = None) -> Pre
         tokens=tokens,
         devices=analysis.devices,
         peak_flops=device.peak_bf16_flops,
+        execution=execution or (preset.execution if isinstance(preset, HostPreset) else Execution()),
     )

@@ -85,9 +85,7 @@ class LanguageModel:
     runtime hands the pieces parameters already cast to it, each cast kept in its parameter's
     sharding so that gathers move the narrow copy. ``remat`` is the per-layer activation
     checkpointing policy ``run_layers`` applies; ``flops_per_token(seq_len)`` counts model FLOPs
-    for MFU; ``kernel_choices(batch, seq)`` says which kernel backend each hot operation runs;
-    ``activation_bytes(seq_len)`` estimates the bytes each trained token keeps alive for the
-    backward pass (all layers and the loss, under ``remat``), which the fit check uses.
+    for MFU; ``kernel_choices(batch, seq)`` says which kernel backend each hot operation runs.
     """
 
     name: str
@@ -106,7 +104,6 @@ class LanguageModel:
     remat: str = "none"
     layers_key: str = "layers"
     kernel_choices: Callable[[int, int], dict[str, str]] = lambda batch, seq: {}
-    activation_bytes: Callable[[int], float] = lambda seq: 0.0
 
     def __post_init__(self) -> None:
         if self.remat not in REMAT_POLICIES:

@@ -150,25 +150,6 @@ def flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
     return 6 * matmul_params(cfg) + attention
 
 
-def activation_bytes(cfg: LlamaConfig, seq_len: int) -> float:
-    """Bytes one trained token keeps for the backward pass, a simple count: each layer keeps the
-    inputs of its matmuls and nonlinearities (with ``remat="full"`` only the layer's input, plus
-    one layer's worth while it is recomputed; with ``save_dots`` the matmul outputs); plain-XLA
-    attention also keeps its probabilities (heads x seq); whole-logits loss keeps fp32 logits."""
-    d, h, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
-    width = jnp.dtype(cfg.dtype).itemsize
-    scores = h * seq_len * 4 if cfg.attention_impl == "xla" else h * 4
-    layer = (6 * d + 2 * h * hd + 2 * k * hd + 3 * f) * width + scores
-    if cfg.remat == "full":
-        layers = cfg.n_layers * d * width + layer
-    elif cfg.remat == "save_dots":
-        layers = cfg.n_layers * ((h * hd + 2 * k * hd + 2 * d + 2 * f) * width) + layer
-    else:
-        layers = cfg.n_layers * layer
-    logits = 2 * cfg.vocab_size * 4 if cfg.loss_impl == "xla" else 0
-    return float(layers + logits + 2 * d * width)
-
-
 def kernel_choices(cfg: LlamaConfig, batch: int, seq: int) -> dict[str, str]:
     """Which backend each hot operation of this config runs here (empty for plain XLA)."""
     return kernel_ops.kernel_choices(
@@ -202,7 +183,6 @@ def language_model(cfg: LlamaConfig, name: str = "llama") -> LanguageModel:
         compute_dtype=jnp.dtype(cfg.dtype),
         remat=cfg.remat,
         kernel_choices=bind(kernel_choices, cfg),
-        activation_bytes=bind(activation_bytes, cfg),
     )
 
 

@@ -267,9 +267,10 @@ class Plan:
     @property
     def batch_shards(self) -> int:
         """How many ways the activations' ``batch`` dim is split."""
-        return self._shards_of("batch")
+        return self.shards_of("batch")
 
-    def _shards_of(self, logical: str) -> int:
+    def shards_of(self, logical: str) -> int:
+        """How many ways the activations' ``logical`` dim is split."""
         spec = self.activation_spec((logical,))
         return math.prod(self.axis_sizes[a] for a in _as_tuple(spec[0] if len(spec) else None))
 

@@ -7,15 +7,15 @@ import math
 import sys
 from typing import cast
 
-import optax
 from rich.console import Console, JustifyMethod
 from rich.table import Table
 
+from mlsys_jax.analysis.memory import PlanMemory
 from mlsys_jax.models.base import LanguageModel
-from mlsys_jax.parallel.memory import MemoryPerDevice, human_bytes, memory_per_device
+from mlsys_jax.parallel.memory import human_bytes
 from mlsys_jax.parallel.plan import Plan
 
-__all__ = ["MemoryPerDevice", "human_bytes", "make_console", "memory_per_device", "plan_table"]
+__all__ = ["human_bytes", "make_console", "plan_table"]
 
 
 def make_console() -> Console:
@@ -26,10 +26,9 @@ def make_console() -> Console:
 def plan_table(
     plan: Plan,
     model: LanguageModel,
-    optimizer: optax.GradientTransformation,
+    mem: PlanMemory,
     mesh_label: str,
     note: str = "",
-    mem: MemoryPerDevice | None = None,
 ) -> Table:
     """Parameter path, shape, logical axes, mesh placement and bytes per device; totals below.
     The title names the model, the rules, ``mesh_label`` (what the user asked for) and the
@@ -58,16 +57,12 @@ def plan_table(
             spec,
             human_bytes(p.bytes_per_device),
         )
-    mem = mem or memory_per_device(plan, model, optimizer)
     n_params = sum(math.prod(p.shape) for p in placements)
     table.add_section()
     table.add_row(f"{n_params:,} parameters", "", "", "params", human_bytes(mem.params))
     table.add_row("", "", "", "grads", human_bytes(mem.grads))
     table.add_row("", "", "", "optimizer state", human_bytes(mem.opt_state))
     budget = f" of {human_bytes(mem.hbm)}" if mem.hbm else ""
-    if mem.activations is None:
-        table.add_row("", "", "", "total (no activations)", human_bytes(mem.total) + budget)
-    else:
-        table.add_row("", "", "", "activations (estimate)", human_bytes(mem.activations))
-        table.add_row("", "", "", "total", human_bytes(mem.total) + budget)
+    table.add_row("", "", "", "activations", human_bytes(mem.activations))
+    table.add_row("", "", "", "total", human_bytes(mem.total) + budget)
     return table

@@ -21,11 +21,12 @@ import optax
 from rich.console import Console
 
 from mlsys_jax import distributed
+from mlsys_jax.analysis.memory import check_fit, plan_memory
 from mlsys_jax.mesh import MeshError, make_mesh, simulate_cpu_devices
 from mlsys_jax.models import registry
 from mlsys_jax.models.base import LanguageModel
 from mlsys_jax.parallel import Plan, PlanError, resolve_mesh, rules
-from mlsys_jax.parallel.memory import check_fit, human_bytes, memory_per_device
+from mlsys_jax.parallel.memory import human_bytes
 from mlsys_jax.parallel.pipeline import Schedule, ScheduleError, check_layers, make_schedule
 from mlsys_jax.train import data as data_lib
 from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError
@@ -247,8 +248,8 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
     optimizer = adamw(opt_cfg, model.specs)
     check_batch(plan, d.batch, d.microbatches)
     pipeline = pipeline_schedule(cfg, plan.axis_sizes.get("pipeline", 1), strategy, model)
-    mem = memory_per_device(plan, model, optimizer, d.batch, d.seq, d.microbatches)
-    say(plan_table(plan, model, optimizer, cfg.mesh.mesh, note=f"{jax.process_count()} process(es)", mem=mem))
+    mem = plan_memory(plan, model, optimizer, d.batch, d.seq, d.microbatches, pipeline, cfg.mesh.pipeline_stash)
+    say(plan_table(plan, model, mem, cfg.mesh.mesh, note=f"{jax.process_count()} process(es)"))
     if pipeline is not None:
         say(f"pipeline schedule {pipeline.name!r} ({pipeline.ticks} ticks per step):")
         say(str(pipeline))
@@ -258,7 +259,7 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
             f"{human_bytes(mem.hbm or 0)} a device has"
         )
     elif not loop.force:
-        check_fit(mem, f"model {cfg.model.model!r} with batch {d.batch} x {d.seq} on {plan.describe_mesh()}")
+        check_fit(mem, f"model {cfg.model.model!r} with batch {d.batch} x {d.seq} on {plan.describe_mesh()}", cfg)
 
     corpus = data_lib.load_corpus(None if d.data is None else [d.data], tokenizer=tokenizer)
     step_fn = make_train_step(
