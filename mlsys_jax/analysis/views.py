@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mlsys_jax.analysis.report import ParamRow, PlanReport
+from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.memory import human_bytes
 
 #: Shard colours, cycled; devices holding the same shard share one.
@@ -34,7 +35,7 @@ def find_param(report: PlanReport, path: str | None) -> ParamRow:
         if p.path == path:
             return p
     names = ", ".join(p.path for p in report.params)
-    raise ValueError(f"--param {path!r} is not a parameter of {report.model}. Fix: one of {names}.")
+    raise PlanError(f"--param {path!r} is not a parameter of {report.model}. Fix: one of {names}.")
 
 
 def grid_shape(mesh: dict[str, int]) -> tuple[list[str], list[str], int]:
@@ -91,7 +92,9 @@ def memory_bars(report: PlanReport, width: int = 60) -> RenderableType:
     zoomed = m.hbm is not None and m.total < m.hbm / 10
     if zoomed:  # too small a share of HBM to see its parts: draw the parts against the total
         scale = 1 / max(m.total, 1)
-    title = "memory per device" + (f" (bars scaled to the total, {m.total / (m.hbm or 1):.1%} of HBM)" if zoomed else "")
+    title = "memory per device" + (
+        f" (bars scaled to the total, {m.total / (m.hbm or 1):.1%} of HBM)" if zoomed else ""
+    )
     lines = [Text.assemble((title + " ", "bold"), *[(f"■ {k}  ", s) for k, s in PART_STYLES.items()])]
     stages = m.stages or (m.activations,)
     for i, acts in enumerate(stages):
