@@ -19,6 +19,8 @@ def test_70b_does_not_fit_one_h100_node_with_fsdp():
     fits, text = run_plan(model="70b", mesh="gpu-h100x8")
     assert not fits
     assert "does not fit" in text and "of 80.00 GiB" in text and "too much" in text
+    # the state alone is too big for 8 devices: the fix is more of them, with the figure after
+    assert "Fix: --mesh fsdp=16 --strategy fsdp --batch 16 --remat full" in text.replace("\n", "")
     assert "plan: 70b under fsdp on gpu-h100x8, batch 8 x 2048 (fsdp=8, 8 devices)" in text
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import optax
 
 from mlsys_jax.analysis.activations import ActivationMemory, activation_memory
+from mlsys_jax.analysis.parts import plan_parts
 from mlsys_jax.models.base import LanguageModel
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.memory import human_bytes, optimizer_bytes, param_bytes
@@ -179,8 +180,6 @@ class Fix:
 
 def memory_of(cfg: RunConfig) -> PlanMemory:
     """``plan_memory`` of the run a recipe's settings describe, from shapes alone."""
-    from mlsys_jax.analysis.parts import plan_parts
-
     p = plan_parts(cfg)
     d = cfg.data
     return plan_memory(
@@ -226,6 +225,32 @@ def fit_fix(cfg: RunConfig, memory: PlanMemory | None = None) -> Fix | None:
             continue
         if after.fits:
             return Fix(change, after)
+    return more_devices(cfg, memory.hbm) if state_alone else None
+
+
+def more_devices(cfg: RunConfig, hbm: int, limit: int = 4096) -> Fix | None:
+    """The smallest ``fsdp=N`` mesh (N a power of two, the batch raised to N where smaller, with
+    activations recomputed where they are what overflows) on which the run fits devices of
+    ``hbm`` bytes; None beyond ``limit`` devices."""
+    from mlsys_jax.train.config import RunConfig
+
+    n = 2
+    while n <= limit:
+        change = {"mesh": f"fsdp={n}", "strategy": "fsdp"}
+        if cfg.data.batch % (n * cfg.data.microbatches):
+            change["batch"] = n * cfg.data.microbatches
+        try:
+            p = plan_parts(RunConfig.of(**{**cfg.flat(), **change}))
+        except (PlanError, ValueError):
+            n *= 2
+            continue
+        if param_bytes(p.plan, p.model.specs) * 2 + optimizer_bytes(p.plan, p.model.specs, p.optimizer) <= hbm:
+            for lighter in ({}, {"remat": "full", "loss_impl": "fused"}):
+                flags = change | {k: v for k, v in lighter.items() if cfg.flat()[k] != v}
+                after = dataclasses.replace(memory_of(RunConfig.of(**{**cfg.flat(), **flags})), hbm=hbm)
+                if after.fits:
+                    return Fix(flags, after)
+        n *= 2
     return None
 
 
