@@ -124,7 +124,7 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     if cfg.html is not None:
         from mlsys_jax.analysis.html import render_html
 
-        write_text(cfg.html, render_html(report))
+        write_text(cfg.html, render_html(report, param=param.path))
         console.print(f"wrote {cfg.html}")
     return report.memory.fits is not False
 

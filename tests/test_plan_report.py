@@ -74,3 +74,16 @@ def test_bad_plan_input_is_one_message_and_exit_status_2(argv, message, capsys):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_plan_html_writes_one_page_showing_the_chosen_parameter(tmp_path):
+    out = tmp_path / "report.html"
+    assert (
+        main(
+            ["plan", "--model", "small", "--mesh", "cpu-8", "--seq", "256", "--param", "layers/wq", "--html", str(out)]
+        )
+        == 0
+    )
+    page = out.read_text()
+    assert page.lower().startswith("<!doctype html>") and 'id="mesh-svg"' in page
+    assert "<option value='layers/wq' selected>" in page  # the parameter --param named is the one shown

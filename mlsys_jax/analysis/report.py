@@ -203,6 +203,10 @@ def build_report(compile_step: bool = False, hardware: Any = None, **settings: A
     prediction = predict(analysis, priced) if priced is not None else None
     preset_name = priced if isinstance(priced, str) else getattr(priced, "name", None)
     device_kind = parts.preset.device.kind if parts.preset is not None else None
+    if device_kind is None and priced is not None:
+        from mlsys_jax.meshes import load_preset
+
+        device_kind = (load_preset(priced) if isinstance(priced, str) else priced).device.kind
     return PlanReport(
         model=cfg.model.model,
         parameters=sum(math.prod(p.shape) for p in placements),
