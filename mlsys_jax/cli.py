@@ -38,6 +38,10 @@ class PlanConfig:
     """Model chunks per pipeline device for --schedule interleaved."""
     remat: str = "none"
     """Activation checkpointing: none, full, save_dots."""
+    attention_impl: str = "xla"
+    """Attention backend, as the recipe's flag (pallas and cudnn keep no sequence x sequence scores)."""
+    loss_impl: str = "xla"
+    """Loss backend, as the recipe's flag (fused never forms the logits)."""
     hardware: str | None = None
     """Mesh preset whose device and links price a mesh given as axis sizes (default: the mesh's own preset)."""
     compile: bool = False
@@ -49,6 +53,14 @@ class PlanConfig:
     """Also write the report as one self-contained HTML page to this path."""
     json: str | None = None
     """Also write the report as JSON to this path ('-' for standard output, alone)."""
+    auto: bool = False
+    """Search the plans of --model on --devices devices of --hardware (default: the --mesh preset):
+    every factorization over data, fsdp, tensor, sequence and pipeline with schedules and remat,
+    ranked analytically, the best few compiled to confirm; prints the top five and the winner's flags."""
+    devices: int | None = None
+    """Devices for --auto (default: the hardware preset's)."""
+    confirm: int = 3
+    """How many of --auto's best plans to compile ahead of time to confirm the ranking."""
 
 
 def plan_settings(cfg: PlanConfig) -> dict[str, object]:
@@ -67,6 +79,8 @@ def plan_settings(cfg: PlanConfig) -> dict[str, object]:
         "seq": cfg.seq,
         "microbatches": microbatches,
         "remat": cfg.remat,
+        "attention_impl": cfg.attention_impl,
+        "loss_impl": cfg.loss_impl,
         "schedule": cfg.schedule,
         "virtual_stages": cfg.virtual_stages,
     }
@@ -85,6 +99,8 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     from mlsys_jax.train.config import RunConfig
     from mlsys_jax.train.report import make_console, plan_table
 
+    if cfg.auto:
+        return auto(cfg, console or make_console())
     settings = plan_settings(cfg)
     run_cfg = RunConfig.of(**settings)
     parts = plan_parts(run_cfg)
@@ -127,6 +143,50 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
         write_text(cfg.html, render_html(report, param=param.path))
         console.print(f"wrote {cfg.html}")
     return report.memory.fits is not False
+
+
+def auto(cfg: PlanConfig, console: Console) -> bool:
+    """``plan --auto``: the planner's top five with why, and the winner as recipe flags; the
+    winner's full report with --html/--json. False when no plan fits."""
+    from mlsys_jax.analysis.planner import auto_plan, print_result
+    from mlsys_jax.meshes import load_preset
+    from mlsys_jax.parallel.errors import PlanError
+
+    hardware = cfg.hardware or cfg.mesh
+    if "=" in hardware:
+        raise PlanError(
+            f"--auto prices plans on a hardware preset, and {hardware!r} is axis sizes. Fix: --hardware PRESET "
+            "(e.g. gpu-h100x8, tpu-v5p-64) with --devices N."
+        )
+    preset = load_preset(hardware)
+    fixed = {k: v for k, v in (("attention_impl", cfg.attention_impl), ("loss_impl", cfg.loss_impl)) if v != "xla"}
+    result = auto_plan(
+        cfg.devices or preset.num_devices,
+        hardware,
+        cfg.model,
+        batch=cfg.batch,
+        seq=cfg.seq,
+        confirm=cfg.confirm,
+        progress=lambda line: console.print(line, soft_wrap=True),
+        **fixed,
+    )
+    try:
+        winner = result.winner
+    except PlanError as err:  # nothing fits: the leanest plan's figure and what to change
+        console.print(f"[red]does not fit[/]: {err}", soft_wrap=True)
+        return False
+    print_result(result, console)
+    if cfg.html is not None or cfg.json is not None:
+        from mlsys_jax.analysis.report import build_report
+
+        report = build_report(compile_step=False, hardware=hardware, **winner.flags)
+        if cfg.json is not None:
+            write_text(cfg.json, json.dumps({"auto": result.to_json(), "winner": report.to_json()}, indent=1))
+        if cfg.html is not None:
+            from mlsys_jax.analysis.html import render_html
+
+            write_text(cfg.html, render_html(report))
+    return True
 
 
 def write_text(path: str, text: str) -> None:

@@ -101,6 +101,12 @@ def spec_leaves(specs: Any) -> list[tuple[str, ParamSpec]]:
     return [(path_str(p), s) for p, s in leaves]
 
 
+def specs_key(specs: Any) -> tuple[Any, ...]:
+    """A hashable summary of a spec tree (every path, shape, dtype and logical axes), for caches
+    of figures that depend on nothing else of it."""
+    return tuple((path, s.shape, str(s.dtype), s.logical_axes) for path, s in spec_leaves(specs))
+
+
 def init_params(specs: Any, key: jax.Array) -> Any:
     """Materialize a spec tree: leaf ``i`` uses ``fold_in(key, i)``, so values do not depend
     on where the arrays are placed."""

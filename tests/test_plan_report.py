@@ -57,7 +57,7 @@ def test_plan_json_writes_the_report_and_json_dash_prints_it_alone(tmp_path, cap
     capsys.readouterr()
     assert main(["plan", "--model", "70b", "--mesh", "gpu-h100x8", "--json", "-"]) == 1
     printed = json.loads(capsys.readouterr().out)  # nothing but the JSON
-    assert printed["memory"]["fits"] is False and printed["fix"] is None
+    assert printed["memory"]["fits"] is False and printed["fix"].startswith("--mesh fsdp=16")
 
 
 @pytest.mark.parametrize(
@@ -87,3 +87,21 @@ def test_plan_html_writes_one_page_showing_the_chosen_parameter(tmp_path):
     page = out.read_text()
     assert page.lower().startswith("<!doctype html>") and 'id="mesh-svg"' in page
     assert "<option value='layers/wq' selected>" in page  # the parameter --param named is the one shown
+
+
+def test_plan_auto_prints_the_top_five_with_why_and_the_winner_as_recipe_flags(capsys):
+    from mlsys_jax.train.config import RunConfig
+
+    assert main(["plan", "--auto", "--model", "small", "--hardware", "cpu-8", "--seq", "128", "--confirm", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "auto plan: small on 8 x cpu-8" in out and "#5 " in out and "#1 fastest that fits" in out
+    (winner,) = [line for line in out.splitlines() if line.startswith("winner: ")]
+    words = winner.removeprefix("winner: ").split()
+    flags = {words[i].removeprefix("--").replace("-", "_"): words[i + 1] for i in range(0, len(words), 2)}
+    cfg = RunConfig.of(**{k: int(v) if v.isdigit() else v for k, v in flags.items()})
+    assert cfg.model.model == "small" and cfg.data.seq == 128  # the recipe takes the winner as printed
+
+
+def test_plan_auto_needs_a_hardware_preset(capsys):
+    assert main(["plan", "--auto", "--model", "small", "--mesh", "data=8"]) == 2
+    assert "--auto prices plans on a hardware preset" in capsys.readouterr().err

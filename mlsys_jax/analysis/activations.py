@@ -72,8 +72,25 @@ def _residual_bytes(fn: Any, primals: Any, *args: Any) -> tuple[int, int]:
     return sum(sizes), max(sizes, default=0)
 
 
+#: Traced figures by (model name, config, remat, rows, seq): a planner asks for the same often.
+_TRACED: dict[tuple[Any, ...], ActivationMemory] = {}
+CACHE_SIZE = 4096
+
+
 def activation_memory(model: LanguageModel, rows: int, seq: int) -> ActivationMemory:
-    """The activation memory of training ``model`` on ``rows`` sequences of ``seq`` tokens."""
+    """The activation memory of training ``model`` on ``rows`` sequences of ``seq`` tokens
+    (traced once per model config, rows and sequence)."""
+    if model.config is None:
+        return _trace(model, rows, seq)
+    key = (model.name, model.config, model.remat, rows, seq)
+    if key not in _TRACED:
+        if len(_TRACED) >= CACHE_SIZE:
+            _TRACED.clear()
+        _TRACED[key] = _trace(model, rows, seq)
+    return _TRACED[key]
+
+
+def _trace(model: LanguageModel, rows: int, seq: int) -> ActivationMemory:
     params = jax.eval_shape(lambda: init_params(model.specs, jax.random.PRNGKey(0)))
     tokens = jax.ShapeDtypeStruct((rows, seq), jnp.int32)
     batch = {"inputs": tokens, "targets": tokens, "mask": jax.ShapeDtypeStruct((rows, seq), jnp.bool_)}

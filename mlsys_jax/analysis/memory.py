@@ -236,7 +236,7 @@ def more_devices(cfg: RunConfig, hbm: int, limit: int = 4096) -> Fix | None:
 
     n = 2
     while n <= limit:
-        change = {"mesh": f"fsdp={n}", "strategy": "fsdp"}
+        change: dict[str, Any] = {"mesh": f"fsdp={n}", "strategy": "fsdp"}
         if cfg.data.batch % (n * cfg.data.microbatches):
             change["batch"] = n * cfg.data.microbatches
         try:

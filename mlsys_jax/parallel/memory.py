@@ -11,7 +11,7 @@ import jax
 import optax
 
 from mlsys_jax.parallel.plan import Plan
-from mlsys_jax.params import abstract_params, is_spec
+from mlsys_jax.params import abstract_params, is_spec, specs_key
 
 
 def human_bytes(n: float) -> str:
@@ -32,8 +32,34 @@ def _shard_elements(plan: Plan, specs: Any) -> Any:
     return jax.tree_util.tree_map(per_device, specs, shardings, is_leaf=is_spec)
 
 
+#: State bytes by (mesh, rules, spec tree[, optimizer]): a planner asks for the same often.
+_CACHE: dict[tuple[Any, ...], tuple[Any, int]] = {}
+
+
+def _cached(key: tuple[Any, ...], keep: Any, compute: Any) -> int:
+    """``compute()``, once per ``key``; ``keep`` (held with the figure, and checked to be the
+    same object) is what the key names by identity."""
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0] is keep:
+        return hit[1]
+    if len(_CACHE) >= 8192:
+        _CACHE.clear()
+    value = compute()
+    _CACHE[key] = (keep, value)
+    return value
+
+
+def plan_key(plan: Plan) -> tuple[Any, ...]:
+    """A hashable summary of what places parameters: the mesh's axis sizes and the rules."""
+    return (tuple(plan.axis_sizes.items()), plan.rules)
+
+
 def param_bytes(plan: Plan, specs: Any) -> int:
     """Per-device bytes of the parameters."""
+    return _cached(("params", plan_key(plan), specs_key(specs)), None, lambda: _param_bytes(plan, specs))
+
+
+def _param_bytes(plan: Plan, specs: Any) -> int:
     elems = jax.tree_util.tree_leaves(_shard_elements(plan, specs))
     dtypes = [jax.numpy.dtype(s.dtype).itemsize for s in jax.tree_util.tree_leaves(specs, is_leaf=is_spec)]
     return sum(n * w for n, w in zip(elems, dtypes))
@@ -42,6 +68,11 @@ def param_bytes(plan: Plan, specs: Any) -> int:
 def optimizer_bytes(plan: Plan, specs: Any, optimizer: optax.GradientTransformation) -> int:
     """Per-device bytes of the optimizer state: a parameter-shaped leaf (Adam's moments) is split
     like its parameter, anything else (counters) is replicated."""
+    key = ("optimizer", plan_key(plan), specs_key(specs), id(optimizer))
+    return _cached(key, optimizer, lambda: _optimizer_bytes(plan, specs, optimizer))
+
+
+def _optimizer_bytes(plan: Plan, specs: Any, optimizer: optax.GradientTransformation) -> int:
     abstract = abstract_params(specs)
     shapes = jax.eval_shape(optimizer.init, abstract)
     elements = _shard_elements(plan, specs)

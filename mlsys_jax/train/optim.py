@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import optax
 
-from mlsys_jax.params import ParamSpec, is_spec
+from mlsys_jax.params import ParamSpec, is_spec, specs_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,22 @@ def decay_mask(specs: Any) -> Any:
     return jax.tree_util.tree_map(is_matrix, specs, is_leaf=is_spec)
 
 
+#: Optimizers built, by (config, spec tree): the same settings give the same object, so figures
+#: computed from one (its state's bytes under a plan) can be cached by it.
+_BUILT: dict[tuple[Any, ...], optax.GradientTransformation] = {}
+
+
 def adamw(cfg: OptimConfig, specs: Any) -> optax.GradientTransformation:
     """Clip by global norm, then AdamW on the schedule (decay masked to matrices)."""
+    key = (cfg, specs_key(specs))
+    if key not in _BUILT:
+        if len(_BUILT) >= 64:
+            _BUILT.clear()
+        _BUILT[key] = _adamw(cfg, specs)
+    return _BUILT[key]
+
+
+def _adamw(cfg: OptimConfig, specs: Any) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(

@@ -20,6 +20,7 @@ on the device that holds its chunk, after the work it needs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 from mlsys_jax.parallel.errors import PlanError
@@ -343,8 +344,10 @@ def zero_bubble(stages: int, microbatches: int) -> Schedule:
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
 
 
+@functools.lru_cache(maxsize=1024)
 def make_schedule(name: str, stages: int, microbatches: int, virtual: int = 1) -> Schedule:
-    """The named schedule (``gpipe``, ``1f1b``, ``interleaved``, ``zb``) for these counts."""
+    """The named schedule (``gpipe``, ``1f1b``, ``interleaved``, ``zb``) for these counts (built
+    once per counts: a schedule is immutable, and a planner asks for the same ones often)."""
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; the schedules are {list(SCHEDULES)}")
     if virtual != 1 and name != "interleaved":
