@@ -129,8 +129,8 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
         console.print(pipeline)
     if cfg.compile:
         console.print(views.compiled_summary(report), soft_wrap=True)
-        if report.collectives:
-            console.print(views.collectives_table(report))
+    if report.collectives:
+        console.print(views.collectives_table(report))
     console.print(views.prediction_summary(report), soft_wrap=True)
     for note in report.notes:
         console.print(f"note: {note}", soft_wrap=True)

@@ -407,29 +407,9 @@ def analytic_analysis(
 ) -> Analysis:
     """The ``Analysis`` ``predict`` prices, from shapes alone: the plan's memory, FLOPs and bubble
     and the analytic collectives ``rows`` (nothing compiled, so no bytes accessed)."""
-    d, plan, schedule = cfg.data, parts.plan, parts.schedule
-    return Analysis(
-        model=cfg.model.model,
-        mesh=dict(plan.axis_sizes),
-        strategy=plan.rules.name,
-        batch=d.batch,
-        seq=d.seq,
-        microbatches=d.microbatches,
-        schedule=schedule.name if schedule is not None else None,
-        devices=plan.num_devices,
-        hardware=hardware,
-        flops_per_token=float(parts.model.flops_per_token(d.seq)),
-        bubble=schedule.bubble if schedule is not None else 0.0,
-        param_bytes=memory.params,
-        grad_bytes=memory.grads,
-        opt_state_bytes=memory.opt_state,
-        activations=memory.activations,
-        hbm=memory.hbm,
-        stage_activations=memory.stages,
-        compiled=None,
-        collectives=rows,
-        notes=(*memory.notes, "collectives from shapes (mlsys_jax.analysis.analytic), nothing compiled"),
-    )
+    from mlsys_jax.analysis.compiled_step import ANALYTIC, analysis_of
+
+    return analysis_of(cfg, parts, memory, None, rows, (ANALYTIC,), hardware)
 
 
 def bytes_by_kind(rows: Iterable[CollectiveRow]) -> dict[tuple[str, tuple[str, ...]], int]:

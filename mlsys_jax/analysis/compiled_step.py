@@ -24,6 +24,8 @@ from mlsys_jax.analysis.memory import PlanMemory
 
 #: The most CPU devices a subprocess is asked to simulate.
 MAX_SIMULATED = 4096
+#: The note of an analysis whose collectives come from shapes.
+ANALYTIC = "collectives from shapes (mlsys_jax.analysis.analytic), nothing compiled"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,57 +134,29 @@ def analyze(**settings: Any) -> Analysis:
     if devices <= len(jax.devices()):
         return _analyze_here(cfg, compile_step=True)
     if devices > MAX_SIMULATED:
-        note = (
-            f"{devices} devices is more than the {MAX_SIMULATED} CPU devices that can be simulated: "
-            "predicted from shapes only, nothing compiled"
-        )
+        note = f"{devices} devices is more than the {MAX_SIMULATED} CPU devices that can be simulated"
         return dataclasses.replace(shapes, notes=(*shapes.notes, note))
     return _analyze_in_subprocess(settings, devices)
 
 
 def shapes_only(cfg: Any) -> Analysis:
-    """The analysis from shapes alone (``RunConfig`` settings): memory, FLOPs and the bubble,
-    nothing compiled."""
+    """The analysis from shapes alone (``RunConfig`` settings): memory, FLOPs, the bubble and the
+    collectives the step would run (``mlsys_jax.analysis.analytic``), nothing compiled."""
     return _analyze_here(cfg, compile_step=False)
 
 
-def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
-    import time
-
-    from mlsys_jax.analysis.memory import plan_memory
-    from mlsys_jax.analysis.parts import plan_parts
-    from mlsys_jax.train.step import make_train_step
-
-    parts = plan_parts(cfg, concrete=compile_step)
-    model, plan, schedule, optimizer = parts.model, parts.plan, parts.schedule, parts.optimizer
-    d = cfg.data
-    mem = plan_memory(plan, model, optimizer, d.batch, d.seq, d.microbatches, schedule, cfg.mesh.pipeline_stash)
-    notes = list(mem.notes)
-    compiled, rows = None, ()
-    if compile_step:
-        step = make_train_step(
-            model,
-            plan,
-            optimizer,
-            microbatches=d.microbatches,
-            schedule=schedule,
-            pipeline_stash=cfg.mesh.pipeline_stash,
-            pipeline_weights=cfg.mesh.pipeline_weights,
-        )
-        t0 = time.perf_counter()
-        exe = step.lower(d.batch, d.seq).compile()
-        seconds = time.perf_counter() - t0
-        memory, cost = exe.memory_analysis(), _cost(exe)
-        compiled = Compiled(
-            argument_bytes=int(memory.argument_size_in_bytes) if memory else 0,
-            output_bytes=int(memory.output_size_in_bytes) if memory else 0,
-            temp_bytes=int(memory.temp_size_in_bytes) if memory else 0,
-            code_bytes=int(memory.generated_code_size_in_bytes) if memory else 0,
-            flops=float(cost.get("flops", 0.0)),
-            bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-            compile_seconds=seconds,
-        )
-        rows = tuple(CollectiveRow.of(c, plan.axis_sizes) for c in collectives(exe.as_text() or ""))
+def analysis_of(
+    cfg: Any,
+    parts: Any,
+    memory: PlanMemory,
+    compiled: Compiled | None,
+    rows: tuple[CollectiveRow, ...],
+    notes: tuple[str, ...] = (),
+    hardware: str | None = None,
+) -> Analysis:
+    """The ``Analysis`` of a run's settings ``cfg`` and its ``PlanParts``, from the memory
+    model's figures, the compiled step's (None from shapes alone) and its collectives."""
+    d, plan, schedule = cfg.data, parts.plan, parts.schedule
     return Analysis(
         model=cfg.model.model,
         mesh=dict(plan.axis_sizes),
@@ -192,19 +166,59 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
         microbatches=d.microbatches,
         schedule=schedule.name if schedule is not None else None,
         devices=plan.num_devices,
-        hardware=cfg.mesh.mesh if parts.preset is not None else None,
-        flops_per_token=float(model.flops_per_token(d.seq)),
+        hardware=hardware if hardware is not None else cfg.mesh.mesh if parts.preset is not None else None,
+        flops_per_token=float(parts.model.flops_per_token(d.seq)),
         bubble=schedule.bubble if schedule is not None else 0.0,
-        param_bytes=mem.params,
-        grad_bytes=mem.grads,
-        opt_state_bytes=mem.opt_state,
-        activations=mem.activations,
-        hbm=mem.hbm,
-        stage_activations=mem.stages,
+        param_bytes=memory.params,
+        grad_bytes=memory.grads,
+        opt_state_bytes=memory.opt_state,
+        activations=memory.activations,
+        hbm=memory.hbm,
+        stage_activations=memory.stages,
         compiled=compiled,
         collectives=rows,
-        notes=tuple(notes),
+        notes=(*memory.notes, *notes),
     )
+
+
+def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
+    import time
+
+    from mlsys_jax.analysis.analytic import collectives_of
+    from mlsys_jax.analysis.memory import plan_memory
+    from mlsys_jax.analysis.parts import plan_parts
+    from mlsys_jax.train.step import make_train_step
+
+    parts = plan_parts(cfg, concrete=compile_step)
+    model, plan, schedule, optimizer = parts.model, parts.plan, parts.schedule, parts.optimizer
+    d = cfg.data
+    mem = plan_memory(plan, model, optimizer, d.batch, d.seq, d.microbatches, schedule, cfg.mesh.pipeline_stash)
+    if not compile_step:
+        return analysis_of(cfg, parts, mem, None, collectives_of(cfg, parts=parts), (ANALYTIC,))
+    step = make_train_step(
+        model,
+        plan,
+        optimizer,
+        microbatches=d.microbatches,
+        schedule=schedule,
+        pipeline_stash=cfg.mesh.pipeline_stash,
+        pipeline_weights=cfg.mesh.pipeline_weights,
+    )
+    t0 = time.perf_counter()
+    exe = step.lower(d.batch, d.seq).compile()
+    seconds = time.perf_counter() - t0
+    memory, cost = exe.memory_analysis(), _cost(exe)
+    compiled = Compiled(
+        argument_bytes=int(memory.argument_size_in_bytes) if memory else 0,
+        output_bytes=int(memory.output_size_in_bytes) if memory else 0,
+        temp_bytes=int(memory.temp_size_in_bytes) if memory else 0,
+        code_bytes=int(memory.generated_code_size_in_bytes) if memory else 0,
+        flops=float(cost.get("flops", 0.0)),
+        bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        compile_seconds=seconds,
+    )
+    rows = tuple(CollectiveRow.of(c, plan.axis_sizes) for c in collectives(exe.as_text() or ""))
+    return analysis_of(cfg, parts, mem, compiled, rows)
 
 
 def _cost(exe: Any) -> dict[str, float]:

@@ -124,7 +124,10 @@ def verdict(report: PlanReport) -> Text:
 
 def collectives_table(report: PlanReport) -> Table:
     """Collectives per step, one row per (kind, dtype, mesh axes), with the predicted time."""
-    table = Table(title=f"collectives per step ({report.strategy} on {report.devices} devices)", title_justify="left")
+    source = "compiled" if report.compiled is not None else "from shapes"
+    table = Table(
+        title=f"collectives per step ({report.strategy} on {report.devices} devices, {source})", title_justify="left"
+    )
     for name in ("kind", "dtype", "mesh axes", "ops", "runs per step", "bytes per step", "predicted"):
         table.add_column(name, justify="left" if name in ("kind", "dtype", "mesh axes") else "right")
     for c in report.collectives:
@@ -139,7 +142,7 @@ def compiled_summary(report: PlanReport) -> str:
     """The compiled step's bytes per device against the memory model's, and its FLOPs."""
     c, m = report.compiled, report.memory
     if c is None:
-        return "not compiled (pass --compile to compile the step ahead of time and read its collectives)"
+        return "not compiled: collectives from shapes (pass --compile to compile the step ahead of time and read its own)"
     held = m.params + m.opt_state
     predicted = m.activations + m.grads
     return (
@@ -157,7 +160,7 @@ def prediction_summary(report: PlanReport) -> str:
     if p is None:
         return "no hardware given: name a preset mesh or pass --hardware to predict the step time"
     bubble = f", bubble {p.bubble:.1%}" if p.bubble else ""
-    source = "compiled collectives" if report.compiled is not None else "no collectives (not compiled)"
+    source = "compiled collectives" if report.compiled is not None else "collectives from shapes; memory time needs --compile"
     return (
         f"predicted on {report.hardware} ({source}): compute {p.compute_s * 1e3:.2f} ms, memory "
         f"{p.memory_s * 1e3:.2f} ms, communication {p.comm_s * 1e3:.2f} ms{bubble}; step {p.serial_s * 1e3:.2f} ms "
