@@ -61,6 +61,15 @@ class PlanConfig:
     """Devices for --auto (default: the hardware preset's)."""
     confirm: int = 3
     """How many of --auto's best plans to compile ahead of time to confirm the ranking."""
+    calibrate: bool = False
+    """Fit this host's cost model on microbenchmarks alone (matmul rate, memory bandwidth, collective
+    latency and bandwidth over --simulate-devices CPU devices), save it to --calibration, then predict
+    this plan's step on it and measure the real step (when it fits this host)."""
+    calibration: str | None = None
+    """A calibration file (written by --calibrate) whose host prices the plan; with --calibrate,
+    where to write it (default ~/.cache/mlsys-jax/calibration.json)."""
+    simulate_devices: int = 8
+    """CPU devices --calibrate measures over (and the most a plan it measures may use)."""
 
 
 def plan_settings(cfg: PlanConfig) -> dict[str, object]:
@@ -101,6 +110,13 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
 
     if cfg.auto:
         return auto(cfg, console or make_console())
+    if cfg.calibrate:
+        return calibrate(cfg, console or make_console())
+    hardware: object = cfg.hardware
+    if cfg.calibration is not None:
+        from mlsys_jax.analysis.calibration import load
+
+        hardware = load(cfg.calibration).preset()
     settings = plan_settings(cfg)
     run_cfg = RunConfig.of(**settings)
     parts = plan_parts(run_cfg)
@@ -114,7 +130,7 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
         from mlsys_jax.meshes import load_preset
 
         load_preset(cfg.hardware)
-    report = build_report(compile_step=cfg.compile, hardware=cfg.hardware, **settings)
+    report = build_report(compile_step=cfg.compile, hardware=hardware, **settings)
     param = views.find_param(report, cfg.param)
     if cfg.json == "-":
         print(json.dumps(report.to_json(), indent=1))
@@ -189,6 +205,44 @@ def auto(cfg: PlanConfig, console: Console) -> bool:
     return True
 
 
+#: Where --calibrate writes its fit when --calibration does not say.
+CALIBRATION = "~/.cache/mlsys-jax/calibration.json"
+
+#: The most bytes (all devices together) a plan may need for --calibrate to measure its step here.
+MEASURABLE_BYTES = 4 << 30
+
+
+def calibrate(cfg: PlanConfig, console: Console) -> bool:
+    """``plan --calibrate``: fit this host on microbenchmarks, save the fit, then predict the
+    plan's step on it and, where the plan fits this host, measure the real step."""
+    from mlsys_jax.analysis import calibration as cal_lib
+    from mlsys_jax.analysis.parts import plan_parts
+    from mlsys_jax.mesh import simulate_cpu_devices
+    from mlsys_jax.train.config import RunConfig
+
+    simulate_cpu_devices(cfg.simulate_devices)
+    settings = plan_settings(cfg)
+    parts = plan_parts(RunConfig.of(**settings))  # refuse a plan that cannot work before measuring
+    console.print(f"calibrating on {cfg.simulate_devices} CPU devices (microbenchmarks only) ...")
+    fitted = cal_lib.calibrate(log=lambda line: console.print(line, soft_wrap=True))
+    path = fitted.save(cfg.calibration or CALIBRATION)
+    console.print(cal_lib.calibration_table(fitted))
+    console.print(f"wrote {path}; price plans on it with --calibration {path}")
+    from mlsys_jax.analysis.memory import memory_of
+
+    need = memory_of(RunConfig.of(**settings)).total * parts.plan.num_devices
+    if parts.plan.num_devices > cfg.simulate_devices or need > MEASURABLE_BYTES:
+        console.print(
+            f"not measured: the plan needs {parts.plan.num_devices} devices and {need / 2**30:.1f} GiB in all, more "
+            f"than this host's {cfg.simulate_devices} devices or {MEASURABLE_BYTES / 2**30:.0f} GiB",
+            soft_wrap=True,
+        )
+        return True
+    rows = cal_lib.validate(fitted, [settings])
+    console.print(cal_lib.validation_table(rows))
+    return True
+
+
 def write_text(path: str, text: str) -> None:
     """Write a file whole or not at all (a temporary beside it, then renamed)."""
     import os
@@ -210,6 +264,7 @@ def write_text(path: str, text: str) -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean a request cannot work as asked; each message names what was wrong
     and how to fix it, so the user sees the message alone."""
+    from mlsys_jax.analysis.calibration import CalibrationError
     from mlsys_jax.distributed import DistributedError
     from mlsys_jax.kernels.dispatch import KernelUnavailable
     from mlsys_jax.mesh import MeshError
@@ -228,6 +283,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         CheckpointError,
         DataError,
         DistributedError,
+        CalibrationError,
     )
 
 

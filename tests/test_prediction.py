@@ -32,7 +32,7 @@ def synthetic(**changes) -> Analysis:
         activations=0,
         hbm=None,
         stage_activations=(),
-        compiled=Compiled(0, 0, 0, 0, 0.0, 1e7, 0.0),
+        compiled=Compiled(0, 0, 0, 0, 0.0, 1e6, 0.0, bytes_per_step=1e7),
         collectives=(ALL_REDUCE,),
     )
     return dataclasses.replace(base, **changes)

@@ -20,6 +20,7 @@ from typing import Any
 
 from mlsys_jax.analysis.collectives import Collective, collectives
 from mlsys_jax.analysis.cost import collective_axes
+from mlsys_jax.analysis.hlo_cost import memory_traffic
 from mlsys_jax.analysis.memory import PlanMemory
 
 #: The most CPU devices a subprocess is asked to simulate.
@@ -58,6 +59,9 @@ class Compiled:
     flops: float
     bytes_accessed: float
     compile_seconds: float
+    bytes_per_step: float = 0.0
+    """Memory traffic per step with every loop counted by its trips (``hlo_cost``); XLA's
+    ``bytes_accessed`` counts a loop's body once."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,9 @@ class Analysis:
     compiled: Compiled | None
     collectives: tuple[CollectiveRow, ...]
     notes: tuple[str, ...] = ()
+    recomputes: int = 0
+    """Extra forward passes the step runs (remat, a pipeline recomputing from stashed inputs):
+    each a third of the step's model FLOPs more work, not counted in MFU."""
 
     @property
     def state_bytes(self) -> int:
@@ -156,6 +163,8 @@ def analysis_of(
 ) -> Analysis:
     """The ``Analysis`` of a run's settings ``cfg`` and its ``PlanParts``, from the memory
     model's figures, the compiled step's (None from shapes alone) and its collectives."""
+    from mlsys_jax.analysis.analytic import forward_recomputes
+
     d, plan, schedule = cfg.data, parts.plan, parts.schedule
     return Analysis(
         model=cfg.model.model,
@@ -178,6 +187,7 @@ def analysis_of(
         compiled=compiled,
         collectives=rows,
         notes=(*memory.notes, *notes),
+        recomputes=forward_recomputes(schedule, cfg.model.remat != "none", cfg.mesh.pipeline_stash),
     )
 
 
@@ -217,7 +227,9 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
         bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         compile_seconds=seconds,
     )
-    rows = tuple(CollectiveRow.of(c, plan.axis_sizes) for c in collectives(exe.as_text() or ""))
+    text = exe.as_text() or ""
+    compiled = dataclasses.replace(compiled, bytes_per_step=memory_traffic(text).per_step)
+    rows = tuple(CollectiveRow.of(c, plan.axis_sizes) for c in collectives(text))
     return analysis_of(cfg, parts, mem, compiled, rows)
 
 

@@ -415,9 +415,14 @@ def derive_trip_count(mod: HloModule, comp: Computation, loop: Instruction) -> i
 
 @dataclasses.dataclass(frozen=True)
 class CallContext:
+    """One way a computation is reached: ``count`` runs per step through loops of ``trips``,
+    under a conditional or not; ``share`` is the expected share of those runs that happen when
+    each conditional on the way picks its branches evenly (1/k per k-way conditional)."""
+
     count: int
     trips: tuple[int | None, ...]
     conditional: bool
+    share: float = 1.0
 
 
 def call_contexts(mod: HloModule) -> dict[str, list[CallContext]]:
@@ -462,7 +467,7 @@ def call_contexts(mod: HloModule) -> dict[str, list[CallContext]]:
         comp = mod.computations[name]
         for ctx in out.get(name, []):
             for callee, ins, key in callees(comp):
-                trips, count, cond = ctx.trips, ctx.count, ctx.conditional
+                trips, count, cond, share = ctx.trips, ctx.count, ctx.conditional, ctx.share
                 if ins.opcode == "while" and key in ("body", "condition"):
                     m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', ins.attrs)
                     n = int(m.group(1)) if m else derive_trip_count(mod, comp, ins)
@@ -472,7 +477,9 @@ def call_contexts(mod: HloModule) -> dict[str, list[CallContext]]:
                         count = ctx.count * (n + 1)
                 elif key in ("true_computation", "false_computation", "branch"):
                     cond = True
-                out.setdefault(callee, []).append(CallContext(count, trips, cond))
+                    branches = ins.attr("branch_computations")
+                    share /= len(_NAME.findall(balanced(branches, "{", "}"))) if branches else 2
+                out.setdefault(callee, []).append(CallContext(count, trips, cond, share))
     return out
 
 

@@ -808,7 +808,11 @@ def compiled_section(report: PlanReport) -> str:
             f"XLA:CPU's schedule; activations + gradients predicted {human_bytes(predicted)}",
         ),
         ("FLOPs per step", f"{c.flops / 1e9:,.2f} GFLOP", "per device"),
-        ("bytes accessed", human_bytes(c.bytes_accessed), "per device"),
+        (
+            "memory traffic",
+            human_bytes(c.bytes_per_step),
+            f"per device, loops by their trips (XLA counts {human_bytes(c.bytes_accessed)})",
+        ),
         ("compile time", f"{c.compile_seconds:.1f} s", f"on {report.devices} simulated CPU devices"),
     )
     body = "".join(

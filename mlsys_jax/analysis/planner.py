@@ -59,7 +59,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from mlsys_jax.analysis.analytic import analytic_analysis, forward_recomputes, is_exposed, step_collectives
+from mlsys_jax.analysis.analytic import analytic_analysis, is_exposed, step_collectives
 from mlsys_jax.analysis.compiled_step import CollectiveRow
 from mlsys_jax.analysis.memory import PlanMemory, plan_memory
 from mlsys_jax.analysis.prediction import Prediction, link_for, predict, row_time
@@ -517,9 +517,8 @@ def evaluate(cache: _Cache, cfg: RunConfig, parts: PlanParts, sizes: dict[str, i
         placements=placements,
     )
     analysis = analytic_analysis(cfg, parts, memory, rows)
-    recomputes = forward_recomputes(parts.schedule, cfg.model.remat != "none", cfg.mesh.pipeline_stash)
-    base = predict(analysis, hardware)
-    prediction = dataclasses.replace(base, compute_s=base.compute_s * (1 + recomputes / 3))
+    recomputes = analysis.recomputes
+    prediction = predict(analysis, hardware)
     by_axis: dict[str, float] = {}
     for r in rows:
         key = "+".join(r.axes)
@@ -627,7 +626,7 @@ def confirm_candidate(c: Candidate, hardware: MeshPreset) -> Candidate:
     hidden = c.hidden_s * hidden_ratio if math.isfinite(hidden_ratio) else _time(rows, hardware, False)
     exposed = c.exposed_s * exposed_ratio if math.isfinite(exposed_ratio) else _time(rows, hardware, True)
     payload = lambda rs: sum(r.count * r.payload_bytes for r in rs)
-    accessed = compiled.compiled.bytes_accessed if compiled.compiled is not None else 0.0
+    accessed = compiled.compiled.bytes_per_step if compiled.compiled is not None else 0.0
     return dataclasses.replace(
         c,
         hidden_s=hidden,

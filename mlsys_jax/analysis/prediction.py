@@ -1,9 +1,11 @@
 """Step time predicted from an ``Analysis`` and the hardware a mesh preset describes.
 
 - **compute**: the model's FLOPs per device (``flops_per_token`` times the tokens a device's share
-  of the batch holds) at the device's peak;
-- **memory**: the compiled step's bytes accessed at the device's HBM bandwidth (XLA:CPU's count:
-  an upper bound where an accelerator compiler fuses more);
+  of the batch holds, a third more for each forward the step recomputes: ``Analysis.recomputes``)
+  at the device's peak;
+- **memory**: the compiled step's memory traffic, every loop counted by its trips
+  (``hlo_cost``), at the device's HBM bandwidth (XLA:CPU's program: an upper bound where an
+  accelerator compiler fuses more);
 - **communication**: every collective, each execution ``latency * ring steps + traffic /
   bandwidth`` over the slowest link among the mesh axes it spans (``cost.ring_steps``);
 - **step**: without overlap, the slower of compute and memory plus communication; with perfect
@@ -13,7 +15,8 @@ How the parts combine is the hardware's ``Execution``: an accelerator's roofline
 slower of compute and memory hides the other, the whole bubble is idle time, nothing else). A
 host whose simulated devices share a few CPU cores has it measured by microbenchmarks instead
 (``analysis.calibration``: how much compute and memory time overlap, how much of the bubble an
-idle device's cores give back, what launching a step costs); its preset is a ``HostPreset``.
+idle device's cores give back, what launching a step costs, what first touching the step's
+fresh temporary buffer costs); its preset is a ``HostPreset``.
 
 MFU is the model FLOPs of a step over what the devices could do in the predicted time.
 """
@@ -35,11 +38,14 @@ class Execution:
     the slower one alone counts; 0: they add up). ``bubble_share``: the share of a pipeline's
     bubble the step pays (1: idle stages' time is lost; 0: idle devices' cores go to busy ones,
     as when simulated devices share a host). ``overhead_s``: fixed seconds per step (launching
-    the program on every device)."""
+    the program on every device). ``fresh_bandwidth``: bytes/s at which a step's temporary
+    buffer is first touched, where every execution gets it fresh from the operating system
+    (page faults, as XLA:CPU's does); None where the allocator keeps it (an accelerator)."""
 
     overlap: float = 1.0
     bubble_share: float = 1.0
     overhead_s: float = 0.0
+    fresh_bandwidth: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +69,15 @@ class Prediction:
     devices: int
     peak_flops: float
     execution: Execution = dataclasses.field(default_factory=Execution)
+    #: Seconds to first touch the step's fresh temporary buffer (``Execution.fresh_bandwidth``),
+    #: counted with the memory time.
+    fresh_s: float = 0.0
 
     @property
     def busy_s(self) -> float:
         """Compute and memory time as the hardware combines them (``Execution.overlap``)."""
-        slow, fast = max(self.compute_s, self.memory_s), min(self.compute_s, self.memory_s)
+        memory = self.memory_s + self.fresh_s
+        slow, fast = max(self.compute_s, memory), min(self.compute_s, memory)
         return slow + (1 - self.execution.overlap) * fast
 
     @property
@@ -124,10 +134,14 @@ def predict(
     tokens = analysis.batch * analysis.seq
     model_flops = analysis.flops_per_token * tokens
     device = preset.device
-    bytes_accessed = analysis.compiled.bytes_accessed if analysis.compiled is not None else 0.0
+    c = analysis.compiled
+    bytes_accessed = (c.bytes_per_step or c.bytes_accessed) if c is not None else 0.0
+    temp_bytes = analysis.compiled.temp_bytes if analysis.compiled is not None else 0
     comm = sum(r.count * row_time(r, link_for(preset, r.axes)) for r in analysis.collectives)
+    if execution is None:
+        execution = preset.execution if isinstance(preset, HostPreset) else Execution()
     return Prediction(
-        compute_s=model_flops / analysis.devices / device.peak_bf16_flops,
+        compute_s=model_flops * (1 + analysis.recomputes / 3) / analysis.devices / device.peak_bf16_flops,
         memory_s=bytes_accessed / device.hbm_bandwidth,
         comm_s=comm,
         bubble=analysis.bubble,
@@ -135,5 +149,6 @@ def predict(
         tokens=tokens,
         devices=analysis.devices,
         peak_flops=device.peak_bf16_flops,
-        execution=execution or (preset.execution if isinstance(preset, HostPreset) else Execution()),
+        execution=execution,
+        fresh_s=temp_bytes / execution.fresh_bandwidth if execution.fresh_bandwidth else 0.0,
     )

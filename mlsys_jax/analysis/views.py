@@ -142,7 +142,9 @@ def compiled_summary(report: PlanReport) -> str:
     """The compiled step's bytes per device against the memory model's, and its FLOPs."""
     c, m = report.compiled, report.memory
     if c is None:
-        return "not compiled: collectives from shapes (pass --compile to compile the step ahead of time and read its own)"
+        return (
+            "not compiled: collectives from shapes (pass --compile to compile the step ahead of time and read its own)"
+        )
     held = m.params + m.opt_state
     predicted = m.activations + m.grads
     return (
@@ -160,7 +162,11 @@ def prediction_summary(report: PlanReport) -> str:
     if p is None:
         return "no hardware given: name a preset mesh or pass --hardware to predict the step time"
     bubble = f", bubble {p.bubble:.1%}" if p.bubble else ""
-    source = "compiled collectives" if report.compiled is not None else "collectives from shapes; memory time needs --compile"
+    source = (
+        "compiled collectives"
+        if report.compiled is not None
+        else "collectives from shapes; memory time needs --compile"
+    )
     return (
         f"predicted on {report.hardware} ({source}): compute {p.compute_s * 1e3:.2f} ms, memory "
         f"{p.memory_s * 1e3:.2f} ms, communication {p.comm_s * 1e3:.2f} ms{bubble}; step {p.serial_s * 1e3:.2f} ms "
