@@ -378,7 +378,7 @@ def _pipelined(
 
 
 def collectives_of(
-    cfg: RunConfig, reading: str = "executed", parts: PlanParts | None = None
+    cfg: RunConfig, reading: str = "executed", parts: PlanParts | None = None, placements: Any = None
 ) -> tuple[CollectiveRow, ...]:
     """``step_collectives`` of the run a recipe's settings describe."""
     from mlsys_jax.analysis.parts import plan_parts
@@ -395,6 +395,7 @@ def collectives_of(
         cfg.mesh.pipeline_stash,
         cfg.mesh.pipeline_weights,
         reading,
+        placements=placements,
     )
 
 

@@ -679,36 +679,19 @@ def measure_step(plan: Mapping[str, Any], steps: int = 5, warmup: int = 2) -> li
     on a fresh state and one batch of random tokens."""
     import jax
 
-    from mlsys_jax.mesh import make_mesh
-    from mlsys_jax.models import registry
-    from mlsys_jax.parallel import Plan, resolve_mesh, rules
-    from mlsys_jax.train.config import RunConfig, model_overrides
-    from mlsys_jax.train.optim import OptimConfig, adamw
-    from mlsys_jax.train.setup import pipeline_schedule
+    from mlsys_jax.analysis.parts import plan_parts, train_step_of
+    from mlsys_jax.parallel import resolve_mesh
+    from mlsys_jax.train.config import RunConfig
     from mlsys_jax.train.state import init_state
-    from mlsys_jax.train.step import check_batch, make_train_step
 
     cfg = RunConfig.of(**plan)
-    preset, sizes, strategy = resolve_mesh(cfg.mesh.mesh, cfg.mesh.strategy, cfg.mesh.sequence_parallel)
+    _, sizes, _ = resolve_mesh(cfg.mesh.mesh, cfg.mesh.strategy, cfg.mesh.sequence_parallel)
     wanted = math.prod(sizes.values())
     if wanted > len(jax.devices()):
         raise ValueError(f"plan {plan_label(plan)} needs {wanted} devices; this process has {len(jax.devices())}")
-    model = registry.build_model(cfg.model.model, **model_overrides(cfg))
-    mesh = make_mesh(preset if preset is not None else sizes, devices=jax.devices()[:wanted])
-    the_plan = Plan(mesh, rules(strategy, sequence_parallel=cfg.mesh.sequence_parallel))
-    d = cfg.data
-    check_batch(the_plan, d.batch, d.microbatches)
-    schedule = pipeline_schedule(cfg, the_plan.axis_sizes.get("pipeline", 1), strategy, model)
-    optimizer = adamw(OptimConfig(lr=cfg.optimizer.lr, warmup_steps=cfg.optimizer.warmup), model.specs)
-    step = make_train_step(
-        model,
-        the_plan,
-        optimizer,
-        microbatches=d.microbatches,
-        schedule=schedule,
-        pipeline_stash=cfg.mesh.pipeline_stash,
-        pipeline_weights=cfg.mesh.pipeline_weights,
-    )
+    parts = plan_parts(cfg, concrete=True)
+    step = train_step_of(cfg, parts)
+    model, the_plan, optimizer, d = parts.model, parts.plan, parts.optimizer, cfg.data
     state = init_state(the_plan, model.specs, optimizer, d.seed)
     tokens = np.random.default_rng(d.seed).integers(0, model.vocab_size, (d.batch, d.seq + 1)).astype(np.int32)
     host = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": np.ones((d.batch, d.seq), bool)}

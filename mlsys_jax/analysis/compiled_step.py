@@ -196,8 +196,7 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
 
     from mlsys_jax.analysis.analytic import collectives_of
     from mlsys_jax.analysis.memory import plan_memory
-    from mlsys_jax.analysis.parts import plan_parts
-    from mlsys_jax.train.step import make_train_step
+    from mlsys_jax.analysis.parts import plan_parts, train_step_of
 
     parts = plan_parts(cfg, concrete=compile_step)
     model, plan, schedule, optimizer = parts.model, parts.plan, parts.schedule, parts.optimizer
@@ -205,15 +204,7 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
     mem = plan_memory(plan, model, optimizer, d.batch, d.seq, d.microbatches, schedule, cfg.mesh.pipeline_stash)
     if not compile_step:
         return analysis_of(cfg, parts, mem, None, collectives_of(cfg, parts=parts), (ANALYTIC,))
-    step = make_train_step(
-        model,
-        plan,
-        optimizer,
-        microbatches=d.microbatches,
-        schedule=schedule,
-        pipeline_stash=cfg.mesh.pipeline_stash,
-        pipeline_weights=cfg.mesh.pipeline_weights,
-    )
+    step = train_step_of(cfg, parts)
     t0 = time.perf_counter()
     exe = step.lower(d.batch, d.seq).compile()
     seconds = time.perf_counter() - t0

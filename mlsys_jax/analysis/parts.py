@@ -64,6 +64,21 @@ def plan_parts(cfg: RunConfig, concrete: bool = False) -> PlanParts:
     return PlanParts(preset, model, plan, schedule, optimizer)
 
 
+def train_step_of(cfg: RunConfig, parts: PlanParts) -> Any:
+    """The train step the recipe would build for these settings and parts."""
+    from mlsys_jax.train.step import make_train_step
+
+    return make_train_step(
+        parts.model,
+        parts.plan,
+        parts.optimizer,
+        microbatches=cfg.data.microbatches,
+        schedule=parts.schedule,
+        pipeline_stash=cfg.mesh.pipeline_stash,
+        pipeline_weights=cfg.mesh.pipeline_weights,
+    )
+
+
 def batch_shards(settings: dict[str, Any]) -> int:
     """How many ways the plan the settings describe splits the batch (before any batch is given)."""
     from mlsys_jax.mesh import abstract_mesh

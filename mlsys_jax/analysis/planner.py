@@ -59,7 +59,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from mlsys_jax.analysis.analytic import analytic_analysis, is_exposed, step_collectives
+from mlsys_jax.analysis.analytic import analytic_analysis, collectives_of, is_exposed
 from mlsys_jax.analysis.compiled_step import CollectiveRow
 from mlsys_jax.analysis.memory import PlanMemory, plan_memory
 from mlsys_jax.analysis.prediction import Prediction, link_for, predict, row_time
@@ -504,18 +504,7 @@ def evaluate(cache: _Cache, cfg: RunConfig, parts: PlanParts, sizes: dict[str, i
     memory = memory_of(cache, cfg, parts)
     hardware = cache.hardware_of(sizes)
     placements = cache.placements_of(parts)
-    d = cfg.data
-    rows = step_collectives(
-        parts.plan,
-        parts.model,
-        d.batch,
-        d.seq,
-        d.microbatches,
-        parts.schedule,
-        cfg.mesh.pipeline_stash,
-        cfg.mesh.pipeline_weights,
-        placements=placements,
-    )
+    rows = collectives_of(cfg, parts=parts, placements=placements)
     analysis = analytic_analysis(cfg, parts, memory, rows)
     recomputes = analysis.recomputes
     prediction = predict(analysis, hardware)
@@ -603,18 +592,7 @@ def confirm_candidate(c: Candidate, hardware: MeshPreset) -> Candidate:
     seconds = time.perf_counter() - t0
     cfg = RunConfig.of(**c.flags)
     parts = plan_parts(cfg)
-    d = cfg.data
-    read = step_collectives(
-        parts.plan,
-        parts.model,
-        d.batch,
-        d.seq,
-        d.microbatches,
-        parts.schedule,
-        cfg.mesh.pipeline_stash,
-        cfg.mesh.pipeline_weights,
-        reading="compiled",
-    )
+    read = collectives_of(cfg, "compiled", parts)
     rows = tuple(r for r in compiled.collectives if r.axes)
 
     def ratio(exposed: bool) -> float:
