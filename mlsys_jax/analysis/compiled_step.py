@@ -203,7 +203,13 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
     d = cfg.data
     mem = plan_memory(plan, model, optimizer, d.batch, d.seq, d.microbatches, schedule, cfg.mesh.pipeline_stash)
     if not compile_step:
-        return analysis_of(cfg, parts, mem, None, collectives_of(cfg, parts=parts), (ANALYTIC,))
+        from mlsys_jax.parallel.errors import PlanError
+
+        try:
+            rows, note = collectives_of(cfg, parts=parts), ANALYTIC
+        except PlanError as err:  # a family whose shapes the analytic model does not know
+            rows, note = (), f"no collectives from shapes ({err}); compile the step (--compile) to read them"
+        return analysis_of(cfg, parts, mem, None, rows, (note,))
     step = train_step_of(cfg, parts)
     t0 = time.perf_counter()
     exe = step.lower(d.batch, d.seq).compile()
