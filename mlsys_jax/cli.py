@@ -11,6 +11,8 @@ from collections.abc import Callable
 import tyro
 from rich.console import Console
 
+from mlsys_jax.analysis.files import write_whole
+
 
 @dataclasses.dataclass(frozen=True)
 class PlanConfig:
@@ -151,12 +153,12 @@ def plan(cfg: PlanConfig, console: Console | None = None) -> bool:
     for note in report.notes:
         console.print(f"note: {note}", soft_wrap=True)
     if cfg.json is not None:
-        write_text(cfg.json, json.dumps(report.to_json(), indent=1))
+        write_whole(cfg.json, json.dumps(report.to_json(), indent=1))
         console.print(f"wrote {cfg.json}")
     if cfg.html is not None:
         from mlsys_jax.analysis.html import render_html
 
-        write_text(cfg.html, render_html(report, param=param.path))
+        write_whole(cfg.html, render_html(report, param=param.path))
         console.print(f"wrote {cfg.html}")
     return report.memory.fits is not False
 
@@ -197,11 +199,11 @@ def auto(cfg: PlanConfig, console: Console) -> bool:
 
         report = build_report(compile_step=False, hardware=hardware, **winner.flags)
         if cfg.json is not None:
-            write_text(cfg.json, json.dumps({"auto": result.to_json(), "winner": report.to_json()}, indent=1))
+            write_whole(cfg.json, json.dumps({"auto": result.to_json(), "winner": report.to_json()}, indent=1))
         if cfg.html is not None:
             from mlsys_jax.analysis.html import render_html
 
-            write_text(cfg.html, render_html(report))
+            write_whole(cfg.html, render_html(report))
     return True
 
 
@@ -243,24 +245,6 @@ def calibrate(cfg: PlanConfig, console: Console) -> bool:
     return True
 
 
-def write_text(path: str, text: str) -> None:
-    """Write a file whole or not at all (a temporary beside it, then renamed)."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions that mean a request cannot work as asked; each message names what was wrong
     and how to fix it, so the user sees the message alone."""
@@ -290,11 +274,12 @@ def user_errors() -> tuple[type[Exception], ...]:
 def run_failures() -> tuple[type[Exception], ...]:
     """The exceptions that mean a run started but could not go on (it diverged, the disk filled);
     each message names the step, the cause, what was kept and how to resume."""
+    from mlsys_jax.analysis.files import ReportWriteError
     from mlsys_jax.train.checkpoint import CheckpointWriteError
     from mlsys_jax.train.loop import TrainingDiverged
     from mlsys_jax.train.metrics import MetricsWriteError
 
-    return (TrainingDiverged, CheckpointWriteError, MetricsWriteError)
+    return (TrainingDiverged, CheckpointWriteError, MetricsWriteError, ReportWriteError)
 
 
 #: Exit statuses: a request that cannot work as asked, and a run that could not go on.

@@ -105,3 +105,22 @@ def test_plan_auto_prints_the_top_five_with_why_and_the_winner_as_recipe_flags(c
 def test_plan_auto_needs_a_hardware_preset(capsys):
     assert main(["plan", "--auto", "--model", "small", "--mesh", "data=8"]) == 2
     assert "--auto prices plans on a hardware preset" in capsys.readouterr().err
+
+
+def test_a_report_that_cannot_be_written_is_one_message_and_leaves_the_old_one_intact(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from mlsys_jax.analysis import files
+
+    out = tmp_path / "plan.json"
+    out.write_text("the old report")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full_disk)
+    status = main(["plan", "--model", "small", "--mesh", "cpu-8", "--seq", "128", "--json", str(out)])
+    err = capsys.readouterr().err
+    assert status == 1 and err.startswith(f"error: could not write {out}: No space left on device")
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert out.read_text() == "the old report" and [p.name for p in tmp_path.iterdir()] == ["plan.json"]

@@ -44,7 +44,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -219,20 +218,9 @@ class Calibration:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the calibration as JSON; a reader never sees a half-written file."""
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        from mlsys_jax.analysis.files import write_whole
+
+        return write_whole(path, json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def load(path: str | os.PathLike[str]) -> Calibration:
