@@ -617,6 +617,8 @@ def prediction_section(report: PlanReport) -> str:
     source = (
         "compiled collectives"
         if report.compiled is not None
+        else "collectives from shapes; HBM traffic needs --compile"
+        if report.collectives
         else "shapes only: communication and HBM traffic not counted (pass --compile)"
     )
     return (
@@ -644,8 +646,12 @@ KIND_COLORS = {
 
 
 def collectives_section(report: PlanReport) -> str:
-    head = f"<h2>Collectives per step <span class='muted'>{_e(report.strategy)} on {report.devices} devices</span></h2>"
-    if report.compiled is None:
+    source = "compiled" if report.compiled is not None else "from shapes (pass --compile to read the compiled step's)"
+    head = (
+        f"<h2>Collectives per step <span class='muted'>{_e(report.strategy)} on {report.devices} devices, "
+        f"{_e(source)}</span></h2>"
+    )
+    if report.compiled is None and not report.collectives:
         return (
             f"<section id='collectives' class='card'>{head}<p class='absent'>not compiled: pass --compile to "
             "compile the step ahead of time and list the collectives it runs</p></section>"
