@@ -195,13 +195,12 @@ def _analyze_here(cfg: Any, compile_step: bool) -> Analysis:
     import time
 
     from mlsys_jax.analysis.analytic import collectives_of
-    from mlsys_jax.analysis.memory import plan_memory
+    from mlsys_jax.analysis.memory import memory_of
     from mlsys_jax.analysis.parts import plan_parts, train_step_of
 
     parts = plan_parts(cfg, concrete=compile_step)
-    model, plan, schedule, optimizer = parts.model, parts.plan, parts.schedule, parts.optimizer
-    d = cfg.data
-    mem = plan_memory(plan, model, optimizer, d.batch, d.seq, d.microbatches, schedule, cfg.mesh.pipeline_stash)
+    d, plan = cfg.data, parts.plan
+    mem = memory_of(cfg, parts)
     if not compile_step:
         from mlsys_jax.parallel.errors import PlanError
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import optax
 
 from mlsys_jax.analysis.activations import ActivationMemory, activation_memory
-from mlsys_jax.analysis.parts import plan_parts
+from mlsys_jax.analysis.parts import PlanParts, plan_parts
 from mlsys_jax.models.base import LanguageModel
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.memory import human_bytes, optimizer_bytes, param_bytes
@@ -178,9 +178,10 @@ class Fix:
         return f"{flags} (then {self.memory.describe()})"
 
 
-def memory_of(cfg: RunConfig) -> PlanMemory:
-    """``plan_memory`` of the run a recipe's settings describe, from shapes alone."""
-    p = plan_parts(cfg)
+def memory_of(cfg: RunConfig, parts: PlanParts | None = None) -> PlanMemory:
+    """``plan_memory`` of the run a recipe's settings describe, from shapes alone (``parts``:
+    its ``plan_parts``, when already built)."""
+    p = parts if parts is not None else plan_parts(cfg)
     d = cfg.data
     return plan_memory(
         p.plan, p.model, p.optimizer, d.batch, d.seq, d.microbatches, p.schedule, cfg.mesh.pipeline_stash

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlsys_jax.analysis.analytic import analytic_analysis, collectives_of, is_exposed
 from mlsys_jax.analysis.compiled_step import CollectiveRow
-from mlsys_jax.analysis.memory import PlanMemory, plan_memory
+from mlsys_jax.analysis.memory import PlanMemory, memory_of
 from mlsys_jax.analysis.prediction import Prediction, link_for, predict, row_time
 from mlsys_jax.meshes import AXIS_NAMES, MeshAxis, MeshPreset, PresetError, load_preset
 from mlsys_jax.parallel.errors import PlanError
@@ -477,20 +477,9 @@ def state_bytes(parts: PlanParts) -> int:
     return 2 * params + memory_model.optimizer_bytes(parts.plan, parts.model.specs, parts.optimizer)
 
 
-def memory_of(cache: _Cache, cfg: RunConfig, parts: PlanParts) -> PlanMemory:
+def memory_against(cache: _Cache, cfg: RunConfig, parts: PlanParts) -> PlanMemory:
     """The memory model's figures for the run, against the hardware preset's HBM."""
-    d = cfg.data
-    mem = plan_memory(
-        parts.plan,
-        parts.model,
-        parts.optimizer,
-        d.batch,
-        d.seq,
-        d.microbatches,
-        parts.schedule,
-        cfg.mesh.pipeline_stash,
-    )
-    return dataclasses.replace(mem, hbm=cache.preset.device.hbm_bytes)
+    return dataclasses.replace(memory_of(cfg, parts), hbm=cache.preset.device.hbm_bytes)
 
 
 def _time(rows: tuple[CollectiveRow, ...], hardware: MeshPreset, exposed: bool | None = None) -> float:
@@ -501,7 +490,7 @@ def _time(rows: tuple[CollectiveRow, ...], hardware: MeshPreset, exposed: bool |
 
 def evaluate(cache: _Cache, cfg: RunConfig, parts: PlanParts, sizes: dict[str, int]) -> Candidate:
     """One candidate's memory and predicted step, from shapes alone."""
-    memory = memory_of(cache, cfg, parts)
+    memory = memory_against(cache, cfg, parts)
     hardware = cache.hardware_of(sizes)
     placements = cache.placements_of(parts)
     rows = collectives_of(cfg, parts=parts, placements=placements)
