@@ -1,7 +1,7 @@
 """The graph layer: the model interface (``base``), model families that name logical axes only,
 and the registry that finds a family and preset by name (``llama:7b``)."""
 
-from mlsys_jax.models import llama, registry
+from mlsys_jax.models import hf, llama, registry
 from mlsys_jax.models.base import (
     UNPLACED,
     ConfigError,
@@ -26,6 +26,7 @@ from mlsys_jax.models.registry import (
 )
 
 registry.register_family(llama.FAMILY)
+registry.register_family(hf.FAMILY)
 
 __all__ = [
     "CONFIGS",
@@ -42,6 +43,7 @@ __all__ = [
     "families",
     "forward",
     "get_config",
+    "hf",
     "init_cache",
     "llama",
     "loss_sums",

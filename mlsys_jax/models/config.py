@@ -12,6 +12,34 @@ from mlsys_jax.models.base import REMAT_POLICIES, ConfigError
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "pallas_triton", "pallas_tpu", "auto")
 NORM_IMPLS = ("xla", "pallas", "pallas_triton", "pallas_tpu")
 LOSS_IMPLS = ("xla", "fused", "chunked", "pallas_triton", "pallas_tpu")
+ROPE_SCALINGS = ("llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Stretched rotary frequencies for contexts longer than pretraining's.
+
+    ``llama3``: frequencies whose wavelength exceeds ``original_max_position / low_freq_factor``
+    are divided by ``factor``, those shorter than ``original_max_position / high_freq_factor``
+    kept, and those between blended smoothly. ``linear``: every frequency divided by ``factor``.
+    """
+
+    kind: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_SCALINGS:
+            raise ConfigError(f"rope scaling kind {self.kind!r} is not one of {ROPE_SCALINGS}")
+        if not self.factor > 0:
+            raise ConfigError(f"rope scaling factor must be positive, got {self.factor}")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ConfigError(
+                f"llama3 rope scaling needs high_freq_factor > low_freq_factor > 0, got "
+                f"{self.high_freq_factor} and {self.low_freq_factor}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +56,10 @@ class LlamaConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # attend to the last w positions only (Mistral)
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    max_position: int | None = None  # the longest context the model is made for (None: unstated)
     dtype: str = "bfloat16"  # compute dtype; parameters stay in param_dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | save_dots
@@ -47,6 +79,11 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if isinstance(self.rope_scaling, dict):  # as recorded beside a checkpoint
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        for name in ("sliding_window", "max_position"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive or None, got {getattr(self, name)}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
         for name, allowed in (

@@ -36,11 +36,12 @@ def attention(
     *,
     q_offset: jax.Array | None = None,
     kv_lengths: jax.Array | None = None,
+    window: int | None = None,
 ) -> jax.Array:
     """Causal grouped-query attention of (batch, seq, heads, head_dim) q and (…, kv_heads, …)
     k, v; with a cache, queries sit at ``q_offset`` (batch,) and keys past ``kv_lengths`` are
-    hidden."""
-    kwargs = {"causal": True, "q_offset": q_offset, "kv_lengths": kv_lengths}
+    hidden; with a ``window``, keys that many positions back or more are hidden too."""
+    kwargs = {"causal": True, "q_offset": q_offset, "kv_lengths": kv_lengths, "sliding_window": window}
     if impl == "xla" or not layout.sharded:
         return attention_kernels.flash_attention(q, k, v, implementation=_backend(impl, "auto"), **kwargs)
     assert layout.spec is not None
@@ -115,19 +116,23 @@ def next_token_loss(
 def kernel_choices(
     dtype: Any,
     *,
-    attention: tuple[str, tuple, tuple] | None = None,
+    attention: tuple[str, tuple, tuple, int | None] | None = None,
     norm: tuple[str, tuple] | None = None,
     loss: tuple[str, tuple, tuple] | None = None,
 ) -> dict[str, str]:
     """Which backend each hot operation runs here, and why others were passed over, for the
-    operations that run a kernel: ``attention=(impl, q_shape, k_shape)``, ``norm=(impl,
+    operations that run a kernel: ``attention=(impl, q_shape, k_shape, window)``, ``norm=(impl,
     x_shape)``, ``loss=(impl, hidden_shape, head_shape)``. Plain "xla" operations are left out."""
     dt = jnp.dtype(dtype)
     out: dict[str, str] = {}
     if attention is not None and attention[0] != "xla":
-        impl, q, k = attention
+        impl, q, k, window = attention
         out["attention"] = attention_kernels.choose(
-            jax.ShapeDtypeStruct(q, dt), jax.ShapeDtypeStruct(k, dt), causal=True, implementation=_backend(impl, "auto")
+            jax.ShapeDtypeStruct(q, dt),
+            jax.ShapeDtypeStruct(k, dt),
+            causal=True,
+            sliding_window=window,
+            implementation=_backend(impl, "auto"),
         ).describe()
     if norm is not None and norm[0] != "xla":
         out["rms_norm"] = norms.choose("rms_norm", jax.ShapeDtypeStruct(norm[1], dt), norm[0]).describe()

@@ -7,16 +7,39 @@ through ``kernel_ops``, whose only implementations are the kernels' own.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from mlsys_jax.models.base import Constrain, no_constraint
+from mlsys_jax.models.config import RopeScaling
 
 
-def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin of position * theta^(-2i/d) for i < d/2: shape positions.shape + (head_dim/2,)
-    for positions (seq,) shared by every row or (batch, seq)."""
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> jax.Array:
+    """theta^(-2i/d) for i < d/2 (fp32), stretched by ``scaling`` when given (Llama 3's
+    wavelength-dependent rule, or a linear division)."""
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    old = scaling.original_max_position
+    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    divided = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * divided / scaling.factor + smooth * divided
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, blended, divided)
+
+
+def rope_angles(
+    positions: jax.Array, head_dim: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of position * frequency_i for i < d/2: shape positions.shape + (head_dim/2,)
+    for positions (seq,) shared by every row or (batch, seq)."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 

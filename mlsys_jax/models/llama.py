@@ -5,6 +5,10 @@
     h_l     = a_l + W_down(silu(W_gate x) * W_up x),  x = RMSNorm(a_l)        token's position)
     logits  = RMSNorm(h_L) W_head                (W_head = E^T when tied)    head
 
+The variants of the family are config fields: Llama 3's stretched rotary frequencies
+(``rope_scaling``), Mistral's sliding-window attention (``sliding_window``) and Qwen2's biases
+on q, k and v (``qkv_bias``).
+
 Layers are stacked on a leading ``layers`` axis; ``models.base`` scans them. With a KV cache a
 block writes its keys and values at the tokens' positions and attends over the cache. Weights
 and activations name logical axes only; a plan maps them to a mesh.
@@ -48,6 +52,15 @@ def param_specs(cfg: LlamaConfig) -> Params:
         "wq": p((d, h, hd), ("embed", "heads", "head_dim"), fan_in(0)),
         "wk": p((d, k, hd), ("embed", "kv_heads", "head_dim"), fan_in(0)),
         "wv": p((d, k, hd), ("embed", "kv_heads", "head_dim"), fan_in(0)),
+        **(
+            {
+                "bq": p((h, hd), ("heads", "head_dim"), zeros),
+                "bk": p((k, hd), ("kv_heads", "head_dim"), zeros),
+                "bv": p((k, hd), ("kv_heads", "head_dim"), zeros),
+            }
+            if cfg.qkv_bias
+            else {}
+        ),
         "wo": p((h, hd, d), ("heads", "head_dim", "embed"), fan_in((0, 1), out_scale)),
         "mlp_norm": p((d,), ("embed",), ones),
         "w_gate": p((d, f), ("embed", "mlp"), fan_in(0)),
@@ -99,17 +112,26 @@ def block(
     w = jax.tree_util.tree_map(lambda a: a.astype(cfg.dtype), w)
     c = layout.constrain
     q, k, v = qkv_projection(_norm(cfg, x, w["attn_norm"], layout), w["wq"], w["wk"], w["wv"])
-    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    if cfg.qkv_bias:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     q = apply_rope(c(q, ("batch", "seq", "heads", "head_dim")), cos, sin)
     k = apply_rope(c(k, ("batch", "seq", "kv_heads", "head_dim")), cos, sin)
     v = c(v, ("batch", "seq", "kv_heads", "head_dim"))
     if cache is None:
-        o = kernel_ops.attention(q, k, v, cfg.attention_impl, layout)
+        o = kernel_ops.attention(q, k, v, cfg.attention_impl, layout, window=cfg.sliding_window)
     else:
         start = jnp.broadcast_to(positions[..., 0], (x.shape[0],)).astype(jnp.int32)
         cache = {name: c(cache_write(cache[name], new, start), CACHE_AXES[1:]) for name, new in (("k", k), ("v", v))}
         o = kernel_ops.attention(
-            q, cache["k"], cache["v"], cfg.attention_impl, layout, q_offset=start, kv_lengths=start + x.shape[1]
+            q,
+            cache["k"],
+            cache["v"],
+            cfg.attention_impl,
+            layout,
+            q_offset=start,
+            kv_lengths=start + x.shape[1],
+            window=cfg.sliding_window,
         )
     o = c(o, ("batch", "seq", "heads", "head_dim"))
     x = c(x + jnp.einsum("bshk,hkd->bsd", o, w["wo"]), ("batch", "seq", "embed"))
@@ -158,6 +180,7 @@ def kernel_choices(cfg: LlamaConfig, batch: int, seq: int) -> dict[str, str]:
             cfg.attention_impl,
             (batch, seq, cfg.n_heads, cfg.head_dim),
             (batch, seq, cfg.n_kv_heads, cfg.head_dim),
+            cfg.sliding_window,
         ),
         norm=(cfg.norm_impl, (batch, seq, cfg.d_model)),
         loss=(cfg.loss_impl, (batch * seq, cfg.d_model), (cfg.d_model, cfg.vocab_size)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 from mlsys_jax.models import registry
@@ -56,7 +57,12 @@ class ModelSettings:
     """What is trained: the model and how its operations run."""
 
     model: str = "small"
-    """Model as family:preset (llama:7b) or a Llama preset: tiny, tiny8, small, 125m, 1b, 7b, 8b, 70b."""
+    """Model as family:preset (llama:7b), a Llama preset (tiny, tiny8, small, 125m, 1b, 7b, 8b, 70b),
+    or hf:PATH, a local Hugging Face folder's architecture (its config.json; weights not read)."""
+    init_from_hf: str | None = None
+    """Start from the weights of a local Hugging Face folder (config.json, *.safetensors): Llama 2/3,
+    Mistral or Qwen2. The model is the folder's (leave --model at its default), and so is the
+    tokenizer when the folder has a tokenizer.json (--tokenizer to choose another)."""
     dtype: str = "bfloat16"
     """Compute dtype (parameters stay float32)."""
     remat: str = "none"
@@ -95,6 +101,9 @@ class DataSettings:
     """Split each batch into this many microbatches and accumulate gradients."""
     seed: int = 0
     """Seed of the initialization and the data order."""
+    tokenizer: str | None = None
+    """byte (UTF-8 bytes), or a Hugging Face tokenizer.json or its folder. Default: the
+    --init-from-hf folder's tokenizer when it has one, else byte."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +176,14 @@ class RunConfig:
     loop: LoopSettings = LoopSettings()
 
     def __post_init__(self) -> None:
+        hf_path = self.model.init_from_hf
+        if hf_path is not None:
+            if self.model.model not in (ModelSettings.model, f"hf:{hf_path}"):
+                raise ConfigError(
+                    f"--init-from-hf {hf_path} takes the model from that folder's config.json, but --model "
+                    f"{self.model.model!r} names another. Fix: drop --model."
+                )
+            object.__setattr__(self, "model", dataclasses.replace(self.model, model=f"hf:{hf_path}"))
         at_least_one = (
             "steps",
             "batch",
@@ -288,10 +305,22 @@ MAY_CHANGE = (
 )
 
 
+def tokenizer_spec(cfg: RunConfig) -> str | None:
+    """The tokenizer the run reads text with: --tokenizer, else the --init-from-hf folder's own
+    when it has a tokenizer.json, else None (bytes)."""
+    if cfg.data.tokenizer is not None:
+        return cfg.data.tokenizer
+    hf_path = cfg.model.init_from_hf
+    if hf_path is not None and (Path(hf_path).expanduser() / "tokenizer.json").is_file():
+        return hf_path
+    return None
+
+
 def run_settings(cfg: RunConfig) -> dict[str, Any]:
     """The run's real settings as recorded beside its checkpoints: every setting that shapes what
     is computed, and the model's config with the run's overrides applied."""
     settings = {k: v for k, v in cfg.flat().items() if k not in NOT_RECORDED}
+    settings["tokenizer"] = tokenizer_spec(cfg)
     settings["model_config"] = dataclasses.asdict(registry.get_config(cfg.model.model, **model_overrides(cfg)))
     return settings
 

@@ -1,4 +1,4 @@
-"""Text data: a byte-level tokenizer, a corpus of files, and a grain pipeline of global batches.
+"""Text data: a corpus of files, and a grain pipeline of global batches.
 
 The default corpus is the ``.py`` files of the running Python's standard library: real text on
 every machine with no download. The pipeline is deterministic and checkpointable: its state is
@@ -19,24 +19,11 @@ import grain
 import jax
 import numpy as np
 
+from mlsys_jax.tokenizer import ByteTokenizer, Tokenizer
+
 
 class DataError(ValueError):
     """Data that cannot feed the run as configured."""
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, plus padding, beginning- and end-of-document tokens."""
-
-    PAD, BOS, EOS = 256, 257, 258
-    vocab_size = 259
-
-    def encode(self, text: str | bytes) -> np.ndarray:
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        data = bytes(int(i) for i in np.asarray(ids).reshape(-1) if 0 <= int(i) < 256)
-        return data.decode("utf-8", errors="replace")
 
 
 def stdlib_files() -> list[Path]:
@@ -80,7 +67,7 @@ class Corpus:
 
 
 def load_corpus(
-    paths: Sequence[str | Path] | None = None, *, val_fraction: float = 0.05, tokenizer: ByteTokenizer | None = None
+    paths: Sequence[str | Path] | None = None, *, val_fraction: float = 0.05, tokenizer: Tokenizer | None = None
 ) -> Corpus:
     """Read and tokenize the corpus. A file goes to validation when a hash of its name says so,
     so the split does not move when files are added; a single file is split by position."""
@@ -105,8 +92,10 @@ def load_corpus(
         train_docs = [d for (_, d), v in zip(pairs, is_val) if not v]
         val_docs = [d for (_, d), v in zip(pairs, is_val) if v]
 
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+
     def stream(parts: list[bytes]) -> np.ndarray:
-        eos = np.array([tok.EOS], np.uint16)
+        eos = np.array([tok.EOS], dtype)
         return np.concatenate([x for d in parts for x in (tok.encode(d), eos)])
 
     return Corpus(stream(train_docs), stream(val_docs), len(train_docs), len(val_docs))

@@ -23,14 +23,22 @@ from rich.console import Console
 from mlsys_jax import distributed
 from mlsys_jax.analysis.memory import check_fit, plan_memory
 from mlsys_jax.mesh import MeshError, make_mesh, simulate_cpu_devices
-from mlsys_jax.models import registry
+from mlsys_jax.models import hf, registry
 from mlsys_jax.models.base import LanguageModel
 from mlsys_jax.parallel import Plan, PlanError, resolve_mesh, rules
 from mlsys_jax.parallel.memory import human_bytes
 from mlsys_jax.parallel.pipeline import Schedule, ScheduleError, check_layers, make_schedule
+from mlsys_jax.tokenizer import Tokenizer, load_tokenizer
 from mlsys_jax.train import data as data_lib
 from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError
-from mlsys_jax.train.config import RunConfig, compare_settings, describe_changes, model_overrides, run_settings
+from mlsys_jax.train.config import (
+    RunConfig,
+    compare_settings,
+    describe_changes,
+    model_overrides,
+    run_settings,
+    tokenizer_spec,
+)
 from mlsys_jax.train.lock import FolderLock
 from mlsys_jax.train.metrics import JsonlWriter
 from mlsys_jax.train.optim import OptimConfig, adamw, schedule
@@ -51,7 +59,7 @@ class Run:
     plan: Plan
     model: LanguageModel
     optimizer: optax.GradientTransformation
-    tokenizer: data_lib.ByteTokenizer
+    tokenizer: Tokenizer
     step_fn: TrainStep
     compiled: Any
     eval_fn: Any
@@ -104,6 +112,32 @@ def check_settings(cfg: RunConfig) -> tuple[Any, dict[str, int], str, LanguageMo
     if sizes.get("pipeline", 1) != -1:
         pipeline_schedule(cfg, sizes.get("pipeline", 1), strategy, model)
     return preset, sizes, strategy, model
+
+
+def source_weights(cfg: RunConfig) -> hf.HFCheckpoint | None:
+    """The --init-from-hf folder, checked whole (config, index, shards, every tensor's shape)
+    from its headers alone, before any device is used."""
+    if cfg.model.init_from_hf is None:
+        return None
+    return hf.open_checkpoint(cfg.model.init_from_hf, **model_overrides(cfg))
+
+
+def run_tokenizer(cfg: RunConfig, model: LanguageModel) -> Tokenizer:
+    """The run's tokenizer, refused when the model's vocabulary cannot hold its ids or when it has
+    no end-of-document token to join the corpus with."""
+    tokenizer = load_tokenizer(tokenizer_spec(cfg))
+    if model.vocab_size < tokenizer.vocab_size:
+        raise PlanError(
+            f"model {cfg.model.model!r} has vocab_size {model.vocab_size}, smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} ({getattr(tokenizer, 'name', 'byte')}). Fix: pick a model with a larger "
+            "vocabulary, or the model's own tokenizer."
+        )
+    if tokenizer.EOS < 0:
+        raise PlanError(
+            f"tokenizer {getattr(tokenizer, 'name', '')} names no eos_token, which joins the documents of the "
+            "corpus. Fix: set eos_token in its tokenizer_config.json."
+        )
+    return tokenizer
 
 
 def pipeline_schedule(cfg: RunConfig, stages: int, strategy: str, model: LanguageModel) -> Schedule | None:
@@ -185,10 +219,13 @@ def restore_or_init(
     model: LanguageModel,
     optimizer: optax.GradientTransformation,
     say: Any,
+    source: hf.HFCheckpoint | None = None,
 ) -> tuple[TrainState, dict[str, Any] | None]:
     """The newest intact checkpoint's state and data position, restored onto this plan, or a fresh
     state when there is none. Damaged steps are named and set aside; a checkpoint of settings
-    that change the state's shapes or the data order is refused; allowed changes are named."""
+    that change the state's shapes or the data order is refused; allowed changes are named. A
+    fresh state takes its parameters from ``source`` when given, each process reading only the
+    parts its devices hold."""
     steps = ckpt.all_steps()
     if steps and not cfg.checkpoint.resume:
         raise CheckpointError(
@@ -214,6 +251,14 @@ def restore_or_init(
         where = f"; moved to {d.moved_to}, not deleted" if d.moved_to else ""
         fallback = f"resuming from step {restored.step} instead" if restored else "no intact checkpoint is left"
         say(f"[yellow]checkpoint step {d.step} in {ckpt.directory} is damaged ({d.reason}); {fallback}{where}")
+    if restored is None and source is not None:
+        params = hf.load_params(source, model.specs, plan.param_shardings(model.specs))
+        reads = source.tensors.reads
+        say(
+            f"initialized from {source.folder}: {len(reads.boxes)} slices, {human_bytes(reads.nbytes)} read by "
+            "this process"
+        )
+        return init_state(plan, model.specs, optimizer, cfg.data.seed, params=params), None
     if restored is None:
         return init_state(plan, model.specs, optimizer, cfg.data.seed), None
     say(f"resumed from step {restored.step} in {ckpt.directory}")
@@ -225,6 +270,8 @@ def restore_or_init(
 def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
     """Prepare the run as configured (see the module's docstring for the order)."""
     preset, sizes, strategy, model = check_settings(cfg)
+    source = source_weights(cfg)
+    tokenizer = run_tokenizer(cfg, model)
     cluster = join_cluster(cfg, sizes)
     primary = distributed.is_primary()
     console = console or make_console()
@@ -237,12 +284,6 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
     say(detected.describe(jax.local_device_count()))
 
     plan = build_plan(cfg, preset, sizes, strategy)
-    tokenizer = data_lib.ByteTokenizer()
-    if model.vocab_size < tokenizer.vocab_size:
-        raise PlanError(
-            f"model {cfg.model.model!r} has vocab_size {model.vocab_size}, smaller than the byte "
-            f"tokenizer's {tokenizer.vocab_size}. Fix: pick a model with a larger vocabulary."
-        )
     d, loop = cfg.data, cfg.loop
     opt_cfg = OptimConfig(lr=cfg.optimizer.lr, warmup_steps=cfg.optimizer.warmup, total_steps=loop.steps)
     optimizer = adamw(opt_cfg, model.specs)
@@ -288,7 +329,7 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
     try:
         ckpt = Checkpointer(folder, save_every=cfg.checkpoint.ckpt_every, keep=cfg.checkpoint.keep)
         settings = run_settings(cfg)
-        state, data_state = restore_or_init(cfg, ckpt, settings, plan, model, optimizer, say)
+        state, data_state = restore_or_init(cfg, ckpt, settings, plan, model, optimizer, say, source)
     except BaseException:
         if lock is not None:
             lock.release()

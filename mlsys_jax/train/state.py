@@ -61,7 +61,17 @@ def make_init(plan: Plan, specs: Any, optimizer: optax.GradientTransformation) -
     return jax.jit(lambda k: _fresh(specs, optimizer, k), out_shardings=shardings)
 
 
-def init_state(plan: Plan, specs: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+def init_state(
+    plan: Plan, specs: Any, optimizer: optax.GradientTransformation, seed: int = 0, params: Any = None
+) -> TrainState:
     """A fresh state on the plan's mesh. The parameters equal
-    ``plan.init(specs, split(PRNGKey(seed))[0])`` on any mesh."""
-    return make_init(plan, specs, optimizer)(jax.random.PRNGKey(seed))
+    ``plan.init(specs, split(PRNGKey(seed))[0])`` on any mesh, or are ``params`` when given
+    (already placed, e.g. read from another format), with a fresh optimizer state for them."""
+    if params is None:
+        return make_init(plan, specs, optimizer)(jax.random.PRNGKey(seed))
+    shardings = state_shardings(plan, specs, optimizer)
+
+    def fresh(p: Any, key: jax.Array) -> TrainState:
+        return TrainState(jnp.zeros((), jnp.int32), p, optimizer.init(p), jax.random.split(key)[1])
+
+    return jax.jit(fresh, out_shardings=shardings, donate_argnums=0)(params, jax.random.PRNGKey(seed))

@@ -1,0 +1,66 @@
+"""Our Llama-family parameters as a Hugging Face folder: config.json, safetensors shards with
+their index, and the tokenizer files of the folder the model came from."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlsys_jax.models.config import LlamaConfig
+from mlsys_jax.models.hf.config import HFError, to_hf
+from mlsys_jax.models.hf.files import DTYPES, write_folder
+from mlsys_jax.models.hf.names import file_tensors
+
+#: Files beside the weights that travel with a model (tokenizer, chat template, generation defaults).
+COMPANIONS = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+def file_arrays(cfg: LlamaConfig, fetch: Callable[[str], np.ndarray], dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, tensor in ``dtype``) in transformers' order; ``fetch(path)`` gives our parameter at
+    ``layers/wq``-style paths as a host array (fetched once per parameter)."""
+    if dtype not in DTYPES:
+        raise HFError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    held: dict[str, np.ndarray] = {}
+    for name, m, layer in file_tensors(cfg):
+        path = "/".join(m.path)
+        if path not in held:
+            held.clear()  # one parameter on the host at a time
+            held[path] = np.asarray(fetch(path))
+        ours = held[path] if layer is None else held[path][layer]
+        yield name, m.to_file(ours).astype(DTYPES[dtype])
+
+
+def export_folder(
+    cfg: LlamaConfig,
+    fetch: Callable[[str], np.ndarray],
+    out: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    source: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> list[Path]:
+    """Write the model to a new folder ``out``; ``source`` (the folder it was imported from, if
+    any) gives config.json's ids and spelling and the tokenizer files to copy."""
+    base: dict[str, Any] | None = None
+    extra: dict[str, bytes] = {}
+    if source is not None:
+        src = Path(source).expanduser()
+        if (src / "config.json").is_file():
+            base = json.loads((src / "config.json").read_text())
+        extra = {name: (src / name).read_bytes() for name in COMPANIONS if (src / name).is_file()}
+    config = json.dumps(to_hf(cfg, dtype, base), indent=2) + "\n"
+    extra["config.json"] = config.encode()
+    return write_folder(out, file_arrays(cfg, fetch, dtype), max_shard_bytes=max_shard_bytes, extra_files=extra)
