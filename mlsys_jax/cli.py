@@ -311,17 +311,21 @@ FLAT = (tyro.conf.OmitArgPrefixes,)
 
 def main(argv: list[str] | None = None) -> int:
     from mlsys_jax.train.config import RunConfig
+    from mlsys_jax.train.hf_export import ExportConfig, export_run
     from mlsys_jax.train.run import train
 
     def run() -> int:
         cfg = tyro.extras.subcommand_cli_from_dict(
-            {"train": RunConfig, "plan": PlanConfig},
+            {"train": RunConfig, "plan": PlanConfig, "export-hf": ExportConfig},
             args=argv,
-            description="mlsys-jax: train across a device mesh, or plan one first.",
+            description="mlsys-jax: train across a device mesh, plan one first, or export a run to Hugging Face.",
             config=FLAT,
         )
         if isinstance(cfg, PlanConfig):
             return 0 if plan(cfg) else 1
+        if isinstance(cfg, ExportConfig):
+            export_run(cfg)
+            return 0
         train(cfg)
         return 0
 

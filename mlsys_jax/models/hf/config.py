@@ -227,7 +227,8 @@ def to_hf(cfg: LlamaConfig, dtype: str, base: dict[str, Any] | None = None) -> d
     """``config.json`` for our config, saved in ``dtype``; ``base`` (the config the model was
     imported from) keeps its ids and its spelling of the rotary settings."""
     model_type = model_type_of(cfg)
-    out: dict[str, Any] = {k: v for k, v in (base or {}).items() if k in IGNORED}
+    kept = IGNORED - {"_name_or_path", "transformers_version"}
+    out: dict[str, Any] = {k: v for k, v in (base or {}).items() if k in kept}
     rope: dict[str, Any] | None = None
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
