@@ -275,11 +275,12 @@ def run_failures() -> tuple[type[Exception], ...]:
     """The exceptions that mean a run started but could not go on (it diverged, the disk filled);
     each message names the step, the cause, what was kept and how to resume."""
     from mlsys_jax.analysis.files import ReportWriteError
+    from mlsys_jax.models.hf.files import HFWriteError
     from mlsys_jax.train.checkpoint import CheckpointWriteError
     from mlsys_jax.train.loop import TrainingDiverged
     from mlsys_jax.train.metrics import MetricsWriteError
 
-    return (TrainingDiverged, CheckpointWriteError, MetricsWriteError, ReportWriteError)
+    return (TrainingDiverged, CheckpointWriteError, MetricsWriteError, ReportWriteError, HFWriteError)
 
 
 #: Exit statuses: a request that cannot work as asked, and a run that could not go on.

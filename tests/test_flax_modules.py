@@ -11,9 +11,6 @@ import chex
 import jax
 import numpy as np
 import pytest
-
-pytest.importorskip("flax")  # an optional dependency: only this adapter needs it
-
 from flax import nnx
 from flax_llama import FlaxLlama, FlaxLlamaConfig, params_from_llama
 from jax.sharding import PartitionSpec as P

@@ -5,6 +5,7 @@ folder that cannot work."""
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
@@ -15,11 +16,12 @@ import numpy as np
 import pytest
 from jax.sharding import SingleDeviceSharding
 from recipe_runs import ROOT, env
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 from test_multihost import free_port
 
 from mlsys_jax.mesh import make_mesh
 from mlsys_jax.models import get_config, hf, llama
+from mlsys_jax.models.hf import files as hf_files
 from mlsys_jax.models.hf.checkpoint import by_path
 from mlsys_jax.models.hf.config import HFError, from_hf
 from mlsys_jax.parallel import Plan, rules
@@ -45,6 +47,11 @@ def load(folder, **overrides):
 @jax.jit(static_argnums=2)
 def logits(params, tokens, cfg):
     return llama.forward(params, tokens, cfg)
+
+
+def fetch_from(params):
+    """Our parameter at a ``layers/wq``-style path, as the exporter asks for it."""
+    return lambda path: np.asarray(params[path] if "/" not in path else params["layers"][path.split("/")[1]])
 
 
 def file_tensors(folder):
@@ -106,8 +113,9 @@ def test_export_reproduces_every_tensor_name_by_name(tmp_path, variant):
     source = FIXTURES / variant
     ckpt, params = load(source)
     dtype = ckpt.tensors.dtypes["model.norm.weight"]
-    fetch = lambda path: np.asarray(params[path] if "/" not in path else params["layers"][path.split("/")[1]])
-    hf.export_folder(ckpt.config, fetch, tmp_path / "out", dtype=dtype, source=source, max_shard_bytes=100_000)
+    hf.export_folder(
+        ckpt.config, fetch_from(params), tmp_path / "out", dtype=dtype, source=source, max_shard_bytes=100_000
+    )
     original, exported = file_tensors(source), file_tensors(tmp_path / "out")
     assert sorted(original) == sorted(exported)
     for name, value in original.items():
@@ -123,8 +131,7 @@ def test_export_reproduces_every_tensor_name_by_name(tmp_path, variant):
 @pytest.mark.parametrize("dtype, tol", [("bfloat16", 2**-8), ("float16", 2**-11)])
 def test_export_in_a_narrower_dtype_rounds_each_tensor(tmp_path, dtype, tol):
     ckpt, params = load(FIXTURES / "llama2")
-    fetch = lambda path: np.asarray(params[path] if "/" not in path else params["layers"][path.split("/")[1]])
-    hf.export_folder(ckpt.config, fetch, tmp_path / "out", dtype=dtype)
+    hf.export_folder(ckpt.config, fetch_from(params), tmp_path / "out", dtype=dtype)
     narrow = hf.open_checkpoint(tmp_path / "out")
     assert set(narrow.tensors.dtypes.values()) == {dtype}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == dtype
@@ -301,3 +308,33 @@ def test_a_tensor_the_family_does_not_use_is_refused(tmp_path):
 def test_an_hf_folder_names_a_model_like_a_preset():
     assert get_config(f"hf:{FIXTURES / 'mistral'}").sliding_window == 4
     assert get_config(f"hf:{FIXTURES / 'llama2'}", dtype="float32").dtype == "float32"
+
+
+def test_a_full_disk_during_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    ckpt, params = load(FIXTURES / "llama2")
+    written = []
+
+    def full_disk(tensors, path, metadata=None):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(path)
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(hf_files, "save_file", full_disk)
+    with pytest.raises(hf_files.HFWriteError, match=r"No space left on device\); nothing was written there"):
+        hf.export_folder(ckpt.config, fetch_from(params), tmp_path / "out", max_shard_bytes=100_000)
+    assert written and list(tmp_path.iterdir()) == []  # neither the folder nor its temporary twin
+
+
+def test_an_export_racing_another_to_the_same_folder_leaves_the_winner_alone(tmp_path, monkeypatch):
+    ckpt, params = load(FIXTURES / "llama2")
+
+    def other_export_finishes(tensors, path, metadata=None):
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / "theirs").write_text("kept")
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(hf_files, "save_file", other_export_finishes)
+    with pytest.raises(HFError, match=r"appeared while this export was writing; it was left as it is"):
+        hf.export_folder(ckpt.config, fetch_from(params), tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "theirs").read_text() == "kept"

@@ -5,8 +5,6 @@ run's tokenizer files, whole or not at all."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,20 +96,15 @@ def export_run(cfg: ExportConfig, say: Any = print) -> list[Path]:
     source = settings.get("init_from_hf")
     source = source if source is not None and (Path(source).expanduser() / "config.json").is_file() else None
     files = hf.export_folder(
-        model_cfg, fetch, cfg.out, dtype=cfg.dtype, source=source, max_shard_bytes=cfg.max_shard_mb * 2**20
+        model_cfg,
+        fetch,
+        cfg.out,
+        dtype=cfg.dtype,
+        source=source,
+        max_shard_bytes=cfg.max_shard_mb * 2**20,
+        extra_files=tokenizer_files(settings),
     )
-    extra = {k: v for k, v in tokenizer_files(settings).items() if not (Path(cfg.out) / k).exists()}
-    if extra:
-        _add_files(Path(cfg.out), extra)
-    say(f"wrote step {step} of {directory} to {cfg.out} ({cfg.dtype}, {len(files) + len(extra)} files)")
+    say(f"wrote step {step} of {directory} to {cfg.out} ({cfg.dtype}, {len(files)} files)")
     if settings.get("tokenizer") in (None, "byte"):
         say("the run read UTF-8 bytes (ids 0-255, end of document 258): no tokenizer files to write")
-    return sorted(Path(cfg.out).iterdir())
-
-
-def _add_files(folder: Path, files: dict[str, bytes]) -> None:
-    """Add files to a finished folder one by one, each written beside and renamed into place."""
-    for name, data in files.items():
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", delete=False) as f:
-            f.write(data)
-        shutil.move(f.name, folder / name)
+    return files

@@ -51,16 +51,18 @@ def export_folder(
     dtype: str = "bfloat16",
     source: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    extra_files: dict[str, bytes] | None = None,
 ) -> list[Path]:
     """Write the model to a new folder ``out``; ``source`` (the folder it was imported from, if
-    any) gives config.json's ids and spelling and the tokenizer files to copy."""
+    any) gives config.json's ids and spelling and the tokenizer files to copy; ``extra_files``
+    (a tokenizer's, say) go in too, all at once."""
     base: dict[str, Any] | None = None
-    extra: dict[str, bytes] = {}
+    extra: dict[str, bytes] = dict(extra_files or {})
     if source is not None:
         src = Path(source).expanduser()
         if (src / "config.json").is_file():
             base = json.loads((src / "config.json").read_text())
-        extra = {name: (src / name).read_bytes() for name in COMPANIONS if (src / name).is_file()}
+        extra.update({name: (src / name).read_bytes() for name in COMPANIONS if (src / name).is_file()})
     config = json.dumps(to_hf(cfg, dtype, base), indent=2) + "\n"
     extra["config.json"] = config.encode()
     return write_folder(out, file_arrays(cfg, fetch, dtype), max_shard_bytes=max_shard_bytes, extra_files=extra)

@@ -30,6 +30,10 @@ DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.f
 FILE_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
 
+class HFWriteError(RuntimeError):
+    """An export that could not be written; nothing was left at its destination."""
+
+
 @dataclasses.dataclass
 class Reads:
     """What has been read: (tensor name, box) in order, and the bytes they held."""
@@ -146,7 +150,20 @@ def write_folder(
         for path in tmp.iterdir():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except OSError as err:
+            if out.exists():  # another export to the same folder finished first
+                raise HFError(
+                    f"{out} appeared while this export was writing; it was left as it is. Fix: give --out a new folder."
+                ) from err
+            raise
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HFWriteError(
+            f"writing the export to {out} failed ({err.strerror or err}); nothing was written there and the "
+            "checkpoint it came from is untouched. Fix: free space (or fix the folder's permissions) and run it again."
+        ) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
