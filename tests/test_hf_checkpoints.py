@@ -24,6 +24,7 @@ from mlsys_jax.models import get_config, hf, llama
 from mlsys_jax.models.hf import files as hf_files
 from mlsys_jax.models.hf.checkpoint import by_path
 from mlsys_jax.models.hf.config import HFError, from_hf
+from mlsys_jax.models.hf.export import tree_fetch
 from mlsys_jax.parallel import Plan, rules
 from mlsys_jax.params import spec_leaves
 
@@ -47,11 +48,6 @@ def load(folder, **overrides):
 @jax.jit(static_argnums=2)
 def logits(params, tokens, cfg):
     return llama.forward(params, tokens, cfg)
-
-
-def fetch_from(params):
-    """Our parameter at a ``layers/wq``-style path, as the exporter asks for it."""
-    return lambda path: np.asarray(params[path] if "/" not in path else params["layers"][path.split("/")[1]])
 
 
 def file_tensors(folder):
@@ -114,7 +110,7 @@ def test_export_reproduces_every_tensor_name_by_name(tmp_path, variant):
     ckpt, params = load(source)
     dtype = ckpt.tensors.dtypes["model.norm.weight"]
     hf.export_folder(
-        ckpt.config, fetch_from(params), tmp_path / "out", dtype=dtype, source=source, max_shard_bytes=100_000
+        ckpt.config, tree_fetch(params), tmp_path / "out", dtype=dtype, source=source, max_shard_bytes=100_000
     )
     original, exported = file_tensors(source), file_tensors(tmp_path / "out")
     assert sorted(original) == sorted(exported)
@@ -131,7 +127,7 @@ def test_export_reproduces_every_tensor_name_by_name(tmp_path, variant):
 @pytest.mark.parametrize("dtype, tol", [("bfloat16", 2**-8), ("float16", 2**-11)])
 def test_export_in_a_narrower_dtype_rounds_each_tensor(tmp_path, dtype, tol):
     ckpt, params = load(FIXTURES / "llama2")
-    hf.export_folder(ckpt.config, fetch_from(params), tmp_path / "out", dtype=dtype)
+    hf.export_folder(ckpt.config, tree_fetch(params), tmp_path / "out", dtype=dtype)
     narrow = hf.open_checkpoint(tmp_path / "out")
     assert set(narrow.tensors.dtypes.values()) == {dtype}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == dtype
@@ -322,7 +318,7 @@ def test_a_full_disk_during_export_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hf_files, "save_file", full_disk)
     with pytest.raises(hf_files.HFWriteError, match=r"No space left on device\); nothing was written there"):
-        hf.export_folder(ckpt.config, fetch_from(params), tmp_path / "out", max_shard_bytes=100_000)
+        hf.export_folder(ckpt.config, tree_fetch(params), tmp_path / "out", max_shard_bytes=100_000)
     assert written and list(tmp_path.iterdir()) == []  # neither the folder nor its temporary twin
 
 
@@ -336,5 +332,5 @@ def test_an_export_racing_another_to_the_same_folder_leaves_the_winner_alone(tmp
 
     monkeypatch.setattr(hf_files, "save_file", other_export_finishes)
     with pytest.raises(HFError, match=r"appeared while this export was writing; it was left as it is"):
-        hf.export_folder(ckpt.config, fetch_from(params), tmp_path / "out")
+        hf.export_folder(ckpt.config, tree_fetch(params), tmp_path / "out")
     assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "theirs").read_text() == "kept"

@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jax
-import numpy as np
 
 from mlsys_jax.mesh import make_mesh
 from mlsys_jax.models import hf, llama, registry
 from mlsys_jax.models.config import LlamaConfig
-from mlsys_jax.models.hf.export import COMPANIONS
+from mlsys_jax.models.hf.export import COMPANIONS, tree_fetch
 from mlsys_jax.parallel import Plan, rules
 from mlsys_jax.train.checkpoint import Checkpointer, CheckpointError
 from mlsys_jax.train.optim import OptimConfig, adamw
@@ -87,17 +86,11 @@ def export_run(cfg: ExportConfig, say: Any = print) -> list[Path]:
     state = ckpt.restore(abstract_state(plan, model.specs, optimizer), step).state
     ckpt.close()
 
-    def fetch(path: str) -> np.ndarray:
-        node = state.params
-        for part in path.split("/"):
-            node = node[part]
-        return np.asarray(jax.device_get(node))
-
     source = settings.get("init_from_hf")
     source = source if source is not None and (Path(source).expanduser() / "config.json").is_file() else None
     files = hf.export_folder(
         model_cfg,
-        fetch,
+        tree_fetch(state.params),
         cfg.out,
         dtype=cfg.dtype,
         source=source,

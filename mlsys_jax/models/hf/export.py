@@ -28,24 +28,34 @@ COMPANIONS = (
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
-def file_arrays(cfg: LlamaConfig, fetch: Callable[[str], np.ndarray], dtype: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, tensor in ``dtype``) in transformers' order; ``fetch(path)`` gives our parameter at
-    ``layers/wq``-style paths as a host array (fetched once per parameter)."""
+Fetch = Callable[[str, "int | None"], np.ndarray]
+
+
+def file_arrays(cfg: LlamaConfig, fetch: Fetch, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, tensor in ``dtype``) in transformers' order; ``fetch(path, layer)`` gives our
+    parameter at a ``layers/wq``-style path as a host array, one layer of a stacked one at a
+    time (so the host holds one file tensor at a time, never a whole stack)."""
     if dtype not in DTYPES:
         raise HFError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    held: dict[str, np.ndarray] = {}
     for name, m, layer in file_tensors(cfg):
-        path = "/".join(m.path)
-        if path not in held:
-            held.clear()  # one parameter on the host at a time
-            held[path] = np.asarray(fetch(path))
-        ours = held[path] if layer is None else held[path][layer]
-        yield name, m.to_file(ours).astype(DTYPES[dtype])
+        yield name, m.to_file(np.asarray(fetch("/".join(m.path), layer))).astype(DTYPES[dtype])
+
+
+def tree_fetch(params: Any) -> Fetch:
+    """``fetch`` over a parameter tree (host or device arrays): one layer is moved at a time."""
+
+    def fetch(path: str, layer: int | None) -> np.ndarray:
+        node = params
+        for part in path.split("/"):
+            node = node[part]
+        return np.asarray(node if layer is None else node[layer])
+
+    return fetch
 
 
 def export_folder(
     cfg: LlamaConfig,
-    fetch: Callable[[str], np.ndarray],
+    fetch: Fetch,
     out: str | Path,
     *,
     dtype: str = "bfloat16",
