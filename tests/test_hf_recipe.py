@@ -53,16 +53,23 @@ def test_fine_tuning_starts_from_the_folder_with_its_tokenizer(uninterrupted):
 
 @pytest.mark.slow
 def test_a_fine_tune_killed_with_sigkill_resumes_exactly(tmp_path, uninterrupted):
+    """Killed, then the same command: the losses of the uninterrupted run. Resuming reads the
+    run's own checkpoint, not the source weights (here deleted in between)."""
     reference, _ = uninterrupted
-    command = recipe(*FLAGS, "--ckpt-dir", str(tmp_path))
-    saved = lambda: any(p.name.isdigit() for p in tmp_path.iterdir())  # a complete checkpoint exists
-    proc = start_and_wait(command, lambda: saved() and max(logged_steps(tmp_path / "metrics.jsonl"), default=0) >= 4)
+    source = tmp_path / "llama3"
+    shutil.copytree(FIXTURES / "llama3", source)
+    run_dir = tmp_path / "run"
+    flags = [str(source) if f == str(FIXTURES / "llama3") else f for f in FLAGS]
+    command = recipe(*flags, "--ckpt-dir", str(run_dir))
+    saved = lambda: run_dir.is_dir() and any(p.name.isdigit() for p in run_dir.iterdir())  # a complete checkpoint
+    proc = start_and_wait(command, lambda: saved() and max(logged_steps(run_dir / "metrics.jsonl"), default=0) >= 4)
     kill(proc, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
+    (source / "model.safetensors").unlink()
     again = subprocess.run(command, check=False, capture_output=True, text=True, env=env(), timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from step" in again.stdout and "initialized from" not in again.stdout, again.stdout
-    assert losses_by_step(read_jsonl(tmp_path / "metrics.jsonl")) == losses_by_step(
+    assert losses_by_step(read_jsonl(run_dir / "metrics.jsonl")) == losses_by_step(
         read_jsonl(reference / "metrics.jsonl")
     )
 

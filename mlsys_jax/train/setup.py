@@ -114,10 +114,15 @@ def check_settings(cfg: RunConfig) -> tuple[Any, dict[str, int], str, LanguageMo
     return preset, sizes, strategy, model
 
 
-def source_weights(cfg: RunConfig) -> hf.HFCheckpoint | None:
+def source_weights(cfg: RunConfig, *, needed: bool = False) -> hf.HFCheckpoint | None:
     """The --init-from-hf folder, checked whole (config, index, shards, every tensor's shape)
-    from its headers alone, before any device is used."""
+    from its headers alone, before any device is used; not when the run has checkpoints to
+    resume from (its weights are not read then) unless ``needed``."""
     if cfg.model.init_from_hf is None:
+        return None
+    folder = Path(cfg.checkpoint.ckpt_dir).expanduser()
+    saved = folder.is_dir() and any(p.name.isdigit() and p.is_dir() for p in folder.iterdir())
+    if saved and not needed:
         return None
     return hf.open_checkpoint(cfg.model.init_from_hf, **model_overrides(cfg))
 
@@ -251,7 +256,9 @@ def restore_or_init(
         where = f"; moved to {d.moved_to}, not deleted" if d.moved_to else ""
         fallback = f"resuming from step {restored.step} instead" if restored else "no intact checkpoint is left"
         say(f"[yellow]checkpoint step {d.step} in {ckpt.directory} is damaged ({d.reason}); {fallback}{where}")
-    if restored is None and source is not None:
+    if restored is None and cfg.model.init_from_hf is not None:
+        source = source or source_weights(cfg, needed=True)
+        assert source is not None
         params = hf.load_params(source, model.specs, plan.param_shardings(model.specs))
         reads = source.tensors.reads
         say(
