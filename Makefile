@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/pipeline.py
 	$(PY) bench/activation_memory.py
 	$(PY) bench/plan_scale.py
+	$(PY) bench/hf_import.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs
