@@ -23,7 +23,12 @@ from mlsys_jax.kernels.cross_entropy import chunked, reference, tpu, triton
 from mlsys_jax.kernels.cross_entropy.chunked import chunked_grads, chunked_stats
 from mlsys_jax.kernels.cross_entropy.fused import fused_vjp
 from mlsys_jax.kernels.cross_entropy.options import FLOAT_DTYPES, LossBlocks, LossOptions
-from mlsys_jax.kernels.cross_entropy.reference import linear_cross_entropy_reference, logits, token_losses
+from mlsys_jax.kernels.cross_entropy.reference import (
+    linear_cross_entropy_reference,
+    log_probabilities,
+    logits,
+    token_losses,
+)
 from mlsys_jax.kernels.dispatch import Registry
 
 __all__ = [
@@ -36,6 +41,7 @@ __all__ = [
     "fused_vjp",
     "linear_cross_entropy",
     "linear_cross_entropy_reference",
+    "log_probabilities",
     "logits",
     "token_losses",
 ]

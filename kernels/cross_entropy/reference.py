@@ -70,6 +70,13 @@ def token_losses(logits: jax.Array, labels: jax.Array, opts: LossOptions = LossO
     return jnp.where(labels == opts.ignore_index, 0.0, loss)
 
 
+def log_probabilities(logits: jax.Array) -> jax.Array:
+    """log softmax over the last axis in fp32: the distribution the loss scores, for sampling
+    and for reporting a token's log-probability."""
+    logits = logits.astype(jnp.float32)
+    return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+
+
 def linear_cross_entropy_reference(
     hidden: jax.Array, weight: jax.Array, labels: jax.Array, opts: LossOptions = LossOptions()
 ) -> jax.Array:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +86,9 @@ class LanguageModel:
     sharding so that gathers move the narrow copy. ``remat`` is the per-layer activation
     checkpointing policy ``run_layers`` applies; ``flops_per_token(seq_len)`` counts model FLOPs
     for MFU; ``kernel_choices(batch, seq)`` says which kernel backend each hot operation runs.
+    ``page_specs(num_blocks, block_size)`` is a paged KV cache's pools (a family that can serve
+    from one; its block then takes a ``PagedKV``); ``max_position`` is the longest context the
+    model is made for (None: unstated).
     """
 
     name: str
@@ -104,10 +107,27 @@ class LanguageModel:
     remat: str = "none"
     layers_key: str = "layers"
     kernel_choices: Callable[[int, int], dict[str, str]] = lambda batch, seq: {}
+    page_specs: Callable[[int, int], Any] | None = None
+    max_position: int | None = None
 
     def __post_init__(self) -> None:
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat={self.remat!r} is not one of {REMAT_POLICIES}")
+
+
+class PagedKV(NamedTuple):
+    """A paged KV cache as a block sees it: the pools of fixed-size blocks (``k``, ``v``:
+    (layers, num_blocks, block_size, kv_heads, head_dim), or one layer's without the leading
+    axis inside a block) and this call's addressing, shared by every layer: ``block_tables``
+    (batch, max_blocks) physical block of each row's logical block, ``slots`` (batch, seq) the
+    flat pool slot (block * block_size + offset) each new token's key and value is written to,
+    ``lengths`` (batch,) how many keys each row has once they are written."""
+
+    k: jax.Array
+    v: jax.Array
+    block_tables: jax.Array
+    slots: jax.Array
+    lengths: jax.Array
 
 
 # --- compositions of the pieces -------------------------------------------------------------------
@@ -136,7 +156,17 @@ def run_layers(
 ) -> tuple[jax.Array, Cache]:
     """Apply the stacked ``layers`` (all of them, or any contiguous slice) in order as one
     ``lax.scan``, so compile time does not grow with depth; ``cache``, when given, is stacked
-    the same way and comes back updated."""
+    the same way (a ``PagedKV``'s pools are; its addressing is shared) and comes back updated."""
+
+    if isinstance(cache, PagedKV):  # the pools are per layer; the addressing is shared
+
+        def paged_step(x: jax.Array, inputs: tuple[Params, tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, Any]:
+            weights, (k, v) = inputs
+            x, out = model.block(weights, x, positions, cache._replace(k=k, v=v), layout)
+            return x, (out.k, out.v)
+
+        x, (k, v) = jax.lax.scan(_checkpointed(paged_step, model.remat), x, (layers, (cache.k, cache.v)))
+        return x, cache._replace(k=k, v=v)
 
     def step(x: jax.Array, inputs: tuple[Params, Cache]) -> tuple[jax.Array, Cache]:
         weights, layer_cache = inputs

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from mlsys_jax.kernels import attention as attention_kernels
 from mlsys_jax.kernels import cross_entropy, norms, sharding
-from mlsys_jax.models.base import Layout
+from mlsys_jax.kernels import paged_attention as paged_kernels
+from mlsys_jax.models.base import Layout, PagedKV
 
 IGNORE = -1  # label of tokens the mask leaves out (never a vocabulary id)
 Q_AXES = ("batch", "seq", "heads", "head_dim")
@@ -54,6 +55,18 @@ def attention(
         q_spec=layout.spec(Q_AXES, q.shape, "attention queries"),
         kv_spec=layout.spec(KV_AXES, k.shape, "attention keys"),
         **kwargs,
+    )
+
+
+def paged_attention(
+    q: jax.Array, cache: PagedKV, q_offset: jax.Array, layout: Layout, *, window: int | None = None
+) -> jax.Array:
+    """Causal grouped-query attention of (batch, seq, heads, head_dim) queries at ``q_offset``
+    over one layer's paged keys and values (the kernels' reference, which XLA partitions: the
+    pools are split by K/V heads like the queries by heads)."""
+    del layout
+    return paged_kernels.paged_attention(
+        q, cache.k, cache.v, cache.block_tables, cache.lengths, q_offset=q_offset, sliding_window=window
     )
 
 

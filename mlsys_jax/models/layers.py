@@ -118,3 +118,11 @@ def cache_write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     tail = (1,) * (cache.ndim - 2)
     taken = jnp.take_along_axis(new, jnp.clip(index, 0, seq - 1).reshape(*index.shape, *tail), axis=1)
     return jnp.where(inside.reshape(*inside.shape, *tail), taken.astype(cache.dtype), cache)
+
+
+def paged_write(pool: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """``pool`` (num_blocks, block_size, ...) with ``new`` (batch, seq, ...) written at the flat
+    slots (batch, seq) ``block * block_size + offset``; nothing is copied when a sequence grows."""
+    flat = pool.reshape(-1, *pool.shape[2:])
+    flat = flat.at[slots.reshape(-1)].set(new.reshape(-1, *new.shape[2:]).astype(pool.dtype))
+    return flat.reshape(pool.shape)

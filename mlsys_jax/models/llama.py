@@ -23,9 +23,17 @@ import jax
 import jax.numpy as jnp
 
 from mlsys_jax.models import base, kernel_ops
-from mlsys_jax.models.base import UNPLACED, LanguageModel, Layout, LogicalAxes
+from mlsys_jax.models.base import UNPLACED, LanguageModel, Layout, LogicalAxes, PagedKV
 from mlsys_jax.models.config import CONFIGS, LlamaConfig
-from mlsys_jax.models.layers import apply_rope, cache_write, embedding_lookup, qkv_projection, rope_angles, swiglu
+from mlsys_jax.models.layers import (
+    apply_rope,
+    cache_write,
+    embedding_lookup,
+    paged_write,
+    qkv_projection,
+    rope_angles,
+    swiglu,
+)
 from mlsys_jax.models.registry import Family
 from mlsys_jax.params import ParamSpec, fan_in, normal, ones, zeros
 
@@ -78,6 +86,14 @@ def param_specs(cfg: LlamaConfig) -> Params:
     return specs
 
 
+def page_specs(cfg: LlamaConfig, num_blocks: int, block_size: int) -> Params:
+    """The pools of a paged KV cache: every layer's keys and values in ``num_blocks`` blocks of
+    ``block_size`` positions, in the compute dtype."""
+    shape = (cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.head_dim)
+    spec = ParamSpec(shape, ("layers", None, None, "kv_heads", "head_dim"), zeros, jnp.dtype(cfg.dtype))
+    return {"k": spec, "v": spec}
+
+
 def cache_specs(cfg: LlamaConfig, batch: int, max_len: int) -> Params:
     """Keys and values of every layer for ``batch`` rows of ``max_len`` positions, in the
     compute dtype."""
@@ -108,7 +124,8 @@ def block(
     layout: Layout = UNPLACED,
 ) -> tuple[jax.Array, Params | None]:
     """One layer: attention then SwiGLU, each on the RMSNorm of the residual stream. With a
-    cache, the new keys and values are written at ``positions`` and the queries attend over it."""
+    cache, the new keys and values are written at ``positions`` (contiguous cache) or at the
+    cache's slots (``PagedKV``, positions (batch, seq)) and the queries attend over it."""
     w = jax.tree_util.tree_map(lambda a: a.astype(cfg.dtype), w)
     c = layout.constrain
     q, k, v = qkv_projection(_norm(cfg, x, w["attn_norm"], layout), w["wq"], w["wk"], w["wv"])
@@ -120,6 +137,9 @@ def block(
     v = c(v, ("batch", "seq", "kv_heads", "head_dim"))
     if cache is None:
         o = kernel_ops.attention(q, k, v, cfg.attention_impl, layout, window=cfg.sliding_window)
+    elif isinstance(cache, PagedKV):
+        cache = cache._replace(k=paged_write(cache.k, k, cache.slots), v=paged_write(cache.v, v, cache.slots))
+        o = kernel_ops.paged_attention(q, cache, positions[:, 0], layout, window=cfg.sliding_window)
     else:
         start = jnp.broadcast_to(positions[..., 0], (x.shape[0],)).astype(jnp.int32)
         cache = {name: c(cache_write(cache[name], new, start), CACHE_AXES[1:]) for name, new in (("k", k), ("v", v))}
@@ -198,6 +218,8 @@ def language_model(cfg: LlamaConfig, name: str = "llama") -> LanguageModel:
         head=bind(head, cfg),
         loss=bind(loss, cfg),
         cache_specs=bind(cache_specs, cfg),
+        page_specs=bind(page_specs, cfg),
+        max_position=cfg.max_position,
         flops_per_token=bind(flops_per_token, cfg),
         vocab_size=cfg.vocab_size,
         num_layers=cfg.n_layers,

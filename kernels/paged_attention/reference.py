@@ -1,0 +1,54 @@
+"""Paged attention in plain jnp: the specification every paged-attention backend meets, and the
+``xla`` backend (JAX differentiates it).
+
+Each row's keys and values live in fixed-size blocks of a shared pool, found through its block
+table. The reference gathers them back into contiguous (batch, max_blocks * block_size, kv_heads,
+head_dim) arrays and runs the flash-attention reference on those, so masking, grouped heads and
+the fp32 softmax are the ones ``flash_attention`` specifies: causal from each row's ``q_offset``,
+keys at positions ``>= lengths[b]`` hidden, a query that sees no key gets zeros.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mlsys_jax.kernels.attention.options import AttentionOptions
+from mlsys_jax.kernels.attention.reference import attention_reference
+from mlsys_jax.kernels.dispatch import Backend
+
+
+def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
+    """Row b's logical blocks, in order: (num_blocks, block_size, ...) -> (batch, max_blocks * block_size, ...).
+
+    Table entries are clipped into the pool, so an unused entry holding anything (0, -1, junk)
+    reads some block whose keys the lengths then hide, never NaN fill.
+    """
+    rows = jnp.take(pages, block_tables, axis=0, mode="clip")  # (batch, max_blocks, block_size, ...)
+    b, n, size = rows.shape[:3]
+    return rows.reshape(b, n * size, *rows.shape[3:])
+
+
+def paged_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    q_offset: jax.Array,
+    *,
+    sm_scale: float,
+    window: int | None,
+) -> jax.Array:
+    """Causal attention of q (batch, q_len, heads, head_dim) over each row's paged keys, in q's dtype.
+
+    ``lengths`` and ``q_offset`` are (batch,) int32: how many keys row b has, and the position of
+    its first query.
+    """
+    k = gather_pages(k_pages, block_tables)
+    v = gather_pages(v_pages, block_tables)
+    opts = AttentionOptions(causal=True, sm_scale=sm_scale, window=window)
+    return attention_reference(q, k, v, None, None, q_offset, lengths, opts)
+
+
+BACKEND = Backend("xla", ("cpu", "gpu", "tpu"), paged_attention_reference)
