@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench install clean serve
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) recipes/train_lm.py
+
+# Serve what `make demo` trained behind an OpenAI-compatible API on http://127.0.0.1:8000/v1.
+serve: $(STAMP)
+	$(VENV)/bin/mlsys-jax serve --ckpt-dir runs/train_lm
 
 # Lint, format and type checks first: they take seconds and name the line to fix.
 lint: $(STAMP)

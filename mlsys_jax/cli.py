@@ -311,21 +311,28 @@ FLAT = (tyro.conf.OmitArgPrefixes,)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mlsys_jax.serve.config import ServeConfig
     from mlsys_jax.train.config import RunConfig
     from mlsys_jax.train.hf_export import ExportConfig, export_run
     from mlsys_jax.train.run import train
 
     def run() -> int:
         cfg = tyro.extras.subcommand_cli_from_dict(
-            {"train": RunConfig, "plan": PlanConfig, "export-hf": ExportConfig},
+            {"train": RunConfig, "plan": PlanConfig, "export-hf": ExportConfig, "serve": ServeConfig},
             args=argv,
-            description="mlsys-jax: train across a device mesh, plan one first, or export a run to Hugging Face.",
+            description="mlsys-jax: train across a device mesh, plan one first, export a run to Hugging Face, "
+            "or serve it behind an OpenAI-compatible API.",
             config=FLAT,
         )
         if isinstance(cfg, PlanConfig):
             return 0 if plan(cfg) else 1
         if isinstance(cfg, ExportConfig):
             export_run(cfg)
+            return 0
+        if isinstance(cfg, ServeConfig):
+            from mlsys_jax.serve.server import serve
+
+            serve(cfg)
             return 0
         train(cfg)
         return 0
