@@ -261,3 +261,25 @@ def test_the_allocator_hands_out_each_block_once():
     with pytest.raises(ValueError, match="is not in use"):
         blocks.release(got[:1])
     assert blocks.used == 0
+
+
+def test_data_parallel_replicas_share_the_requests_and_answer_as_one_engine(make, plan, params, devices):
+    from mlsys_jax.serve.loading import replica_plans
+    from mlsys_jax.serve.replicas import Replicas
+
+    plans = replica_plans("data=2,tensor=2")
+    assert [sorted(d.id for d in p.mesh.devices.flat) for p in plans] == [[0, 1], [2, 3]]
+    engines = [
+        Engine(MODEL, p, jax.device_put(params, p.param_shardings(MODEL.specs)), ByteTokenizer(), context_limit=CONTEXT)
+        for p in plans
+    ]
+    replicas, single = Replicas(engines), make(max_seqs=16, num_blocks=64)
+    for target in (replicas, single):
+        for i, p in enumerate(prompts([3, 9, 14, 5, 21, 2], seed=11)):
+            target.add_request(f"r{i}", p, SamplingParams(max_tokens=10, temperature=0.0))
+    assert [len(e.waiting) for e in engines] == [3, 3]  # the least loaded takes each
+    a, b = drain(replicas), drain(single)
+    assert {k: [t for o in v for t in o.token_ids] for k, v in a.items()} == {
+        k: [t for o in v for t in o.token_ids] for k, v in b.items()
+    }
+    assert replicas.stats()["kv_blocks_used"] == 0 and not replicas.owner

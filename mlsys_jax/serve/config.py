@@ -25,7 +25,8 @@ class ServeConfig:
     port: int = 8000
     """Port to listen on."""
     mesh: str | None = None
-    """Axis sizes for the engine, e.g. 'tensor=2' (default: one device)."""
+    """Axis sizes for the engine: 'tensor=T' splits the heads, 'data=R' runs R replicas, each on its own
+    T devices (e.g. 'data=2,tensor=2'; default: one device)."""
     simulate_devices: int | None = None
     """CPU devices to simulate (default: as many as --mesh needs)."""
     dtype: str = "float32"

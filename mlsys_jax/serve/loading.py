@@ -1,4 +1,4 @@
-"""What ``mlsys-jax serve`` serves, loaded onto its plan: a training run's newest (or chosen)
+"""What ``mlsys-jax serve`` serves, loaded onto its plans (one per data-parallel replica): a training run's newest (or chosen)
 checkpoint with the tokenizer it trained with, or a Hugging Face folder read into place."""
 
 from __future__ import annotations
@@ -7,22 +7,34 @@ import math
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from mlsys_jax.mesh import make_mesh, parse_axis_sizes, simulate_cpu_devices
 from mlsys_jax.models import hf, llama
 from mlsys_jax.models.base import ConfigError, LanguageModel
 from mlsys_jax.parallel import Plan, rules
 from mlsys_jax.serve.config import ServeConfig
 from mlsys_jax.serve.engine import Engine, EngineConfig
+from mlsys_jax.serve.replicas import Replicas
 from mlsys_jax.tokenizer import ByteTokenizer, load_tokenizer
 from mlsys_jax.train.saved import restore_run
 
 
-def engine_plan(mesh: str | None) -> Plan:
-    """Tensor parallelism over the heads (``tensor=N``), or one device."""
-    sizes = parse_axis_sizes(mesh) if mesh else {"tensor": 1}
-    if set(sizes) - {"tensor"}:
-        raise ConfigError(f"--mesh {mesh!r}: the engine splits over 'tensor' only (e.g. --mesh tensor=2)")
-    return Plan(make_mesh(sizes), rules("tp"))
+def replica_plans(mesh: str | None) -> list[Plan]:
+    """One plan per data-parallel replica (``data=R``), each splitting the heads over its own
+    ``tensor=T`` devices; one device when no mesh is given."""
+    sizes = parse_axis_sizes(mesh) if mesh else {}
+    if set(sizes) - {"data", "tensor"}:
+        raise ConfigError(
+            f"--mesh {mesh!r}: the engine splits over 'tensor' (heads) and replicates over 'data' "
+            "(e.g. --mesh data=2,tensor=2)"
+        )
+    replicas, tensor = sizes.get("data", 1), sizes.get("tensor", 1)
+    devices = jax.devices()
+    if replicas * tensor > len(devices):
+        raise ConfigError(f"--mesh {mesh!r} needs {replicas * tensor} devices; {len(devices)} are here")
+    groups = [devices[r * tensor : (r + 1) * tensor] for r in range(replicas)]
+    return [Plan(make_mesh({"tensor": tensor}, devices=group), rules("tp")) for group in groups]
 
 
 def engine_config(cfg: ServeConfig) -> EngineConfig:
@@ -44,12 +56,17 @@ def context_of(model: LanguageModel, trained_seq: int | None) -> int:
     return int(limit)
 
 
-def engine_for(cfg: ServeConfig) -> Engine:
-    """The engine ``cfg`` asks for, its model and parameters placed on the engine's plan."""
-    sizes = parse_axis_sizes(cfg.mesh) if cfg.mesh else {"tensor": 1}
-    simulate_cpu_devices(cfg.simulate_devices or math.prod(sizes.values()), check=False)
-    plan = engine_plan(cfg.mesh)
+def engine_for(cfg: ServeConfig) -> Engine | Replicas:
+    """The engine ``cfg`` asks for (one per data-parallel replica), its model and parameters
+    placed on each replica's plan."""
+    sizes = parse_axis_sizes(cfg.mesh) if cfg.mesh else {}
+    simulate_cpu_devices(cfg.simulate_devices or max(1, math.prod(sizes.values())), check=False)
     name = cfg.model_name or Path(cfg.ckpt_dir or cfg.hf or "model").expanduser().resolve().name
+    engines = [_engine(cfg, plan, name) for plan in replica_plans(cfg.mesh)]
+    return engines[0] if len(engines) == 1 else Replicas(engines)
+
+
+def _engine(cfg: ServeConfig, plan: Plan, name: str) -> Engine:
     params: Any
     if cfg.hf is not None:
         ckpt = hf.open_checkpoint(cfg.hf, dtype=cfg.dtype)
