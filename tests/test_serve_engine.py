@@ -268,7 +268,7 @@ def test_data_parallel_replicas_share_the_requests_and_answer_as_one_engine(make
     from mlsys_jax.serve.replicas import Replicas
 
     plans = replica_plans("data=2,tensor=2")
-    assert [sorted(d.id for d in np.ravel(p.mesh.devices)) for p in plans] == [[0, 1], [2, 3]]
+    assert [sorted(d.id for d in p.replicated().device_set) for p in plans] == [[0, 1], [2, 3]]
     engines = [
         Engine(MODEL, p, jax.device_put(params, p.param_shardings(MODEL.specs)), ByteTokenizer(), context_limit=CONTEXT)
         for p in plans
