@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/activation_memory.py
 	$(PY) bench/plan_scale.py
 	$(PY) bench/hf_import.py
+	$(PY) bench/serving_load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs
