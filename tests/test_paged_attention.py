@@ -119,7 +119,7 @@ def test_bad_inputs_raise_errors_that_say_what_is_wrong():
         paged_attention(q, k_pages, v_pages, table.reshape(-1), lengths)
     with pytest.raises(ValueError, match="block_tables must hold integer block ids"):
         paged_attention(q, k_pages, v_pages, table.astype(jnp.float32), lengths)
-    with pytest.raises(ValueError, match=r"lengths must be one int per batch row, shape \(4,\)"):
+    with pytest.raises(ValueError, match=r"lengths must be an int or one int per batch row, shape \(4,\)"):
         paged_attention(q, k_pages, v_pages, table, lengths[:2])
     with pytest.raises(ValueError, match="k_pages must be"):
         paged_attention(q, k_pages[0], v_pages, table, lengths)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from mlsys_jax.kernels.attention import cudnn, reference, tpu, triton
-from mlsys_jax.kernels.attention.options import FLOAT_DTYPES, AttentionBlocks, AttentionOptions
+from mlsys_jax.kernels.attention.checks import check_heads, check_window, per_row
+from mlsys_jax.kernels.attention.options import AttentionBlocks, AttentionOptions
 from mlsys_jax.kernels.attention.reference import (
     attention_reference,
     attention_reference_with_lse,
@@ -48,22 +49,10 @@ def _check_inputs(q, k, v, segment_ids, sliding_window, q_offset, kv_lengths):
             raise ValueError(f"flash_attention: {name} must be (batch, seq, heads, head_dim), got shape {x.shape}")
     if k.shape != v.shape:
         raise ValueError(f"flash_attention: k {k.shape} and v {v.shape} must have the same shape")
-    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"flash_attention: q {q.shape} and k {k.shape} must agree on batch (dim 0) and head_dim (dim 3)"
-        )
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(
-            f"flash_attention: kv_heads={k.shape[2]} must divide heads={q.shape[2]} (each K/V head "
-            "serves a whole group of query heads). Fix: pick kv_heads from the divisors of heads."
-        )
-    if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in FLOAT_DTYPES:
-        raise ValueError(
-            f"flash_attention: q, k, v must share one dtype among float32, bfloat16, float16; got "
-            f"{q.dtype}, {k.dtype}, {v.dtype}"
-        )
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
-        raise ValueError(f"flash_attention: sliding_window must be a positive int or None, got {sliding_window!r}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"flash_attention: q {q.shape} and k {k.shape} must agree on batch (dim 0)")
+    check_heads("flash_attention", q, k, v, ("q", "k", "v"))
+    check_window("flash_attention", sliding_window)
     positions = tuple(_per_row(name, x, q.shape[0]) for name, x in (("q_offset", q_offset), ("kv_lengths", kv_lengths)))
     if segment_ids is None:
         return (None, None) + positions
@@ -85,18 +74,7 @@ def _check_inputs(q, k, v, segment_ids, sliding_window, q_offset, kv_lengths):
 
 
 def _per_row(name: str, x, batch: int) -> jax.Array | None:
-    """One int per batch row: a Python int is broadcast, an array must be (batch,) of ints."""
-    if x is None:
-        return None
-    if isinstance(x, int):
-        return jnp.full((batch,), x, jnp.int32)
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.integer) or x.shape != (batch,):
-        raise ValueError(
-            f"flash_attention: {name} must be an int or one int per batch row, shape ({batch},); "
-            f"got {x.dtype} of shape {x.shape}"
-        )
-    return x.astype(jnp.int32)
+    return None if x is None else per_row("flash_attention", name, x, batch)
 
 
 def choose(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mlsys_jax.kernels.attention.options import FLOAT_DTYPES
+from mlsys_jax.kernels.attention.checks import check_heads, check_window, per_row
 from mlsys_jax.kernels.dispatch import Choice, Registry
 from mlsys_jax.kernels.paged_attention import reference
 from mlsys_jax.kernels.paged_attention.reference import gather_pages, paged_attention_reference
@@ -44,18 +44,7 @@ def _check_inputs(q, k_pages, v_pages, block_tables, sliding_window) -> None:
             )
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"{_WHERE}: k_pages {k_pages.shape} and v_pages {v_pages.shape} must have the same shape")
-    if q.shape[3] != k_pages.shape[3]:
-        raise ValueError(f"{_WHERE}: q {q.shape} and k_pages {k_pages.shape} must agree on head_dim (dim 3)")
-    if q.shape[2] % k_pages.shape[2]:
-        raise ValueError(
-            f"{_WHERE}: kv_heads={k_pages.shape[2]} must divide heads={q.shape[2]} (each K/V head "
-            "serves a whole group of query heads). Fix: pick kv_heads from the divisors of heads."
-        )
-    if not (q.dtype == k_pages.dtype == v_pages.dtype) or jnp.dtype(q.dtype) not in FLOAT_DTYPES:
-        raise ValueError(
-            f"{_WHERE}: q, k_pages, v_pages must share one dtype among float32, bfloat16, float16; "
-            f"got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}"
-        )
+    check_heads(_WHERE, q, k_pages, v_pages, ("q", "k_pages", "v_pages"))
     if block_tables.ndim != 2 or block_tables.shape[0] != q.shape[0]:
         raise ValueError(
             f"{_WHERE}: block_tables must be (batch, max_blocks) = ({q.shape[0]}, max_blocks), one row of "
@@ -63,20 +52,7 @@ def _check_inputs(q, k_pages, v_pages, block_tables, sliding_window) -> None:
         )
     if not jnp.issubdtype(block_tables.dtype, jnp.integer):
         raise ValueError(f"{_WHERE}: block_tables must hold integer block ids, got {block_tables.dtype}")
-    if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
-        raise ValueError(f"{_WHERE}: sliding_window must be a positive int or None, got {sliding_window!r}")
-
-
-def _per_row(name: str, x: jax.Array | int, batch: int) -> jax.Array:
-    """One int32 per batch row: a Python int is broadcast, an array must be (batch,) of ints."""
-    if isinstance(x, int):
-        return jnp.full((batch,), x, jnp.int32)
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.integer) or x.shape != (batch,):
-        raise ValueError(
-            f"{_WHERE}: {name} must be one int per batch row, shape ({batch},); got {x.dtype} of shape {x.shape}"
-        )
-    return x.astype(jnp.int32)
+    check_window(_WHERE, sliding_window)
 
 
 def choose(
@@ -126,8 +102,8 @@ def paged_attention(
     """
     _check_inputs(q, k_pages, v_pages, block_tables, sliding_window)
     batch, q_len = q.shape[:2]
-    lengths = _per_row("lengths", lengths, batch)
-    q_offset = lengths - q_len if q_offset is None else _per_row("q_offset", q_offset, batch)
+    lengths = per_row(_WHERE, "lengths", lengths, batch)
+    q_offset = lengths - q_len if q_offset is None else per_row(_WHERE, "q_offset", q_offset, batch)
     choice = choose(q, k_pages, sliding_window=sliding_window, implementation=implementation)
     return choice(
         q,
