@@ -121,6 +121,15 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)], skip_special_tokens=False)
 
 
+def encode_prompt(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """A completion prompt's ids with the special tokens its tokenizer puts around a text (a
+    Llama tokenizer's BOS), as transformers' ``tokenizer(text)`` gives them; a chat prompt gets
+    its special tokens from the template instead, so it is encoded with ``encode``."""
+    if isinstance(tokenizer, HFTokenizer):
+        return np.asarray(tokenizer.tokenizer.encode(text, add_special_tokens=True).ids, dtype=tokenizer.dtype)
+    return tokenizer.encode(text)
+
+
 def render_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
     """A conversation as the prompt text the tokenizer's chat template makes of it (a plain
     ``role: content`` format when it has none), rendered in a sandbox as transformers does."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from recipe_runs import ROOT
 
-from mlsys_jax.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, load_tokenizer, render_chat
+from mlsys_jax.tokenizer import ByteTokenizer, HFTokenizer, TokenizerError, encode_prompt, load_tokenizer, render_chat
 from mlsys_jax.train import data
 
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
@@ -64,3 +64,18 @@ def test_a_corpus_read_with_it_joins_documents_with_its_eos(tmp_path):
     stream = np.concatenate([corpus.train, corpus.val])
     assert stream.max() < tok.vocab_size and int((stream == tok.EOS).sum()) == 2
     assert "naïve café" in tok.decode(stream)
+
+
+def test_a_completion_prompt_gets_the_special_tokens_its_tokenizer_adds(tmp_path):
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(str(FIXTURES / "llama3" / "tokenizer.json"))
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_bytes((FIXTURES / "llama3" / "tokenizer_config.json").read_bytes())
+    with_bos = load_tokenizer(str(tmp_path))
+    assert encode_prompt(with_bos, "Hello").tolist() == [bos, *with_bos.encode("Hello").tolist()]
+    assert encode_prompt(ByteTokenizer(), "Hi").tolist() == [72, 105]

@@ -35,7 +35,7 @@ from mlsys_jax.serve.config import ServeConfig
 from mlsys_jax.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from mlsys_jax.serve.requests import QueueFull, RequestError, RequestOutput, SamplingParams, TokenLogprob
 from mlsys_jax.serve.runner import Draining, EngineFailed, EngineRunner, RequestStream
-from mlsys_jax.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, render_chat
+from mlsys_jax.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, encode_prompt, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ class OpenAIServer:
 
     def completion_prompt(self, prompt: str | list[str] | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            return [int(i) for i in self.tokenizer.encode(_utf8(prompt, "prompt"))]
+            return [int(i) for i in encode_prompt(self.tokenizer, _utf8(prompt, "prompt"))]
         if not prompt:
             raise APIError(400, "prompt is an empty list", param="prompt")
         if isinstance(prompt[0], str):
