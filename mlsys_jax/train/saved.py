@@ -44,7 +44,10 @@ def restore_run(
     ``overrides`` change how the model runs (its compute dtype, say)."""
     directory = Path(ckpt_dir).expanduser()
     if not directory.is_dir():
-        raise CheckpointError(f"--ckpt-dir {str(ckpt_dir)!r} is not a folder. Fix: give the run's --ckpt-dir.")
+        raise CheckpointError(
+            f"--ckpt-dir {str(ckpt_dir)!r} is not a folder. Fix: give the --ckpt-dir of a training run (make demo "
+            "trains one into runs/train_lm)."
+        )
     ckpt = Checkpointer(directory)
     try:
         steps = ckpt.all_steps()
