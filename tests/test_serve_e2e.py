@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import signal
 import subprocess
 import sys
 import time
@@ -56,9 +57,9 @@ def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def gauge(url: str, name: str) -> float:
+def gauge(url: str, name: str, **labels: str) -> float:
     families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-    return next(s.value for f in families for s in f.samples if s.name == name)
+    return next(s.value for f in families for s in f.samples if s.name == name and labels.items() <= s.labels.items())
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +147,44 @@ def test_a_full_queue_is_429_with_retry_after(checkpoint):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             codes = list(pool.map(ask, range(8)))
     assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+
+
+@pytest.mark.slow
+def test_a_client_leaving_mid_stream_frees_its_blocks(served):
+    with httpx.stream(
+        "POST",
+        f"{served}/v1/completions",
+        json={"model": "tiny", "prompt": "class A:", "max_tokens": 80, "stream": True, "temperature": 0},
+        timeout=60,
+    ) as reply:
+        lines = reply.iter_lines()
+        assert next(lines).startswith("data: ")  # a token arrived; the request holds blocks now
+    deadline = time.time() + 20
+    while gauge(served, "mlsys_jax_kv_blocks_used") and time.time() < deadline:
+        time.sleep(0.05)
+    assert gauge(served, "mlsys_jax_kv_blocks_used") == 0
+    assert gauge(served, "mlsys_jax_requests_total", outcome="aborted") >= 1
+
+
+@pytest.mark.slow
+def test_sigterm_lets_a_running_request_finish_and_refuses_new_ones(checkpoint):
+    port = free_port()
+    command = [sys.executable, "-m", "mlsys_jax.cli", "serve", "--ckpt-dir", str(checkpoint), "--port", str(port)]
+    proc = subprocess.Popen([*command, "--model-name", "t"], env=env(), stdout=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith(f"serving t on {url}")
+        body = {"model": "t", "prompt": "def f(", "max_tokens": 60, "stream": True, "temperature": 0}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as reply:
+            lines = reply.iter_lines()
+            first = next(lines)
+            proc.send_signal(signal.SIGTERM)
+            late = httpx.post(f"{url}/v1/completions", json={"model": "t", "prompt": "x"}, timeout=30)
+            rest = [line for line in lines if line]
+        assert first.startswith("data: ") and rest[-1] == "data: [DONE]"
+        assert late.status_code == 503
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
