@@ -32,6 +32,7 @@ from mlsys_jax.kernels import cross_entropy, norms
 from mlsys_jax.kernels.attention import FLASH_ATTENTION as ATTENTION
 from mlsys_jax.kernels.attention import flash_attention
 from mlsys_jax.kernels.dispatch import KernelUnavailable, current_platform
+from mlsys_jax.kernels.paged_attention import PAGED_ATTENTION, paged_attention
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 3e-2, "float16": 1e-2}
 
@@ -200,6 +201,41 @@ def loss_checks(platform: str, big: bool) -> list[Check]:
     return out
 
 
+def paged_attention_checks(platform: str, big: bool) -> list[Check]:
+    """Each paged backend against the reference: decode and a chunk over shuffled blocks, GQA."""
+    b, h, kv, d, bs, longest = (8, 32, 8, 128, 16, 2000) if big else (2, 4, 2, 32, 16, 40)
+    max_blocks = -(-longest // bs)
+    num_blocks = b * max_blocks + 1
+    lengths = jnp.asarray(np.linspace(1, longest, b).astype(np.int32))
+    tables = jnp.asarray(
+        np.random.default_rng(0).permutation(np.arange(1, num_blocks))[: b * max_blocks].reshape(b, max_blocks)
+    )
+    out = []
+    for dtype in (jnp.bfloat16, jnp.float32):
+        keys = jax.random.split(jax.random.key(1), 3)
+        k_pages = jax.random.normal(keys[1], (num_blocks, bs, kv, d), dtype)
+        v_pages = jax.random.normal(keys[2], (num_blocks, bs, kv, d), dtype)
+        for q_len in (1, 8):
+            q = jax.random.normal(keys[0], (b, q_len, h, d), dtype)
+            for backend in backends(PAGED_ATTENTION, platform):
+                fn = lambda q, k, v, t, n, name=backend: paged_attention(q, k, v, t, n, implementation=name)
+                ref = lambda q, k, v, t, n: paged_attention(q, k, v, t, n, implementation="xla")
+                case = f"B{b} q{q_len} H{h}/{kv} D{d} block{bs} len<={longest}"
+                out.append(
+                    compare(
+                        "paged_attention",
+                        backend,
+                        case,
+                        dtype,
+                        fn,
+                        ref,
+                        (q, k_pages, v_pages, tables, lengths),
+                        (0, 1, 2),
+                    )
+                )
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[Check]:
     assert __doc__ is not None
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -207,7 +243,8 @@ def main(argv: list[str] | None = None) -> list[Check]:
     args = parser.parse_args(argv)
     platform = current_platform()
     big = platform != "cpu"
-    checks = attention_checks(platform, big) + norm_checks(platform, big) + loss_checks(platform, big)
+    checks = attention_checks(platform, big) + paged_attention_checks(platform, big)
+    checks += norm_checks(platform, big) + loss_checks(platform, big)
     print(f"## kernel checks on {jax.devices()[0].device_kind} (jax {jax.__version__})\n")
     print("| kernel | backend | case | dtype | worst rel. error | ok | note |\n|---|---|---|---|---|---|---|")
     for c in checks:

@@ -18,11 +18,11 @@ step "devices"
 "$PY" -c "import jax; print(jax.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
 
 step "1. every native backend against the reference, forward and gradients, at realistic sizes"
-timeout 150 "$PY" bench/gpu_checks.py --out "$OUT" 2>&1 | tee -a "$LOG"
+timeout 140 "$PY" bench/gpu_checks.py --out "$OUT" 2>&1 | tee -a "$LOG"
 checks=${PIPESTATUS[0]}
 
 step "2. every backend interpreted on this machine's CPU (this jax version's Pallas APIs)"
-JAX_PLATFORMS=cpu timeout 90 "$PY" bench/gpu_checks.py --out "$OUT" 2>&1 | tail -3 | tee -a "$LOG"
+JAX_PLATFORMS=cpu timeout 120 "$PY" bench/gpu_checks.py --out "$OUT" 2>&1 | tail -3 | tee -a "$LOG"
 
 step "3. the Triton attention tests, compiled rather than interpreted (when pytest is present)"
 if "$PY" -c "import pytest" 2>/dev/null; then
@@ -32,7 +32,7 @@ else
 fi
 
 step "4. speed against XLA, cuDNN and jax's shipped Pallas ops"
-timeout 240 "$PY" bench/kernels.py --out "$OUT" 2>&1 | tee -a "$LOG"
+timeout 210 "$PY" bench/kernels.py --out "$OUT" 2>&1 | tee -a "$LOG"
 
 step "5. compiled memory of the fused loss against the unfused one"
 timeout 30 "$PY" bench/loss_memory.py 2>&1 | tee -a "$LOG"

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from mlsys_jax.kernels.attention.checks import check_heads, check_window, per_row
 from mlsys_jax.kernels.dispatch import Choice, Registry
-from mlsys_jax.kernels.paged_attention import reference
+from mlsys_jax.kernels.paged_attention import reference, triton
 from mlsys_jax.kernels.paged_attention.reference import gather_pages, paged_attention_reference
 
 __all__ = [
@@ -27,8 +27,8 @@ __all__ = [
 
 PAGED_ATTENTION = Registry(
     "paged_attention",
-    order={"gpu": ("xla",), "tpu": ("xla",), "cpu": ("xla",)},
-    backends=(reference.BACKEND,),
+    order={"gpu": ("pallas_triton", "xla"), "tpu": ("xla",), "cpu": ("xla",)},
+    backends=(reference.BACKEND, triton.BACKEND),
 )
 
 _WHERE = "paged_attention"

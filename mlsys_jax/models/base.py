@@ -88,7 +88,8 @@ class LanguageModel:
     for MFU; ``kernel_choices(batch, seq)`` says which kernel backend each hot operation runs.
     ``page_specs(num_blocks, block_size)`` is a paged KV cache's pools (a family that can serve
     from one; its block then takes a ``PagedKV``); ``max_position`` is the longest context the
-    model is made for (None: unstated).
+    model is made for (None: unstated); ``quantizable`` maps each matmul weight's path
+    (``layers/wq``) to its input dims, the weights its pieces take stored as int8.
     """
 
     name: str
@@ -109,6 +110,7 @@ class LanguageModel:
     kernel_choices: Callable[[int, int], dict[str, str]] = lambda batch, seq: {}
     page_specs: Callable[[int, int], Any] | None = None
     max_position: int | None = None
+    quantizable: Any = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.remat not in REMAT_POLICIES:

@@ -34,6 +34,7 @@ from mlsys_jax.models.layers import (
     rope_angles,
     swiglu,
 )
+from mlsys_jax.models.quantized import as_compute, cast_tree
 from mlsys_jax.models.registry import Family
 from mlsys_jax.params import ParamSpec, fan_in, normal, ones, zeros
 
@@ -44,6 +45,18 @@ AXES = LogicalAxes(
     activations=("batch", "seq", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "cache_seq", "layers"),
 )
 CACHE_AXES = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+#: Each matmul weight's input (contracting) dims, for int8 storage per output channel.
+QUANTIZABLE = {
+    "embed": (1,),  # per row: per output channel of the tied head, per token of the lookup
+    "head": (0,),
+    "layers/wq": (1,),
+    "layers/wk": (1,),
+    "layers/wv": (1,),
+    "layers/wo": (1, 2),
+    "layers/w_gate": (1,),
+    "layers/w_up": (1,),
+    "layers/w_down": (1,),
+}
 
 
 def param_specs(cfg: LlamaConfig) -> Params:
@@ -111,7 +124,7 @@ def embed(
 ) -> jax.Array:
     """h_0 = E[tokens], (batch, seq, d_model) in the compute dtype (positions enter at RoPE)."""
     del positions
-    table = layout.constrain(params["embed"].astype(cfg.dtype), ("vocab", None))  # whole rows
+    table = layout.constrain(as_compute(params["embed"], cfg.dtype), ("vocab", None))  # whole rows
     return layout.constrain(embedding_lookup(table, tokens), ("batch", "seq", "embed"))
 
 
@@ -126,7 +139,7 @@ def block(
     """One layer: attention then SwiGLU, each on the RMSNorm of the residual stream. With a
     cache, the new keys and values are written at ``positions`` (contiguous cache) or at the
     cache's slots (``PagedKV``, positions (batch, seq)) and the queries attend over it."""
-    w = jax.tree_util.tree_map(lambda a: a.astype(cfg.dtype), w)
+    w = cast_tree(w, cfg.dtype)
     c = layout.constrain
     q, k, v = qkv_projection(_norm(cfg, x, w["attn_norm"], layout), w["wq"], w["wk"], w["wv"])
     if cfg.qkv_bias:
@@ -160,7 +173,7 @@ def block(
 
 
 def _head_weight(cfg: LlamaConfig, params: Params, dtype: Any) -> jax.Array:
-    return (params["embed"].T if cfg.tie_embeddings else params["head"]).astype(dtype)
+    return as_compute(params["embed"], dtype).T if cfg.tie_embeddings else as_compute(params["head"], dtype)
 
 
 def head(cfg: LlamaConfig, params: Params, x: jax.Array, layout: Layout = UNPLACED) -> jax.Array:
@@ -219,6 +232,7 @@ def language_model(cfg: LlamaConfig, name: str = "llama") -> LanguageModel:
         loss=bind(loss, cfg),
         cache_specs=bind(cache_specs, cfg),
         page_specs=bind(page_specs, cfg),
+        quantizable={k: v for k, v in QUANTIZABLE.items() if k != "head" or not cfg.tie_embeddings},
         max_position=cfg.max_position,
         flops_per_token=bind(flops_per_token, cfg),
         vocab_size=cfg.vocab_size,

@@ -31,6 +31,9 @@ class ServeConfig:
     """CPU devices to simulate (default: as many as --mesh needs)."""
     dtype: str = "float32"
     """Compute dtype of the served model."""
+    weights: Literal["as-trained", "int8"] = "as-trained"
+    """as-trained: the weights in their saved dtype; int8: weight-only int8, one fp32 scale per
+    output channel (about half the bytes of bf16), widened to --dtype where used."""
     scheduler: Literal["continuous", "dynamic", "static"] = "continuous"
     """continuous: admit into free slots every decode step; dynamic: start a batch at --max-seqs
     requests or after --batch-timeout-ms; static: wait for a full batch of --max-seqs."""

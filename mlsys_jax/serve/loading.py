@@ -12,6 +12,7 @@ import jax
 from mlsys_jax.mesh import make_mesh, parse_axis_sizes, simulate_cpu_devices
 from mlsys_jax.models import hf, llama
 from mlsys_jax.models.base import ConfigError, LanguageModel
+from mlsys_jax.models.quantized import quantize_params
 from mlsys_jax.parallel import Plan, rules
 from mlsys_jax.serve.config import ServeConfig
 from mlsys_jax.serve.engine import Engine, EngineConfig
@@ -81,4 +82,6 @@ def _engine(cfg: ServeConfig, plan: Plan, name: str) -> Engine:
         model, params = saved.model, saved.params
         tokenizer = load_tokenizer(saved.settings.get("tokenizer"))
         context = context_of(model, saved.settings.get("seq"))
+    if cfg.weights == "int8":
+        params = jax.jit(lambda p: quantize_params(p, model.quantizable))(params)
     return Engine(model, plan, params, tokenizer, context_limit=context, config=engine_config(cfg), model_name=name)
