@@ -11,31 +11,14 @@ import pytest
 from test_paged_attention import LENGTHS, case
 
 from mlsys_jax.kernels import KernelUnavailable
-from mlsys_jax.kernels.dispatch import Registry
-from mlsys_jax.kernels.paged_attention import reference, triton
+from mlsys_jax.kernels.paged_attention import PAGED_ATTENTION as REGISTRY
+from mlsys_jax.kernels.paged_attention import choose, triton
 from mlsys_jax.kernels.paged_attention.reference import paged_attention_reference
-
-# A table of this family's backends as __init__ would hold them once pallas_triton joins it.
-REGISTRY = Registry(
-    "paged_attention",
-    order={"gpu": ("pallas_triton", "xla"), "cpu": ("xla",)},
-    backends=(reference.BACKEND, triton.BACKEND),
-)
 
 
 def run_both(q, k_pages, v_pages, table, lengths, q_offset, window=None):
     """The kernel (chosen by name through dispatch, so interpreted on CPU) and the reference."""
-    choice = REGISTRY.choose(
-        "pallas_triton",
-        platform="cpu",
-        dtype=q.dtype,
-        head_dim=q.shape[-1],
-        q_len=q.shape[1],
-        heads=q.shape[2],
-        kv_heads=k_pages.shape[2],
-        block_size=k_pages.shape[1],
-        window=window,
-    )
+    choice = choose(q, k_pages, sliding_window=window, implementation="pallas_triton")
     assert choice.backend is triton.BACKEND and choice.interpret
     args = (q, k_pages, v_pages, table, jnp.asarray(lengths, jnp.int32), jnp.asarray(q_offset, jnp.int32))
     kwargs = {"sm_scale": q.shape[-1] ** -0.5, "window": window}

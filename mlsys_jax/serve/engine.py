@@ -182,7 +182,7 @@ class Engine:
         for seq in list(self.waiting):
             if seq.request_id == request_id:
                 self.waiting.remove(seq)
-        for slot, seq in list(self.running.items()):
+        for seq in list(self.running.values()):
             if seq.request_id == request_id:
                 self._retire(seq)
 
@@ -344,7 +344,7 @@ class Engine:
                     outputs += self._draw([seq], logits, 1)
         decoding = sorted((s for s in self.running.values() if s.pending == 1), key=lambda s: s.arrived)
         ready = [s for s in decoding if s.slot is not None and self._reserve(s, s.cached + 1)]
-        ready = [s for s in ready if s.slot is not None and s.slot in self.running]
+        ready = [s for s in ready if s.slot is not None]  # a later row's blocks may have preempted an earlier one
         if ready:
             logits = self._run([(s, 1) for s in ready], 1, self.config.max_seqs)
             outputs += self._draw(ready, logits, self.config.max_seqs)
