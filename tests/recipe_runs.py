@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,11 @@ def recipe(*args: str) -> list[str]:
 
 def run(*args: str, timeout: int = 600, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(recipe(*args), check=False, capture_output=True, text=True, env=env(**extra), timeout=timeout)
+
+
+def unboxed(text: str) -> str:
+    """``text`` with a terminal box's borders removed and its wrapping undone: what a user reads."""
+    return " ".join(re.sub("[│╭╮╰╯─]", " ", text).split())
 
 
 def by_step(records: list[dict], key: str) -> dict:

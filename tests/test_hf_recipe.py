@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from recipe_runs import CORPUS, ROOT, env, kill, logged_steps, recipe, run, start_and_wait
+from recipe_runs import CORPUS, ROOT, env, kill, logged_steps, recipe, run, start_and_wait, unboxed
 from safetensors.numpy import load_file
 
 from mlsys_jax.models import hf
@@ -158,7 +158,7 @@ def test_the_recipe_prints_one_line_and_exits_2_for_a_bad_folder(tmp_path):
 
 def test_a_model_named_beside_init_from_hf_is_refused(tmp_path):
     out = run("--init-from-hf", str(FIXTURES / "llama3"), "--model", "tiny", "--ckpt-dir", str(tmp_path), timeout=120)
-    assert out.returncode == 2 and "takes the model from that folder's config.json" in out.stderr
+    assert out.returncode == 2 and "takes the model from that folder's config.json" in unboxed(out.stderr)
 
 
 def test_plan_shows_an_hf_folder_before_any_weights_are_read():
