@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from recipe_runs import CORPUS, env, run
 from test_multihost import free_port
 
+from mlsys_jax.models import get_config
 from mlsys_jax.tokenizer import ByteTokenizer, render_chat
 
 CONTEXT = 96  # the run's --seq: the served model's context
@@ -62,9 +63,18 @@ def gauge(url: str, name: str, **labels: str) -> float:
     return next(s.value for f in families for s in f.samples if s.name == name and labels.items() <= s.labels.items())
 
 
+QUANTIZED = ("--weights", "int8", "--kv-cache", "int8")
+
+
+@pytest.fixture(scope="module", params=[(), QUANTIZED], ids=["as-trained", "int8-weights-and-kv"])
+def variant(request) -> tuple[str, ...]:
+    """The server as trained, and with int8 weights and an int8 KV cache: both must behave alike."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def served(checkpoint):
-    with serving(checkpoint, "--max-seqs", "8", "--num-blocks", "96", "--model-name", "tiny") as url:
+def served(checkpoint, variant):
+    with serving(checkpoint, "--max-seqs", "8", "--num-blocks", "96", "--model-name", "tiny", *variant) as url:
         yield url
 
 
@@ -132,6 +142,17 @@ def test_fifty_concurrent_requests_are_all_answered_and_the_cache_empties(served
     while gauge(served, "mlsys_jax_kv_blocks_used") and time.time() < deadline:
         time.sleep(0.1)
     assert gauge(served, "mlsys_jax_kv_blocks_used") == 0
+
+
+@pytest.mark.slow
+def test_the_kv_cache_takes_the_bytes_of_its_kind(served, variant):
+    tiny = get_config("tiny")
+    slots = tiny.n_layers * 96 * 16 * tiny.n_kv_heads  # --num-blocks 96 of 16 slots, every layer and K/V head
+    if variant == QUANTIZED:  # int8 values, one fp32 scale per block and head; keys and values
+        expected = 2 * (slots * tiny.head_dim + tiny.n_layers * 96 * tiny.n_kv_heads * 4)
+    else:
+        expected = 2 * slots * tiny.head_dim * 4  # float32
+    assert gauge(served, "mlsys_jax_kv_cache_bytes") == expected
 
 
 @pytest.mark.slow

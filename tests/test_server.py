@@ -428,7 +428,8 @@ def test_serve_command_drains_on_sigterm_and_exits_zero(tmp_path):
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.strip() == (
-            f"serving fake-reverser on http://127.0.0.1:{port} (scheduler continuous, 64 KV blocks of 16 tokens)"
+            f"serving fake-reverser on http://127.0.0.1:{port} (scheduler continuous, float32 compute, "
+            "weights as trained, 64 float32 KV blocks of 16 tokens)"
         )
         url = f"http://127.0.0.1:{port}"
         thread, lines = stream_in_thread(url, {"prompt": "z" * 60 + "✓", "max_tokens": 100, "temperature": 0})

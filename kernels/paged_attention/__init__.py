@@ -15,10 +15,13 @@ import jax.numpy as jnp
 from mlsys_jax.kernels.attention.checks import check_heads, check_window, per_row
 from mlsys_jax.kernels.dispatch import Choice, Registry
 from mlsys_jax.kernels.paged_attention import reference, triton
+from mlsys_jax.kernels.paged_attention.pages import Int8Pages, is_int8_pages, quantize_blocks
 from mlsys_jax.kernels.paged_attention.reference import gather_pages, paged_attention_reference
 
 __all__ = [
     "PAGED_ATTENTION",
+    "Int8Pages",
+    "quantize_blocks",
     "choose",
     "gather_pages",
     "paged_attention",
@@ -34,7 +37,25 @@ PAGED_ATTENTION = Registry(
 _WHERE = "paged_attention"
 
 
+def _check_scales(q, pages: Int8Pages, name: str) -> None:
+    if pages.values.dtype != jnp.int8:
+        raise ValueError(f"{_WHERE}: {name} of Int8Pages must hold int8 values, got {pages.values.dtype}")
+    want = (pages.values.shape[0], pages.values.shape[2])
+    if pages.scale.shape != want:
+        raise ValueError(
+            f"{_WHERE}: {name}.scale must be (num_blocks, kv_heads) = {want}, one scale per block and "
+            f"K/V head; got shape {pages.scale.shape}"
+        )
+
+
 def _check_inputs(q, k_pages, v_pages, block_tables, sliding_window) -> None:
+    if is_int8_pages(k_pages) != is_int8_pages(v_pages):
+        raise ValueError(f"{_WHERE}: k_pages and v_pages must both be Int8Pages or both plain arrays")
+    if is_int8_pages(k_pages):
+        _check_scales(q, k_pages, "k_pages")
+        _check_scales(q, v_pages, "v_pages")
+        k_pages = jax.ShapeDtypeStruct(k_pages.values.shape, q.dtype)
+        v_pages = jax.ShapeDtypeStruct(v_pages.values.shape, q.dtype)
     if q.ndim != 4:
         raise ValueError(f"{_WHERE}: q must be (batch, q_len, heads, head_dim), got shape {q.shape}")
     for name, x in (("k_pages", k_pages), ("v_pages", v_pages)):
@@ -57,7 +78,7 @@ def _check_inputs(q, k_pages, v_pages, block_tables, sliding_window) -> None:
 
 def choose(
     q: jax.Array | jax.ShapeDtypeStruct,
-    k_pages: jax.Array | jax.ShapeDtypeStruct,
+    k_pages: jax.Array | jax.ShapeDtypeStruct | Int8Pages,
     *,
     sliding_window: int | None = None,
     implementation: str | None = None,
@@ -72,13 +93,14 @@ def choose(
         kv_heads=k_pages.shape[2],
         block_size=k_pages.shape[1],
         window=sliding_window,
+        pages_dtype=k_pages.dtype,
     )
 
 
 def paged_attention(
     q: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
+    k_pages: jax.Array | Int8Pages,
+    v_pages: jax.Array | Int8Pages,
     block_tables: jax.Array,
     lengths: jax.Array,
     *,
@@ -105,6 +127,10 @@ def paged_attention(
     lengths = per_row(_WHERE, "lengths", lengths, batch)
     q_offset = lengths - q_len if q_offset is None else per_row(_WHERE, "q_offset", q_offset, batch)
     choice = choose(q, k_pages, sliding_window=sliding_window, implementation=implementation)
+    scales = {}
+    if isinstance(k_pages, Int8Pages) and isinstance(v_pages, Int8Pages):
+        scales = {"k_scales": k_pages.scale, "v_scales": v_pages.scale}
+        k_pages, v_pages = k_pages.values, v_pages.values
     return choice(
         q,
         k_pages,
@@ -114,4 +140,5 @@ def paged_attention(
         q_offset,
         sm_scale=q.shape[-1] ** -0.5 if sm_scale is None else sm_scale,
         window=sliding_window,
+        **scales,
     )

@@ -5,7 +5,9 @@ Each row's keys and values live in fixed-size blocks of a shared pool, found thr
 table. The reference gathers them back into contiguous (batch, max_blocks * block_size, kv_heads,
 head_dim) arrays and runs the flash-attention reference on those, so masking, grouped heads and
 the fp32 softmax are the ones ``flash_attention`` specifies: causal from each row's ``q_offset``,
-keys at positions ``>= lengths[b]`` hidden, a query that sees no key gets zeros.
+keys at positions ``>= lengths[b]`` hidden, a query that sees no key gets zeros. Pools of int8
+come with ``k_scales``/``v_scales`` (num_blocks, kv_heads): each gathered block is widened to q's
+dtype as ``values * scale[block, head]`` before attending.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 from mlsys_jax.kernels.attention.options import AttentionOptions
 from mlsys_jax.kernels.attention.reference import attention_reference
 from mlsys_jax.kernels.dispatch import Backend
+from mlsys_jax.kernels.paged_attention.pages import dequantize_blocks
 
 
 def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
@@ -29,6 +32,18 @@ def gather_pages(pages: jax.Array, block_tables: jax.Array) -> jax.Array:
     return rows.reshape(b, n * size, *rows.shape[3:])
 
 
+def gather_dequantized(
+    pages: jax.Array, scales: jax.Array | None, block_tables: jax.Array, dtype: jnp.dtype
+) -> jax.Array:
+    """``gather_pages`` of a pool in ``dtype``, int8 blocks widened by their (block, head) scale."""
+    if scales is None:
+        return gather_pages(pages, block_tables)
+    rows = jnp.take(pages, block_tables, axis=0, mode="clip")  # (batch, max_blocks, block_size, ...)
+    wide = dequantize_blocks(rows, jnp.take(scales, block_tables, axis=0, mode="clip"), dtype)
+    b, n, size = wide.shape[:3]
+    return wide.reshape(b, n * size, *wide.shape[3:])
+
+
 def paged_attention_reference(
     q: jax.Array,
     k_pages: jax.Array,
@@ -39,14 +54,16 @@ def paged_attention_reference(
     *,
     sm_scale: float,
     window: int | None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention of q (batch, q_len, heads, head_dim) over each row's paged keys, in q's dtype.
 
     ``lengths`` and ``q_offset`` are (batch,) int32: how many keys row b has, and the position of
-    its first query.
+    its first query; ``k_scales``/``v_scales`` (num_blocks, kv_heads) come with int8 pools.
     """
-    k = gather_pages(k_pages, block_tables)
-    v = gather_pages(v_pages, block_tables)
+    k = gather_dequantized(k_pages, k_scales, block_tables, q.dtype)
+    v = gather_dequantized(v_pages, v_scales, block_tables, q.dtype)
     opts = AttentionOptions(causal=True, sm_scale=sm_scale, window=window)
     return attention_reference(q, k, v, None, None, q_offset, lengths, opts)
 

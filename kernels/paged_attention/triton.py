@@ -58,8 +58,12 @@ def _tile(n: int) -> int:
     return max(_MIN_DIM, pl.next_power_of_2(n))
 
 
-def check(*, dtype, head_dim: int, q_len: int, heads: int, kv_heads: int, block_size: int, **_) -> str | None:
+def check(
+    *, dtype, head_dim: int, q_len: int, heads: int, kv_heads: int, block_size: int, pages_dtype=None, **_
+) -> str | None:
     """Why the Triton kernel cannot serve these arguments, or None."""
+    if pages_dtype is not None and jnp.dtype(pages_dtype) == jnp.int8:
+        return "the Triton kernel reads pools in the compute dtype, not int8 ones"
     if jnp.dtype(dtype) not in FLOAT_DTYPES:
         return f"the Triton kernel takes float32, bfloat16 or float16, not {jnp.dtype(dtype).name}"
     if head_dim % _HEAD_DIM_STEP or not _HEAD_DIM_STEP <= head_dim <= _MAX_HEAD_DIM:

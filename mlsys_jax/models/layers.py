@@ -8,10 +8,12 @@ through ``kernel_ops``, whose only implementations are the kernels' own.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from mlsys_jax.kernels.paged_attention import pages
 from mlsys_jax.models.base import Constrain, no_constraint
 from mlsys_jax.models.config import RopeScaling
 
@@ -120,9 +122,8 @@ def cache_write(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array
     return jnp.where(inside.reshape(*inside.shape, *tail), taken.astype(cache.dtype), cache)
 
 
-def paged_write(pool: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+def paged_write(pool: Any, new: jax.Array, slots: jax.Array) -> Any:
     """``pool`` (num_blocks, block_size, ...) with ``new`` (batch, seq, ...) written at the flat
-    slots (batch, seq) ``block * block_size + offset``; nothing is copied when a sequence grows."""
-    flat = pool.reshape(-1, *pool.shape[2:])
-    flat = flat.at[slots.reshape(-1)].set(new.reshape(-1, *new.shape[2:]).astype(pool.dtype))
-    return flat.reshape(pool.shape)
+    slots (batch, seq) ``block * block_size + offset``; nothing is copied when a sequence grows.
+    An int8 pool (``Int8Pages``) keeps one scale per block and K/V head (see its module)."""
+    return pages.write(pool, new, slots)

@@ -1,4 +1,4 @@
-"""Weight-only int8: a matmul weight kept as int8 values and one fp32 scale per output channel,
+"""Weight-only int8 (and the int8 KV-cache pools' specs): a matmul weight kept as int8 values and one fp32 scale per output channel,
 widened to the compute dtype where a model piece uses it.
 
     scale_c = max_i |W_ic| / 127,    Q_ic = round(W_ic / scale_c),    W ~ Q * scale
@@ -15,6 +15,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from mlsys_jax.kernels.paged_attention import Int8Pages
+from mlsys_jax.params import ParamSpec, zeros
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +79,14 @@ def weight_bytes(params: Any) -> int:
     """Bytes the weights take as stored (int8 values and scales, plain arrays as they are)."""
     leaves = jax.tree_util.tree_leaves(params, is_leaf=is_int8)
     return sum(w.nbytes if is_int8(w) else int(w.size * w.dtype.itemsize) for w in leaves)
+
+
+def int8_page_spec(spec: ParamSpec) -> Int8Pages:
+    """The int8 form of a KV-cache pool spec (..., num_blocks, block_size, kv_heads, head_dim):
+    int8 values placed like the pool, and one fp32 scale per block and K/V head."""
+    lead, heads = spec.shape[:-3], spec.shape[-2]
+    axes = (*spec.logical_axes[:-3], spec.logical_axes[-2])
+    return Int8Pages(
+        ParamSpec(spec.shape, spec.logical_axes, zeros, jnp.int8),  # pyright: ignore[reportArgumentType]
+        ParamSpec((*lead, heads), axes, zeros, jnp.float32),  # pyright: ignore[reportArgumentType]
+    )

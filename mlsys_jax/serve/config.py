@@ -29,11 +29,14 @@ class ServeConfig:
     T devices (e.g. 'data=2,tensor=2'; default: one device)."""
     simulate_devices: int | None = None
     """CPU devices to simulate (default: as many as --mesh needs)."""
-    dtype: str = "float32"
-    """Compute dtype of the served model."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute dtype of the served model (and of its KV cache unless --kv-cache int8)."""
     weights: Literal["as-trained", "int8"] = "as-trained"
     """as-trained: the weights in their saved dtype; int8: weight-only int8, one fp32 scale per
     output channel (about half the bytes of bf16), widened to --dtype where used."""
+    kv_cache: Literal["auto", "int8"] = "auto"
+    """auto: the KV cache in --dtype; int8: int8 blocks with one fp32 scale per block and K/V head
+    (a quarter of fp32's bytes), widened to --dtype as attention reads them."""
     scheduler: Literal["continuous", "dynamic", "static"] = "continuous"
     """continuous: admit into free slots every decode step; dynamic: start a batch at --max-seqs
     requests or after --batch-timeout-ms; static: wait for a full batch of --max-seqs."""

@@ -26,6 +26,7 @@ import numpy as np
 
 from mlsys_jax.models import base
 from mlsys_jax.models.base import ConfigError, LanguageModel, PagedKV
+from mlsys_jax.models.quantized import int8_page_spec
 from mlsys_jax.parallel.plan import Plan
 from mlsys_jax.params import init_params, is_spec
 from mlsys_jax.serve.kv_blocks import TRASH, BlockAllocator
@@ -35,6 +36,7 @@ from mlsys_jax.serve.text import TextStream
 from mlsys_jax.tokenizer import Tokenizer
 
 Scheduler = Literal["continuous", "dynamic", "static"]
+KVCache = Literal["auto", "int8"]
 MIN_CHUNK = 16
 
 
@@ -48,12 +50,16 @@ class EngineConfig:
     prefill_chunk: int = 64
     scheduler: Scheduler = "continuous"
     batch_timeout_s: float = 0.05
+    kv_cache: KVCache = "auto"
+    """auto: pools in the compute dtype; int8: int8 pools with one scale per block and K/V head."""
 
     def __post_init__(self) -> None:
         if self.prefill_chunk < 1 or self.max_seqs < 1 or self.block_size < 1:
             raise ConfigError("max_seqs, block_size and prefill_chunk must be at least 1")
         if self.scheduler not in ("continuous", "dynamic", "static"):
             raise ConfigError(f"scheduler {self.scheduler!r} is not continuous, dynamic or static")
+        if self.kv_cache not in ("auto", "int8"):
+            raise ConfigError(f"kv_cache {self.kv_cache!r} is not auto or int8")
 
     @property
     def chunk_buckets(self) -> list[int]:
@@ -63,6 +69,23 @@ class EngineConfig:
             out.append(n)
             n *= 2
         return [*out, self.prefill_chunk] if self.prefill_chunk > MIN_CHUNK else [self.prefill_chunk]
+
+
+def make_pools(
+    model: LanguageModel, plan: Plan, num_blocks: int, block_size: int, kv_cache: KVCache = "auto"
+) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+    """Empty K and V pools of a paged cache placed by ``plan`` (the heads split like the
+    attention's), and their shardings; int8 pools carry one scale per block and K/V head."""
+    if model.page_specs is None:
+        raise ConfigError(f"model {model.name!r} cannot serve from a paged KV cache (its family gives no page_specs)")
+    specs = model.page_specs(num_blocks, block_size)
+    if kv_cache == "int8":
+        specs = {name: int8_page_spec(spec) for name, spec in specs.items()}
+    shardings = jax.tree_util.tree_map(
+        lambda s: plan.activation_sharding(s.logical_axes, s.shape, "kv cache pages"), specs, is_leaf=is_spec
+    )
+    pools = jax.jit(lambda: init_params(specs, jax.random.key(0)), out_shardings=shardings)()
+    return (pools["k"], pools["v"]), (shardings["k"], shardings["v"])
 
 
 @dataclasses.dataclass
@@ -104,10 +127,6 @@ class Engine:
         model_name: str = "model",
         record_logits: bool = False,
     ) -> None:
-        if model.page_specs is None:
-            raise ConfigError(
-                f"model {model.name!r} cannot serve from a paged KV cache (its family gives no page_specs)"
-            )
         self.model, self.plan, self.params, self.tokenizer = model, plan, params, tokenizer
         self.config, self.model_name, self.record_logits = config, model_name, record_logits
         self.context_limit = int(context_limit)
@@ -118,16 +137,11 @@ class Engine:
         self.compiled: collections.Counter[str] = collections.Counter()
         self.tokens_generated = 0
         self.preemptions = 0
-        specs = model.page_specs(config.num_blocks, config.block_size)
-        self._page_shardings = jax.tree_util.tree_map(
-            lambda s: plan.activation_sharding(s.logical_axes, s.shape, "kv cache pages"), specs, is_leaf=is_spec
+        (self.k_pages, self.v_pages), self._page_shardings = make_pools(
+            model, plan, config.num_blocks, config.block_size, config.kv_cache
         )
-        pages = jax.jit(lambda: init_params(specs, jax.random.key(0)), out_shardings=self._page_shardings)()
-        self.k_pages, self.v_pages = pages["k"], pages["v"]
         rep = plan.replicated()
-        self._forward = jax.jit(
-            self._forward_fn, donate_argnums=(1, 2), out_shardings=(rep, *self._page_shardings.values())
-        )
+        self._forward = jax.jit(self._forward_fn, donate_argnums=(1, 2), out_shardings=(rep, *self._page_shardings))
         self._sample = jax.jit(self._sample_fn, out_shardings=rep)
 
     # ---- the programs -----------------------------------------------------------------------------
@@ -201,7 +215,13 @@ class Engine:
             "programs_compiled": self.programs_compiled,
             "tokens_generated": self.tokens_generated,
             "preemptions": self.preemptions,
+            "kv_cache_bytes": self.kv_cache_bytes,
         }
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV-cache pools take (values and, for int8, scales), over all devices."""
+        return sum(int(x.size * x.dtype.itemsize) for x in jax.tree_util.tree_leaves((self.k_pages, self.v_pages)))
 
     # ---- scheduling ----------------------------------------------------------------------------------
     def _admit(self) -> None:

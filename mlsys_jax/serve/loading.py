@@ -46,6 +46,7 @@ def engine_config(cfg: ServeConfig) -> EngineConfig:
         prefill_chunk=cfg.prefill_chunk,
         scheduler=cfg.scheduler,
         batch_timeout_s=cfg.batch_timeout_ms / 1000,
+        kv_cache=cfg.kv_cache,
     )
 
 

@@ -42,6 +42,7 @@ GAUGES = (
     ("running", "requests_running", "Sequences the engine is prefilling or decoding."),
     ("kv_blocks_used", "kv_blocks_used", "KV-cache blocks held by running sequences."),
     ("kv_blocks_total", "kv_blocks_capacity", "KV-cache blocks in the pool."),
+    ("kv_cache_bytes", "kv_cache_bytes", "Bytes the KV-cache pools take (int8 values and scales, or the dtype's)."),
     (
         "programs_compiled",
         "programs_compiled",

@@ -736,9 +736,12 @@ def serve(cfg: ServeConfig) -> None:
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         blocks = int(stats.get("kv_blocks_total", cfg.num_blocks))
+        weights = "int8 weights" if cfg.weights == "int8" else "weights as trained"
+        cache = "int8" if cfg.kv_cache == "int8" else cfg.dtype
+        size = f", {stats['kv_cache_bytes'] / 2**20:.1f} MiB" if "kv_cache_bytes" in stats else ""
         print(
-            f"serving {model_id} on http://{shown}:{port} (scheduler {cfg.scheduler}, {blocks} KV blocks of "
-            f"{cfg.block_size} tokens)",
+            f"serving {model_id} on http://{shown}:{port} (scheduler {cfg.scheduler}, {cfg.dtype} compute, "
+            f"{weights}, {blocks} {cache} KV blocks of {cfg.block_size} tokens{size})",
             flush=True,
         )
         try:
