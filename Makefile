@@ -41,6 +41,9 @@ bench: $(STAMP)
 	$(PY) bench/plan_scale.py
 	$(PY) bench/hf_import.py
 	$(PY) bench/serving_load.py
+	test -d runs/train_lm || $(PY) recipes/train_lm.py --no-progress  # the demo model the serving benches measure
+	$(PY) bench/quantization.py
+	$(PY) bench/serving.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs

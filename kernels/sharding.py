@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mlsys_jax.kernels.attention import flash_attention
+from mlsys_jax.kernels.paged_attention import Int8Pages, paged_attention
 
 
 def mesh_axes(entry: Any) -> tuple[str, ...]:
@@ -113,6 +114,57 @@ def sharded_flash_attention(
     args = (q, k, v) + tuple(x for x, _ in extras.values())
     specs = (q_in, kv_in, kv_in) + tuple(spec for _, spec in extras.values())
     return _shard_map(local, mesh, specs, q_in)(*args)
+
+
+def sharded_paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array | Int8Pages,
+    v_pages: jax.Array | Int8Pages,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    q_offset: jax.Array,
+    *,
+    mesh: Any,
+    q_spec: P,
+    pages_spec: P,
+    **kwargs: Any,
+) -> jax.Array:
+    """``paged_attention`` per (batch, heads) shard. ``q_spec`` places (batch, seq, heads,
+    head_dim) and ``pages_spec`` a pool (num_blocks, block_size, kv_heads, head_dim): each shard
+    attends with its query heads over its own K/V heads' pages (an int8 pool's scales split with
+    them), or over all of them when the pools are not split like the heads. Block tables, lengths
+    and offsets follow the batch split."""
+    qb, _, qh, _ = _padded(q_spec, 4)
+    batch, q_heads = mesh_axes(qb), mesh_axes(qh)
+    kv_heads = mesh_axes(_padded(pages_spec, 4)[2])
+    if kv_heads != q_heads:
+        kv_heads = ()  # pools whole on every shard: each shard slices the K/V heads its queries read
+    shards = _size(mesh, q_heads)
+    slice_kv = bool(q_heads) and not kv_heads
+    pool = P(None, None, _entry(kv_heads), None)
+    pool_in: Any = Int8Pages(pool, P(None, _entry(kv_heads))) if isinstance(k_pages, Int8Pages) else pool  # pyright: ignore[reportArgumentType]
+    q_in, row = P(_entry(batch), None, _entry(q_heads), None), P(_entry(batch))
+
+    def local(q, k, v, tables, lengths, offset):
+        if slice_kv:
+            total = k.shape[2] if not isinstance(k, Int8Pages) else k.values.shape[2]
+            k, v = _pages_for_local_heads(k, v, q.shape[2] * shards, total, q_heads, shards)
+        return paged_attention(q, k, v, tables, lengths, q_offset=offset, **kwargs)
+
+    specs = (q_in, pool_in, pool_in, P(_entry(batch), None), row, row)
+    return _shard_map(local, mesh, specs, q_in)(q, k_pages, v_pages, block_tables, lengths, q_offset)
+
+
+def _pages_for_local_heads(k: Any, v: Any, heads: int, kv_heads: int, head_axes: tuple[str, ...], shards: int) -> Any:
+    """This shard's K/V heads of whole pools; an int8 pool's (num_blocks, kv_heads) scales are
+    sliced alike (viewed with their heads on axis 2)."""
+    if not isinstance(k, Int8Pages):
+        return _kv_for_local_heads(k, v, heads, kv_heads, head_axes, shards)
+    kq, vq = _kv_for_local_heads(k.values, v.values, heads, kv_heads, head_axes, shards)
+    ks, vs = _kv_for_local_heads(
+        k.scale[:, None, :, None], v.scale[:, None, :, None], heads, kv_heads, head_axes, shards
+    )
+    return Int8Pages(kq, ks[:, 0, :, 0]), Int8Pages(vq, vs[:, 0, :, 0])
 
 
 def sharded_rows(fn: Callable[..., jax.Array], x: jax.Array, *params: jax.Array, mesh: Any, x_spec: P) -> jax.Array:

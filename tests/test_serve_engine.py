@@ -283,3 +283,28 @@ def test_data_parallel_replicas_share_the_requests_and_answer_as_one_engine(make
         k: [t for o in v for t in o.token_ids] for k, v in b.items()
     }
     assert replicas.stats()["kv_blocks_used"] == 0 and not replicas.owner
+
+
+@pytest.mark.parametrize("kv_cache", ["auto", "int8"])
+def test_the_pallas_paged_kernel_serves_the_same_logits_as_xla_per_shard_of_heads(plan, params, kv_cache):
+    """Under tensor parallelism the Pallas kernel (interpreted here) runs per shard of heads."""
+    logits = {}
+    for impl in ("xla", "pallas"):
+        model = llama.language_model(CFG.replace(paged_attention_impl=impl))
+        engine = Engine(
+            model,
+            plan,
+            params,
+            ByteTokenizer(),
+            context_limit=64,
+            config=EngineConfig(max_seqs=2, num_blocks=16, prefill_chunk=16, kv_cache=kv_cache),
+            record_logits=True,
+        )
+        for i, p in enumerate(prompts([5, 20], seed=9)):
+            engine.add_request(f"r{i}", p, SamplingParams(max_tokens=4, temperature=0.0))
+        seqs = list(engine.waiting)
+        drain(engine)
+        assert engine.allocator.used == 0
+        logits[impl] = np.stack([x for s in seqs for x in s.logits])
+    assert logits["xla"].shape == (8, MODEL.vocab_size)
+    np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=0, atol=1e-5)

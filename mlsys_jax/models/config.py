@@ -11,6 +11,7 @@ from mlsys_jax.models.base import REMAT_POLICIES, ConfigError
 # (interpreted on CPU); a backend's name runs that backend; "auto"/"fused": the kernels' own choice.
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "pallas_triton", "pallas_tpu", "auto")
 NORM_IMPLS = ("xla", "pallas", "pallas_triton", "pallas_tpu")
+PAGED_ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_triton", "pallas_tpu")
 LOSS_IMPLS = ("xla", "fused", "chunked", "pallas_triton", "pallas_tpu")
 ROPE_SCALINGS = ("llama3", "linear")
 
@@ -66,6 +67,7 @@ class LlamaConfig:
     attention_impl: str = "xla"  # see ATTENTION_IMPLS
     norm_impl: str = "xla"  # see NORM_IMPLS
     loss_impl: str = "xla"  # xla (whole logits) or a fused linear cross-entropy (LOSS_IMPLS)
+    paged_attention_impl: str = "auto"  # serving's attention over the KV pages (PAGED_ATTENTION_IMPLS)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -90,6 +92,7 @@ class LlamaConfig:
             ("attention_impl", ATTENTION_IMPLS),
             ("norm_impl", NORM_IMPLS),
             ("loss_impl", LOSS_IMPLS),
+            ("paged_attention_impl", PAGED_ATTENTION_IMPLS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")

@@ -22,6 +22,7 @@ from mlsys_jax.models.base import Layout, PagedKV
 IGNORE = -1  # label of tokens the mask leaves out (never a vocabulary id)
 Q_AXES = ("batch", "seq", "heads", "head_dim")
 KV_AXES = ("batch", "seq", "kv_heads", "head_dim")
+PAGE_AXES = (None, None, "kv_heads", "head_dim")
 
 
 def _backend(impl: str, auto: str) -> str | None:
@@ -59,14 +60,30 @@ def attention(
 
 
 def paged_attention(
-    q: jax.Array, cache: PagedKV, q_offset: jax.Array, layout: Layout, *, window: int | None = None
+    q: jax.Array, cache: PagedKV, q_offset: jax.Array, impl: str, layout: Layout, *, window: int | None = None
 ) -> jax.Array:
     """Causal grouped-query attention of (batch, seq, heads, head_dim) queries at ``q_offset``
-    over one layer's paged keys and values (the kernels' reference, which XLA partitions: the
-    pools are split by K/V heads like the queries by heads)."""
-    del layout
-    return paged_kernels.paged_attention(
-        q, cache.k, cache.v, cache.block_tables, cache.lengths, q_offset=q_offset, sliding_window=window
+    over one layer's paged keys and values. ``"xla"`` is the kernels' reference, which XLA
+    partitions (the pools are split by K/V heads like the queries by heads); any other choice
+    runs per shard of heads."""
+    kwargs = {"sliding_window": window, "implementation": _backend(impl, "auto")}
+    if impl == "xla" or not layout.sharded:
+        return paged_kernels.paged_attention(
+            q, cache.k, cache.v, cache.block_tables, cache.lengths, q_offset=q_offset, **kwargs
+        )
+    assert layout.spec is not None
+    pool_shape = cache.k.values.shape if isinstance(cache.k, paged_kernels.Int8Pages) else cache.k.shape
+    return sharding.sharded_paged_attention(
+        q,
+        cache.k,
+        cache.v,
+        cache.block_tables,
+        cache.lengths,
+        q_offset,
+        mesh=layout.mesh,
+        q_spec=layout.spec(Q_AXES, q.shape, "attention queries"),
+        pages_spec=layout.spec(PAGE_AXES, pool_shape, "kv cache pages"),
+        **kwargs,
     )
 
 

@@ -152,7 +152,9 @@ def block(
         o = kernel_ops.attention(q, k, v, cfg.attention_impl, layout, window=cfg.sliding_window)
     elif isinstance(cache, PagedKV):
         cache = cache._replace(k=paged_write(cache.k, k, cache.slots), v=paged_write(cache.v, v, cache.slots))
-        o = kernel_ops.paged_attention(q, cache, positions[:, 0], layout, window=cfg.sliding_window)
+        o = kernel_ops.paged_attention(
+            q, cache, positions[:, 0], cfg.paged_attention_impl, layout, window=cfg.sliding_window
+        )
     else:
         start = jnp.broadcast_to(positions[..., 0], (x.shape[0],)).astype(jnp.int32)
         cache = {name: c(cache_write(cache[name], new, start), CACHE_AXES[1:]) for name, new in (("k", k), ("v", v))}

@@ -37,6 +37,9 @@ class ServeConfig:
     kv_cache: Literal["auto", "int8"] = "auto"
     """auto: the KV cache in --dtype; int8: int8 blocks with one fp32 scale per block and K/V head
     (a quarter of fp32's bytes), widened to --dtype as attention reads them."""
+    paged_attention: Literal["auto", "xla", "pallas"] = "auto"
+    """Attention over the KV pages: auto picks per platform (the Pallas kernel on GPU and TPU,
+    XLA's gather-then-attend on CPU); xla or pallas forces one (pallas runs interpreted on CPU)."""
     scheduler: Literal["continuous", "dynamic", "static"] = "continuous"
     """continuous: admit into free slots every decode step; dynamic: start a batch at --max-seqs
     requests or after --batch-timeout-ms; static: wait for a full batch of --max-seqs."""

@@ -72,14 +72,16 @@ def _engine(cfg: ServeConfig, plan: Plan, name: str) -> Engine:
     params: Any
     if cfg.hf is not None:
         ckpt = hf.open_checkpoint(cfg.hf, dtype=cfg.dtype)
-        model = llama.language_model(ckpt.config, f"hf:{cfg.hf}")
+        model = llama.language_model(ckpt.config.replace(paged_attention_impl=cfg.paged_attention), f"hf:{cfg.hf}")
         params = hf.load_params(ckpt, model.specs, plan.param_shardings(model.specs))
         folder = Path(cfg.hf).expanduser()
         tokenizer = load_tokenizer(str(folder)) if (folder / "tokenizer.json").is_file() else ByteTokenizer()
         context = context_of(model, None)
     else:
         assert cfg.ckpt_dir is not None
-        saved = restore_run(cfg.ckpt_dir, cfg.step, lambda _: plan, dtype=cfg.dtype)
+        saved = restore_run(
+            cfg.ckpt_dir, cfg.step, lambda _: plan, dtype=cfg.dtype, paged_attention_impl=cfg.paged_attention
+        )
         model, params = saved.model, saved.params
         tokenizer = load_tokenizer(saved.settings.get("tokenizer"))
         context = context_of(model, saved.settings.get("seq"))
