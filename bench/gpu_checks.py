@@ -32,7 +32,7 @@ from mlsys_jax.kernels import cross_entropy, norms
 from mlsys_jax.kernels.attention import FLASH_ATTENTION as ATTENTION
 from mlsys_jax.kernels.attention import flash_attention
 from mlsys_jax.kernels.dispatch import KernelUnavailable, current_platform
-from mlsys_jax.kernels.paged_attention import PAGED_ATTENTION, paged_attention
+from mlsys_jax.kernels.paged_attention import PAGED_ATTENTION, paged_attention, quantize_blocks
 
 TOLERANCE = {"float32": 2e-3, "bfloat16": 3e-2, "float16": 1e-2}
 
@@ -202,7 +202,8 @@ def loss_checks(platform: str, big: bool) -> list[Check]:
 
 
 def paged_attention_checks(platform: str, big: bool) -> list[Check]:
-    """Each paged backend against the reference: decode and a chunk over shuffled blocks, GQA."""
+    """Each paged backend against the reference: decode and a chunk over shuffled blocks, GQA, with
+    pools in the compute dtype and int8 ones (there the forward and the gradient w.r.t. q)."""
     b, h, kv, d, bs, longest = (8, 32, 8, 128, 16, 2000) if big else (2, 4, 2, 32, 16, 40)
     max_blocks = -(-longest // bs)
     num_blocks = b * max_blocks + 1
@@ -233,7 +234,18 @@ def paged_attention_checks(platform: str, big: bool) -> list[Check]:
                         (0, 1, 2),
                     )
                 )
+                out.append(int8_check(backend, case, q, k_pages, v_pages, tables, lengths))
     return out
+
+
+def int8_check(backend: str, case: str, q, k_pages, v_pages, tables, lengths) -> Check:
+    """``backend`` on int8 pools (each block and head on its own scale) against the reference on
+    the same int8 pools: both widen a block identically, so they differ only as float pools do."""
+    k8, v8 = quantize_blocks(k_pages), quantize_blocks(v_pages)
+    fn = lambda q, k, v, t, n, name=backend: paged_attention(q, k, v, t, n, implementation=name)
+    ref = lambda q, k, v, t, n: paged_attention(q, k, v, t, n, implementation="xla")
+    args = (q, k8, v8, tables, lengths)
+    return compare("paged_attention", backend, f"{case} int8 pools", q.dtype, fn, ref, args, (0,))
 
 
 def main(argv: list[str] | None = None) -> list[Check]:

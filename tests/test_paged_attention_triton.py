@@ -1,6 +1,7 @@
 """The ``pallas_triton`` paged-attention kernel, interpreted on CPU, equals the jnp reference: grouped
 heads, ragged lengths with partially filled blocks in shuffled physical blocks, decode steps and
-chunks at an offset, a sliding window, and rows that see no key."""
+chunks at an offset, a sliding window, rows that see no key, and int8 pools widened by their
+per-block scales."""
 
 from __future__ import annotations
 
@@ -9,19 +10,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_paged_attention import LENGTHS, case
+from test_paged_attention_tpu import int8_pools, unpack
 
 from mlsys_jax.kernels import KernelUnavailable
 from mlsys_jax.kernels.paged_attention import PAGED_ATTENTION as REGISTRY
-from mlsys_jax.kernels.paged_attention import choose, triton
+from mlsys_jax.kernels.paged_attention import choose, paged_attention, triton
 from mlsys_jax.kernels.paged_attention.reference import paged_attention_reference
 
 
 def run_both(q, k_pages, v_pages, table, lengths, q_offset, window=None):
-    """The kernel (chosen by name through dispatch, so interpreted on CPU) and the reference."""
+    """The kernel (chosen by name through dispatch, so interpreted on CPU) and the reference,
+    both given the same pools (int8 ones with their scales)."""
     choice = choose(q, k_pages, sliding_window=window, implementation="pallas_triton")
     assert choice.backend is triton.BACKEND and choice.interpret
-    args = (q, k_pages, v_pages, table, jnp.asarray(lengths, jnp.int32), jnp.asarray(q_offset, jnp.int32))
-    kwargs = {"sm_scale": q.shape[-1] ** -0.5, "window": window}
+    (k, k_scales), (v, v_scales) = unpack(k_pages), unpack(v_pages)
+    kwargs = {"sm_scale": q.shape[-1] ** -0.5, "window": window, "k_scales": k_scales, "v_scales": v_scales}
+    args = (q, k, v, table, jnp.asarray(lengths, jnp.int32), jnp.asarray(q_offset, jnp.int32))
     return choice(*args, **kwargs), paged_attention_reference(*args, **kwargs)
 
 
@@ -85,9 +89,49 @@ def test_bfloat16_output_and_the_gradient_match_the_reference():
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("q_len", "kv_heads", "block_size", "window", "dtype"),
+    [(1, 4, 16, None, jnp.float32), (4, 1, 32, 20, jnp.float32), (4, 2, 16, None, jnp.bfloat16)],
+    ids=["decode-group1-bs16", "chunk-group4-bs32-window", "chunk-group2-bs16-bf16"],
+)
+def test_int8_pools_equal_the_reference_on_the_same_pools(q_len, kv_heads, block_size, window, dtype):
+    q, _, _, k_pages, v_pages, table = case(q_len, kv_heads, block_size)
+    k8, v8 = int8_pools(k_pages, v_pages, table, LENGTHS)
+    offset = LENGTHS - 1 if q_len == 1 else np.maximum(LENGTHS - 6, 0)
+    got, want = run_both(q.astype(dtype), k8, v8, table, LENGTHS, offset, window=window)
+    assert got.dtype == dtype
+    # Both widen each block identically, so only the summation order differs.
+    atol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), rtol=0, atol=atol)
+
+
+def test_with_int8_pools_q_and_the_scales_get_the_references_gradient():
+    lengths = np.array([0, 5, 37])
+    q, _, _, k_pages, v_pages, table = case(q_len=4, kv_heads=2, block_size=16, lengths=lengths, seed=5)
+    k8, v8 = int8_pools(k_pages, v_pages, table, lengths)
+    lens, offset = jnp.asarray(lengths, jnp.int32), jnp.asarray(np.maximum(lengths - 4, 0), jnp.int32)
+
+    def loss(impl):
+        def of(q, k8, v8):
+            out = paged_attention(q, k8, v8, table, lens, q_offset=offset, sliding_window=12, implementation=impl)
+            return (out**2).sum()
+
+        return of
+
+    got = jax.grad(loss("pallas_triton"), argnums=(0, 1, 2), allow_int=True)(q, k8, v8)
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2), allow_int=True)(q, k8, v8)
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-5)
+    assert not got[0][0].any()  # the empty row sees nothing
+    for g, w in zip(got[1:], want[1:], strict=True):
+        assert g.values.dtype == jax.dtypes.float0  # int8 values get no cotangent
+        np.testing.assert_allclose(g.scale, w.scale, rtol=1e-5, atol=1e-5)
+
+
 def test_arguments_it_cannot_serve_are_refused_with_the_reason():
     base = {"dtype": jnp.float32, "head_dim": 64, "q_len": 1, "heads": 8, "kv_heads": 2, "block_size": 16}
     assert triton.check(**base) is None
+    assert triton.check(**base, pages_dtype=jnp.int8) is None  # int8 pools are widened in the kernel
+    assert "q's dtype or int8" in str(triton.check(**base, pages_dtype=jnp.float16))
     assert "block_size a power of two" in str(triton.check(**{**base, "block_size": 8}))
     assert "head_dim a multiple of 8" in str(triton.check(**{**base, "head_dim": 20}))
     assert "float32, bfloat16 or float16" in str(triton.check(**{**base, "dtype": jnp.int8}))

@@ -9,7 +9,13 @@ import jax.numpy as jnp
 from mlsys_jax.kernels.attention.options import FLOAT_DTYPES
 
 
-def check_heads(where: str, q: jax.Array, k: jax.Array, v: jax.Array, names: tuple[str, str, str]) -> None:
+def check_heads(
+    where: str,
+    q: jax.Array,
+    k: jax.Array | jax.ShapeDtypeStruct,
+    v: jax.Array | jax.ShapeDtypeStruct,
+    names: tuple[str, str, str],
+) -> None:
     """q, k and v agree on head_dim and dtype, and K/V heads divide query heads (dim 2)."""
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"{where}: {names[0]} {q.shape} and {names[1]} {k.shape} must agree on head_dim (dim 3)")

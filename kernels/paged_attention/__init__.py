@@ -14,24 +14,24 @@ import jax.numpy as jnp
 
 from mlsys_jax.kernels.attention.checks import check_heads, check_window, per_row
 from mlsys_jax.kernels.dispatch import Choice, Registry
-from mlsys_jax.kernels.paged_attention import reference, triton
+from mlsys_jax.kernels.paged_attention import reference, tpu, triton
 from mlsys_jax.kernels.paged_attention.pages import Int8Pages, is_int8_pages, quantize_blocks
 from mlsys_jax.kernels.paged_attention.reference import gather_pages, paged_attention_reference
 
 __all__ = [
     "PAGED_ATTENTION",
     "Int8Pages",
-    "quantize_blocks",
     "choose",
     "gather_pages",
     "paged_attention",
     "paged_attention_reference",
+    "quantize_blocks",
 ]
 
 PAGED_ATTENTION = Registry(
     "paged_attention",
-    order={"gpu": ("pallas_triton", "xla"), "tpu": ("xla",), "cpu": ("xla",)},
-    backends=(reference.BACKEND, triton.BACKEND),
+    order={"gpu": ("pallas_triton", "xla"), "tpu": ("pallas_tpu", "xla"), "cpu": ("xla",)},
+    backends=(reference.BACKEND, triton.BACKEND, tpu.BACKEND),
 )
 
 _WHERE = "paged_attention"

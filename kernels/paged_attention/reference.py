@@ -12,6 +12,10 @@ dtype as ``values * scale[block, head]`` before attending.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, cast
+
 import jax
 import jax.numpy as jnp
 
@@ -66,6 +70,45 @@ def paged_attention_reference(
     v = gather_dequantized(v_pages, v_scales, block_tables, q.dtype)
     opts = AttentionOptions(causal=True, sm_scale=sm_scale, window=window)
     return attention_reference(q, k, v, None, None, q_offset, lengths, opts)
+
+
+def with_reference_gradient(forward: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
+    """A Pallas forward ``forward(q, k_pages, v_pages, block_tables, lengths, q_offset, k_scales,
+    v_scales, sm_scale, window, interpret)`` made differentiable by the reference's vjp: w.r.t. q
+    and float pools, or q and the scales of int8 pools (int8 values get no cotangent). Kernels
+    serve decoding; a training-time call is exact, only slow."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+    def attend(q, k_pages, v_pages, block_tables, lengths, q_offset, k_scales, v_scales, sm_scale, window, interpret):
+        return forward(
+            q, k_pages, v_pages, block_tables, lengths, q_offset, k_scales, v_scales, sm_scale, window, interpret
+        )
+
+    def attend_fwd(*args: Any) -> tuple[jax.Array, tuple]:
+        return forward(*args), args[:8]
+
+    def attend_bwd(sm_scale, window, interpret, res, do):
+        del interpret
+        q, k_pages, v_pages, block_tables, lengths, q_offset, k_scales, v_scales = res
+        rest = (block_tables, lengths, q_offset)
+        if k_scales is None:
+
+            def spec(q, k_pages, v_pages):
+                return paged_attention_reference(q, k_pages, v_pages, *rest, sm_scale=sm_scale, window=window)
+
+            dq, dk, dv = jax.vjp(spec, q, k_pages, v_pages)[1](do)
+            return dq, dk, dv, None, None, None, None, None
+
+        def spec_int8(q, k_scales, v_scales):
+            return paged_attention_reference(
+                q, k_pages, v_pages, *rest, sm_scale=sm_scale, window=window, k_scales=k_scales, v_scales=v_scales
+            )
+
+        dq, dks, dvs = jax.vjp(spec_int8, q, k_scales, v_scales)[1](do)
+        return dq, None, None, None, None, None, dks, dvs
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return cast(Callable[..., jax.Array], attend)
 
 
 BACKEND = Backend("xla", ("cpu", "gpu", "tpu"), paged_attention_reference)

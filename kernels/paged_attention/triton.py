@@ -9,10 +9,13 @@ physical id from the block table (one scalar load), loads that block's keys and 
 from the pool and keeps a running max and sum (online softmax) in fp32. Keys at positions
 ``>= lengths[b]``, after the query (causal) or outside the window are masked; a query that sees
 no key gets zeros. head_dim is zero-padded to a power-of-two tile when it is not one (zeros
-change no score; the padded output columns are sliced off).
+change no score; the padded output columns are sliced off). int8 pools come with ``k_scales``/
+``v_scales`` (num_blocks, kv_heads): the program reads its K/V head's column of them, and widens
+each loaded block as ``values.astype(f32) * scale[block]`` cast to q's dtype, as the reference does.
 
-The gradient (w.r.t. q and the pools) is the reference's: the backward recomputes the jnp
-specification and differentiates it, so the kernel serves training-time calls too, only slowly.
+The gradient (w.r.t. q, and float pools or int8 pools' scales) is the reference's: the backward
+recomputes the jnp specification and differentiates it, so the kernel serves training-time calls
+too, only slowly; int8 values get no cotangent.
 On CPU the kernel runs in Pallas's interpreter.
 """
 
@@ -30,7 +33,7 @@ from mlsys_jax.kernels.attention.options import FLOAT_DTYPES
 from mlsys_jax.kernels.attention.reference import visible
 from mlsys_jax.kernels.dispatch import Backend
 from mlsys_jax.kernels.lowering import triton_params
-from mlsys_jax.kernels.paged_attention.reference import paged_attention_reference
+from mlsys_jax.kernels.paged_attention.reference import with_reference_gradient
 
 __all__ = ["BACKEND", "MAX_ROWS", "check", "paged_attention_triton"]
 
@@ -61,11 +64,11 @@ def _tile(n: int) -> int:
 def check(
     *, dtype, head_dim: int, q_len: int, heads: int, kv_heads: int, block_size: int, pages_dtype=None, **_
 ) -> str | None:
-    """Why the Triton kernel cannot serve these arguments, or None."""
-    if pages_dtype is not None and jnp.dtype(pages_dtype) == jnp.int8:
-        return "the Triton kernel reads pools in the compute dtype, not int8 ones"
+    """Why the Triton kernel cannot serve these arguments, or None (pools in q's dtype or int8)."""
     if jnp.dtype(dtype) not in FLOAT_DTYPES:
         return f"the Triton kernel takes float32, bfloat16 or float16, not {jnp.dtype(dtype).name}"
+    if pages_dtype is not None and jnp.dtype(pages_dtype) not in (jnp.dtype(dtype), jnp.dtype(jnp.int8)):
+        return f"the Triton kernel reads pools in q's dtype or int8, not {jnp.dtype(pages_dtype).name}"
     if head_dim % _HEAD_DIM_STEP or not _HEAD_DIM_STEP <= head_dim <= _MAX_HEAD_DIM:
         return (
             f"the Triton kernel needs head_dim a multiple of {_HEAD_DIM_STEP} up to "
@@ -92,8 +95,7 @@ def _kernel(
     table_ref,
     length_ref,
     offset_ref,
-    o_ref,
-    *,
+    *refs,
     sm_scale: float,
     window: int | None,
     group: int,
@@ -101,7 +103,12 @@ def _kernel(
     block_size: int,
     max_blocks: int,
     num_blocks: int,
+    quantized: bool,
 ):
+    if quantized:  # int8 pools: this K/V head's (num_blocks,) scales come before the output
+        ks_ref, vs_ref, o_ref = refs
+    else:
+        (o_ref,), ks_ref, vs_ref = refs, None, None
     rows, dim = q_ref.shape
     length = length_ref[...]
     q_offset = offset_ref[...]
@@ -113,8 +120,8 @@ def _kernel(
     def body(j, carry):
         acc, m, l = carry
         block = jnp.clip(table_ref[j], 0, num_blocks - 1)
-        k = k_ref[block, :, :]
-        v = v_ref[block, :, :]
+        k = _widen(k_ref[block, :, :], ks_ref, block, q.dtype)
+        v = _widen(v_ref[block, :, :], vs_ref, block, q.dtype)
         s = _dot(q, k, (1, 1)) * scale
         k_pos = (j * block_size + jnp.arange(block_size, dtype=jnp.int32))[None, :]
         mask = visible(q_pos, k_pos, causal=True, window=window, kv_len=length)
@@ -143,6 +150,13 @@ def _kernel(
     o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
 
 
+def _widen(x: jax.Array, scale_ref, block, dtype) -> jax.Array:
+    """A loaded (block_size, dim) block; int8 values widened by the block's scale, in q's dtype."""
+    if scale_ref is None:
+        return x
+    return (x.astype(jnp.float32) * scale_ref[block]).astype(dtype)
+
+
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
     """A matmul contracting dim ``contract[0]`` of a with ``contract[1]`` of b, accumulated in fp32.
 
@@ -158,13 +172,14 @@ def _pad_last(x: jax.Array, size: int) -> jax.Array:
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, size - x.shape[-1])])
 
 
-def _forward(q, k_pages, v_pages, block_tables, lengths, q_offset, sm_scale, window, interpret):
+def _forward(q, k_pages, v_pages, block_tables, lengths, q_offset, k_scales, v_scales, sm_scale, window, interpret):
     batch, q_len, heads, head_dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_pages.shape
     max_blocks = block_tables.shape[1]
     group = heads // kv_heads
     rows, dim = q_len * group, _tile(head_dim)
     pad_rows = _tile(rows)
+    quantized = k_scales is not None
     # (batch, q_len, heads, d) -> (batch, kv_heads, q_len * group, d): a K/V group's queries as rows.
     q_rows = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
     q_rows = q_rows.reshape(batch, kv_heads, rows, head_dim)
@@ -174,6 +189,19 @@ def _forward(q, k_pages, v_pages, block_tables, lengths, q_offset, sm_scale, win
     row_block = pl.BlockSpec((_SQ, _SQ, pad_rows, dim), lambda b, h: (b, h, 0, 0))
     pool_block = pl.BlockSpec((num_blocks, block_size, _SQ, dim), lambda b, h: (0, 0, h, 0))
     scalar = pl.BlockSpec((_SQ,), lambda b, h: (b,))
+    in_specs = [row_block, pool_block, pool_block, pl.BlockSpec((_SQ, max_blocks), lambda b, h: (b, 0)), scalar, scalar]
+    args = [
+        q_rows,
+        k_pool,
+        v_pool,
+        block_tables.astype(jnp.int32),
+        lengths.astype(jnp.int32),
+        q_offset.astype(jnp.int32),
+    ]
+    if quantized:  # one K/V head's column of the (num_blocks, kv_heads) scales per program
+        scale_block = pl.BlockSpec((num_blocks, _SQ), lambda b, h: (0, h))
+        in_specs += [scale_block, scale_block]
+        args += [k_scales.astype(jnp.float32), v_scales.astype(jnp.float32)]
     kernel = functools.partial(
         _kernel,
         sm_scale=sm_scale,
@@ -183,60 +211,23 @@ def _forward(q, k_pages, v_pages, block_tables, lengths, q_offset, sm_scale, win
         block_size=block_size,
         max_blocks=max_blocks,
         num_blocks=num_blocks,
+        quantized=quantized,
     )
     out = pl.pallas_call(
         kernel,
         grid=(batch, kv_heads),
-        in_specs=[
-            row_block,
-            pool_block,
-            pool_block,
-            pl.BlockSpec((_SQ, max_blocks), lambda b, h: (b, 0)),
-            scalar,
-            scalar,
-        ],
+        in_specs=in_specs,
         out_specs=row_block,
         out_shape=jax.ShapeDtypeStruct((batch, kv_heads, pad_rows, dim), q.dtype),
         compiler_params=triton_params(_NUM_WARPS, _NUM_STAGES),
         interpret=interpret,
         name="paged_attention_triton",
-    )(
-        q_rows,
-        k_pool,
-        v_pool,
-        block_tables.astype(jnp.int32),
-        lengths.astype(jnp.int32),
-        q_offset.astype(jnp.int32),
-    )
+    )(*args)
     out = out[:, :, :rows, :head_dim].reshape(batch, kv_heads, q_len, group, head_dim)
     return out.transpose(0, 2, 1, 3, 4).reshape(q.shape)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _attend(q, k_pages, v_pages, block_tables, lengths, q_offset, sm_scale, window, interpret):
-    return _forward(q, k_pages, v_pages, block_tables, lengths, q_offset, sm_scale, window, interpret)
-
-
-def _attend_fwd(q, k_pages, v_pages, block_tables, lengths, q_offset, sm_scale, window, interpret):
-    out = _forward(q, k_pages, v_pages, block_tables, lengths, q_offset, sm_scale, window, interpret)
-    return out, (q, k_pages, v_pages, block_tables, lengths, q_offset)
-
-
-def _attend_bwd(sm_scale, window, interpret, res, do):
-    del interpret
-    q, k_pages, v_pages, block_tables, lengths, q_offset = res
-
-    def spec(q, k_pages, v_pages):
-        return paged_attention_reference(
-            q, k_pages, v_pages, block_tables, lengths, q_offset, sm_scale=sm_scale, window=window
-        )
-
-    _, pullback = jax.vjp(spec, q, k_pages, v_pages)
-    dq, dk, dv = pullback(do)
-    return dq, dk, dv, None, None, None
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend = with_reference_gradient(_forward)
 
 
 def paged_attention_triton(
@@ -249,15 +240,22 @@ def paged_attention_triton(
     *,
     sm_scale: float,
     window: int | None,
+    k_scales: jax.Array | None = None,
+    v_scales: jax.Array | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """The ``pallas_triton`` backend: ``paged_attention_reference``'s contract, as one Triton kernel.
 
     q (batch, q_len, heads, head_dim); k_pages, v_pages (num_blocks, block_size, kv_heads,
-    head_dim); block_tables (batch, max_blocks); lengths and q_offset (batch,) ints. Output in
-    q's dtype. ``interpret=True`` runs the kernel in Pallas's interpreter (CPU).
+    head_dim) in q's dtype, or int8 with ``k_scales``/``v_scales`` (num_blocks, kv_heads);
+    block_tables (batch, max_blocks); lengths and q_offset (batch,) ints. Output in q's dtype.
+    ``interpret=True`` runs the kernel in Pallas's interpreter (CPU).
     """
-    return _attend(q, k_pages, v_pages, block_tables, lengths, q_offset, sm_scale, window, interpret)
+    if (k_scales is None) != (v_scales is None):
+        raise ValueError("paged_attention_triton: pass k_scales and v_scales together (int8 pools) or neither")
+    return _attend(
+        q, k_pages, v_pages, block_tables, lengths, q_offset, k_scales, v_scales, sm_scale, window, interpret
+    )
 
 
 BACKEND = Backend("pallas_triton", ("gpu",), paged_attention_triton, check, interpretable=True)
