@@ -2,9 +2,11 @@
 
 Serving keeps each sequence's keys and values in fixed-size blocks ("pages") of one shared pool
 per layer, found through a per-sequence block table, so sequences grow without reallocating. The
-family's layout: ``reference`` (the specification, and the ``xla`` backend). ``PAGED_ATTENTION``
-is the explicit table of backends and each platform's order of preference; Pallas backends join
-it as modules beside the reference.
+family's layout: ``reference`` (the specification, and the ``xla`` backend: gather a row's pages,
+then attend), ``triton`` and ``tpu`` (Pallas kernels that walk the block table and read each
+block straight from the pool), ``pages`` (the pools' formats: plain, or int8 with one scale per
+block and K/V head). ``PAGED_ATTENTION`` is the explicit table of backends and each platform's
+order of preference.
 """
 
 from __future__ import annotations
