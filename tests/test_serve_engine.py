@@ -5,6 +5,7 @@ as they say, and the cache's blocks all come back."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import jax
@@ -308,3 +309,22 @@ def test_the_pallas_paged_kernel_serves_the_same_logits_as_xla_per_shard_of_head
         logits[impl] = np.stack([x for s in seqs for x in s.logits])
     assert logits["xla"].shape == (8, MODEL.vocab_size)
     np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_cache", ["auto", "int8"])
+def test_a_decode_step_writes_the_pools_in_place_without_copying_them(plan, params, kv_cache):
+    """Its cost must not grow with the pool: no pool-sized buffer is copied or filled per step."""
+    engine = Engine(
+        MODEL, plan, params, ByteTokenizer(), context_limit=CONTEXT, config=EngineConfig(max_seqs=4, kv_cache=kv_cache)
+    )
+    rows, width = engine.config.max_seqs, engine.max_blocks
+    ints = lambda *shape: np.zeros(shape, np.int32)
+    args = (ints(rows, 1), ints(rows, 1), ints(rows, 1), ints(rows, width), np.ones((rows,), np.int32), ints(rows))
+    hlo = engine._forward.lower(engine.params, engine.k_pages, engine.v_pages, *args).compile().as_text()
+    pool = jax.tree_util.tree_leaves(engine.k_pages)[0]
+    local = list(pool.shape)
+    local[3] //= 2  # the K/V heads split over tensor=2
+    shape = rf"\[{','.join(map(str, local))}\]"
+    assert re.search(shape, hlo), "the pools should appear in the program"
+    copies = [line for line in hlo.splitlines() if re.search(shape + r"\S* (copy|broadcast)\(", line)]
+    assert not copies, copies[:3]

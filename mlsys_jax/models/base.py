@@ -119,8 +119,9 @@ class LanguageModel:
 
 class PagedKV(NamedTuple):
     """A paged KV cache as a block sees it: the pools of fixed-size blocks (``k``, ``v``:
-    (layers, num_blocks, block_size, kv_heads, head_dim), or one layer's without the leading
-    axis inside a block) and this call's addressing, shared by every layer: ``block_tables``
+    (layers, num_blocks, block_size, kv_heads, head_dim); inside a block, one pool of every
+    layer's blocks whose tables and slots point at the block's own layer) and this call's
+    addressing, shared by every layer: ``block_tables``
     (batch, max_blocks) physical block of each row's logical block, ``slots`` (batch, seq) the
     flat pool slot (block * block_size + offset) each new token's key and value is written to,
     ``lengths`` (batch,) how many keys each row has once they are written."""
@@ -160,21 +161,48 @@ def run_layers(
     ``lax.scan``, so compile time does not grow with depth; ``cache``, when given, is stacked
     the same way (a ``PagedKV``'s pools are; its addressing is shared) and comes back updated."""
 
-    if isinstance(cache, PagedKV):  # the pools are per layer; the addressing is shared
-
-        def paged_step(x: jax.Array, inputs: tuple[Params, tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, Any]:
-            weights, (k, v) = inputs
-            x, out = model.block(weights, x, positions, cache._replace(k=k, v=v), layout)
-            return x, (out.k, out.v)
-
-        x, (k, v) = jax.lax.scan(_checkpointed(paged_step, model.remat), x, (layers, (cache.k, cache.v)))
-        return x, cache._replace(k=k, v=v)
+    if isinstance(cache, PagedKV):
+        return _run_paged(model, layers, x, positions, layout, cache)
 
     def step(x: jax.Array, inputs: tuple[Params, Cache]) -> tuple[jax.Array, Cache]:
         weights, layer_cache = inputs
         return model.block(weights, x, positions, layer_cache, layout)
 
     return jax.lax.scan(_checkpointed(step, model.remat), x, (layers, cache))
+
+
+def _merge_layers(pool: Any) -> Any:
+    """Stacked pools (layers, num_blocks, ...) seen as one pool (layers * num_blocks, ...): free."""
+    return jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), pool)
+
+
+def _run_paged(
+    model: LanguageModel, layers: Params, x: jax.Array, positions: jax.Array, layout: Layout, cache: PagedKV
+) -> tuple[jax.Array, PagedKV]:
+    """The layer scan over a paged cache, updating the pools in place.
+
+    Every layer's pools are one pool of ``layers * num_blocks`` blocks, carried through the scan;
+    layer l's blocks are blocks ``l * num_blocks + b``, so its block tables and slots are offset
+    and the block writes and attends over the carried pool directly. Passing the pools as scanned
+    inputs and outputs instead would copy them whole every step.
+    """
+    shape = jax.tree_util.tree_leaves(cache.k)[0].shape
+    num_layers, num_blocks, block_size = shape[:3]
+
+    def step(carry: tuple[jax.Array, Any, Any], inputs: tuple[Params, jax.Array]) -> tuple[Any, None]:
+        x, k, v = carry
+        weights, layer = inputs
+        first = layer * num_blocks
+        view = PagedKV(k, v, cache.block_tables + first, cache.slots + first * block_size, cache.lengths)
+        x, out = model.block(weights, x, positions, view, layout)
+        return (x, out.k, out.v), None
+
+    start = (x, _merge_layers(cache.k), _merge_layers(cache.v))
+    (x, k, v), _ = jax.lax.scan(
+        _checkpointed(step, model.remat), start, (layers, jnp.arange(num_layers, dtype=jnp.int32))
+    )
+    unmerge = lambda pool, like: jax.tree_util.tree_map(lambda a, b: a.reshape(b.shape), pool, like)
+    return x, cache._replace(k=unmerge(k, cache.k), v=unmerge(v, cache.v))
 
 
 def default_positions(tokens: jax.Array) -> jax.Array:
