@@ -320,7 +320,7 @@ def test_a_decode_step_writes_the_pools_in_place_without_copying_them(plan, para
     rows, width = engine.config.max_seqs, engine.max_blocks
     ints = lambda *shape: np.zeros(shape, np.int32)
     args = (ints(rows, 1), ints(rows, 1), ints(rows, 1), ints(rows, width), np.ones((rows,), np.int32), ints(rows))
-    hlo = engine._forward.lower(engine.params, engine.k_pages, engine.v_pages, *args).compile().as_text()
+    hlo = engine._forward.lower(engine.params, engine.k_pages, engine.v_pages, *args).compile().as_text() or ""
     pool = jax.tree_util.tree_leaves(engine.k_pages)[0]
     local = list(pool.shape)
     local[3] //= 2  # the K/V heads split over tensor=2
