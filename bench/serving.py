@@ -287,30 +287,6 @@ class NotMeasured(RuntimeError):
     """A figure this machine or this engine cannot produce; the message says why."""
 
 
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def has_kv_cache_option() -> bool:
-    """Whether the engine takes ``kv_cache`` ("auto" | "int8") yet."""
-    return "kv_cache" in _fields(ServeConfig) and "kv_cache" in _fields(EngineConfig)
-
-
-def has_paged_attention_option() -> bool:
-    """Whether ``ServeConfig`` picks the paged-attention backend (``paged_attention``) yet."""
-    return "paged_attention" in _fields(ServeConfig)
-
-
-def optional_fields(cls: type, **wanted: str) -> dict[str, str]:
-    """The settings of ``wanted`` that ``cls`` has a field for; asking for anything but "auto"
-    of a field it lacks is not measurable."""
-    have = _fields(cls)
-    missing = [f"{k}={v!r}" for k, v in wanted.items() if k not in have and v != "auto"]
-    if missing:
-        raise NotMeasured(f"the engine has no option {', '.join(missing)} yet")
-    return {k: v for k, v in wanted.items() if k in have}
-
-
 def has_checkpoint(ckpt_dir: str | Path) -> bool:
     folder = Path(ckpt_dir).expanduser()
     return folder.is_dir() and any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
@@ -342,8 +318,9 @@ def checkpoint_factory(ckpt_dir: str, *, block_size: int = 16, prefill_chunk: in
             "num_blocks": num_blocks,
             "prefill_chunk": prefill_chunk,
             "batch_timeout_ms": batch_timeout_s * 1e3,
+            "kv_cache": kv_cache,
+            "paged_attention": paged_attention,
         }
-        fields.update(optional_fields(ServeConfig, kv_cache=kv_cache, paged_attention=paged_attention))
         cfg = ServeConfig(**fields)
         engine = engine_for(cfg)
         assert isinstance(engine, Engine), "one replica expected"
@@ -355,7 +332,7 @@ def checkpoint_factory(ckpt_dir: str, *, block_size: int = 16, prefill_chunk: in
 def random_factory(model_name: str = "tiny", *, context: int = 128, prefill_chunk: int = 64):
     """Engines of a freshly initialized ``llama:<model_name>`` (byte tokenizer): real speed,
     meaningless text; for tests and for trying the bench without a trained run."""
-    from mlsys_jax.models import LlamaConfig, get_config, llama
+    from mlsys_jax.models import get_config, llama
     from mlsys_jax.models.quantized import quantize_params
     from mlsys_jax.serve.loading import replica_plans
     from mlsys_jax.tokenizer import ByteTokenizer
@@ -374,8 +351,8 @@ def random_factory(model_name: str = "tiny", *, context: int = 128, prefill_chun
         num_blocks: int = NUM_BLOCKS,
         batch_timeout_s: float = BATCH_TIMEOUT_S,
     ) -> Engine:
-        overrides = optional_fields(LlamaConfig, paged_attention_impl=paged_attention)
-        model = llama.language_model(get_config(model_name, dtype=dtype, **overrides), f"llama:{model_name}")
+        config = get_config(model_name, dtype=dtype, paged_attention_impl=paged_attention)
+        model = llama.language_model(config, f"llama:{model_name}")
         if (dtype, weights) not in cache:
             params = plan.init(model.specs, jax.random.key(0))
             if weights == "int8":
@@ -387,41 +364,18 @@ def random_factory(model_name: str = "tiny", *, context: int = 128, prefill_chun
             "prefill_chunk": prefill_chunk,
             "scheduler": scheduler,
             "batch_timeout_s": batch_timeout_s,
+            "kv_cache": kv_cache,
         }
-        fields.update(optional_fields(EngineConfig, kv_cache=kv_cache))
-        config = EngineConfig(**fields)
-        return Engine(model, plan, cache[(dtype, weights)], ByteTokenizer(), context_limit=context, config=config)
+        engine_config = EngineConfig(**fields)
+        return Engine(
+            model, plan, cache[(dtype, weights)], ByteTokenizer(), context_limit=context, config=engine_config
+        )
 
     return make
 
 
-class _NoEOS:
-    """A tokenizer with its end-of-sequence id hidden from the engine, so that a request
-    generates exactly its drawn ``max_tokens`` (the engine's SamplingParams has no ignore_eos)."""
-
-    EOS = -1
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.vocab_size = inner.vocab_size
-
-    def encode(self, text: str | bytes) -> np.ndarray:
-        return self.inner.encode(text)
-
-    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-        return self.inner.decode(ids)
-
-
-def fixed_lengths(engine: Engine) -> Engine:
-    """The engine, set up so that EOS does not end a request (when SamplingParams cannot say so)."""
-    if "ignore_eos" not in _fields(SamplingParams) and not isinstance(engine.tokenizer, _NoEOS):
-        engine.tokenizer = _NoEOS(engine.tokenizer)
-    return engine
-
-
 def params_for(max_tokens: int) -> SamplingParams:
-    extra: dict[str, Any] = {"ignore_eos": True} if "ignore_eos" in _fields(SamplingParams) else {}
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **extra)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
 def program_traces(engine: Engine) -> int:
@@ -518,7 +472,7 @@ class Engines:
         key = tuple(sorted(config.items()))
         if key not in self.built:
             start = time.perf_counter()
-            engine = fixed_lengths(self.factory(**config))
+            engine = self.factory(**config)
             warm_up(engine, self.corpus)
             self.built[key] = engine
             self.log(f"  built and warmed up {config} in {time.perf_counter() - start:.1f} s")
@@ -567,8 +521,7 @@ def measure_jit(
     XLA paged attention called directly (``paged_attention="xla"``, where the engine has the
     option): the default path wraps it in ``shard_map``, which op by op recompiles every op on
     every call, so op by op would time compilation rather than dispatch."""
-    extra = {"paged_attention": "xla"} if has_paged_attention_option() else {}
-    engine = engines.get(scheduler="continuous", max_seqs=16, **extra)
+    engine = engines.get(scheduler="continuous", max_seqs=16, paged_attention="xla")
     jitted = [timed(engine, requests).summary() for _ in range(repeats)]
     with jax.disable_jit():
         timed(engine, requests)  # every op's own executable compiles here
@@ -577,7 +530,7 @@ def measure_jit(
         "jit": median_summary(jitted),
         "op_by_op": median_summary(eager),
         "repeats": repeats,
-        "engine": {"scheduler": "continuous", "max_seqs": 16, **extra},
+        "engine": {"scheduler": "continuous", "max_seqs": 16, "paged_attention": "xla"},
     }
     log(f"  jit {out['jit']['tokens_per_s']:.0f} tok/s, op by op {out['op_by_op']['tokens_per_s']:.0f} tok/s")
     return out
@@ -1199,7 +1152,7 @@ def run(args: argparse.Namespace, factory: EngineFactory, log: Callable[[str], N
     rates = [float(r) for r in args.rates.split(",")]
     n = math.ceil(args.requests / 16) * 16  # static batches of 16 must all fill
     results: dict[str, Any] = {}
-    first = fixed_lengths(factory(scheduler="continuous", max_seqs=16))
+    first = factory(scheduler="continuous", max_seqs=16)
     corpus = corpus_for(first)
     engines = Engines(factory, corpus, log)
     warm_up(first, corpus)
@@ -1220,16 +1173,13 @@ def run(args: argparse.Namespace, factory: EngineFactory, log: Callable[[str], N
         "prefill_chunk": first.config.prefill_chunk,
         "dynamic_batch_timeout_s": BATCH_TIMEOUT_S,
         "paged_attention": "the engine's default (auto), except the jit row (xla, see its docstring)",
-        "eos": "SamplingParams(ignore_eos=True)"
-        if "ignore_eos" in _fields(SamplingParams)
-        else "the engine's tokenizer wrapped so its EOS id is never matched",
+        "eos": "SamplingParams(ignore_eos=True)",
         "xla_fusion_flag": FUSION_FLAG,
         "schedulers": SCHEDULERS,
         "model": first.model.name,
         "source": " ".join(source_args(args)),
         "seed": args.seed,
         "quick": quick,
-        "kv_cache_option": has_kv_cache_option(),
     }
     if "quantization" in parts:
         burst_n, repeats = (8, 1) if quick else (64, 3)
@@ -1266,17 +1216,16 @@ def run(args: argparse.Namespace, factory: EngineFactory, log: Callable[[str], N
             results["xla_fusion"] = {"not_measured": str(why)}
     if "pallas" in parts and jax.default_backend() == "gpu":
         results["pallas"] = {}
-        if has_paged_attention_option():
-            burst_n, repeats = (8, 1) if quick else (64, 3)
-            burst = workload(burst_n, math.inf, seed=args.seed + 300, corpus=corpus, max_output=max_output, prefix="p")
-            log("Pallas paged attention vs XLA gather-then-attend, in the engine (the same burst):")
-            results["pallas"]["engine"] = measure_variants(
-                engines,
-                {"xla": {"paged_attention": "xla"}, "pallas": {"paged_attention": "pallas"}},
-                burst,
-                repeats,
-                log,
-            )
+        burst_n, repeats = (8, 1) if quick else (64, 3)
+        burst = workload(burst_n, math.inf, seed=args.seed + 300, corpus=corpus, max_output=max_output, prefix="p")
+        log("Pallas paged attention vs XLA gather-then-attend, in the engine (the same burst):")
+        results["pallas"]["engine"] = measure_variants(
+            engines,
+            {"xla": {"paged_attention": "xla"}, "pallas": {"paged_attention": "pallas"}},
+            burst,
+            repeats,
+            log,
+        )
         log("Pallas paged attention vs XLA gather-then-attend (one decode-shaped call):")
         try:
             results["pallas"]["seconds"] = paged_kernel_times(("pallas_triton", "xla"))

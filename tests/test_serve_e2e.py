@@ -90,6 +90,14 @@ def test_streamed_and_whole_completions_agree_at_temperature_zero(served):
 
 
 @pytest.mark.slow
+def test_ignore_eos_is_taken_as_vllm_takes_it(served):
+    out = client(served).completions.create(
+        model="tiny", prompt="x = ", max_tokens=30, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert out.choices[0].finish_reason == "length" and out.usage is not None and out.usage.completion_tokens == 30
+
+
+@pytest.mark.slow
 def test_a_chat_completion_uses_the_plain_template_of_the_byte_tokenizer(served):
     messages = [{"role": "user", "content": "hello"}]
     answer = client(served).chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)  # pyright: ignore[reportArgumentType]

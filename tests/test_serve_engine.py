@@ -328,3 +328,21 @@ def test_a_decode_step_writes_the_pools_in_place_without_copying_them(plan, para
     assert re.search(shape, hlo), "the pools should appear in the program"
     copies = [line for line in hlo.splitlines() if re.search(shape + r"\S* (copy|broadcast)\(", line)]
     assert not copies, copies[:3]
+
+
+def test_ignore_eos_generates_past_the_end_of_sequence_token_up_to_max_tokens(make):
+    probe = make(max_seqs=2, num_blocks=16)
+    probe.add_request("probe", prompts([6])[0], SamplingParams(max_tokens=1, temperature=0.0))
+    first = drain(probe)["probe"][0].token_ids[0]  # the greedy first token: made the EOS below
+
+    class EndsAtFirst(ByteTokenizer):
+        EOS = first
+
+    finished = {}
+    for ignore in (False, True):
+        engine = make(max_seqs=2, num_blocks=16)
+        engine.tokenizer = EndsAtFirst()
+        engine.add_request("r", prompts([6])[0], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=ignore))
+        outs = drain(engine)["r"]
+        finished[ignore] = (sum(len(o.token_ids) for o in outs), outs[-1].finish_reason)
+    assert finished == {False: (1, "stop"), True: (12, "length")}

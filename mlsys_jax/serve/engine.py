@@ -332,7 +332,7 @@ class Engine:
         self.tokens_generated += 1
         p = seq.params
         reason = None
-        if token == self.tokenizer.EOS:
+        if token == self.tokenizer.EOS and not p.ignore_eos:
             text, reason = seq.stream.finish(), "stop"
         else:
             text, stopped = seq.stream.add(token)

@@ -29,7 +29,8 @@ class SamplingParams:
     """How to continue one prompt. ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 turn
     those filters off; ``seed`` fixes the draws (the same output alone or in any batch);
     ``stop`` strings end the text before them; ``logprobs`` asks for that many top
-    alternatives' log-probabilities per token (None: none)."""
+    alternatives' log-probabilities per token (None: none); ``ignore_eos`` keeps generating past
+    the end-of-sequence token up to ``max_tokens`` (vLLM's extension, for load tests)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -38,6 +39,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
+    ignore_eos: bool = False
 
     def check(self, context_left: int) -> None:
         """Refuse values no sampler can honour, naming the field and its allowed range;

@@ -61,7 +61,7 @@ class StreamOptions(_Body):
 
 
 class _SamplingFields(_Body):
-    """Fields both endpoints take. ``top_k`` is our extension; ``user``, ``stream_options``
+    """Fields both endpoints take. ``top_k`` and ``ignore_eos`` are vLLM's extensions; ``user``, ``stream_options``
     and the neutral values of ``n``, the penalties and ``logit_bias`` are accepted as OpenAI's
     clients send them."""
 
@@ -70,6 +70,7 @@ class _SamplingFields(_Body):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    ignore_eos: bool | None = None
     seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
@@ -232,6 +233,7 @@ def _sampling(body: _SamplingFields, max_tokens: int, logprobs: int | None) -> S
         seed=body.seed,
         stop=_stops(body.stop),
         logprobs=logprobs,
+        ignore_eos=bool(body.ignore_eos),
     )
 
 
