@@ -72,9 +72,19 @@ def dequantize_blocks(values: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> 
     return (values.astype(jnp.float32) * scale[..., None, :, None]).astype(dtype)
 
 
+def _scatter_rows(flat: jax.Array, index: jax.Array, rows: jax.Array) -> jax.Array:
+    """``flat.at[index].set(rows)``, kept a scatter when it writes a single row: XLA rewrites a
+    one-index scatter as a dynamic-update-slice, which its CPU backend then duplicates into every
+    reader of the pool, copying the whole pool each layer; writing that row twice (the same value
+    to the same place) keeps it one in-place scatter."""
+    if index.shape[0] == 1:
+        index, rows = jnp.concatenate([index, index]), jnp.concatenate([rows, rows])
+    return flat.at[index].set(rows)
+
+
 def _write_plain(pool: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
     flat = pool.reshape(-1, *pool.shape[2:])
-    flat = flat.at[slots.reshape(-1)].set(new.reshape(-1, *new.shape[2:]).astype(pool.dtype))
+    flat = _scatter_rows(flat, slots.reshape(-1), new.reshape(-1, *new.shape[2:]).astype(pool.dtype))
     return flat.reshape(pool.shape)
 
 
@@ -90,9 +100,9 @@ def _write_int8(pool: Int8Pages, new: jax.Array, slots: jax.Array) -> Int8Pages:
     # computed identically for each, so the duplicate writes agree); fresh blocks start at 0.
     ratio = (old / _safe(scale))[blocks]  # (tokens, kv_heads)
     touched = _round(pool.values[blocks].astype(jnp.float32) * ratio[:, None, :, None])
-    values = pool.values.at[blocks].set(touched)
+    values = _scatter_rows(pool.values, blocks, touched)
     flat = values.reshape(-1, *values.shape[2:])
-    flat = flat.at[slots].set(_round(new / _safe(scale)[blocks][..., None]))
+    flat = _scatter_rows(flat, slots, _round(new / _safe(scale)[blocks][..., None]))
     return Int8Pages(flat.reshape(values.shape), scale)
 
 
