@@ -540,11 +540,12 @@ def median_summary(summaries: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.median([s[k] for s in summaries])) for k in summaries[0]}
 
 
-QUANT_VARIANTS: dict[str, dict[str, str]] = {
-    "fp32": {},
-    "bf16 compute": {"dtype": "bfloat16"},
-    "int8 weights": {"weights": "int8"},
-    "int8 KV cache": {"kv_cache": "int8"},
+FP32 = {"dtype": "float32", "weights": "as-trained", "kv_cache": "auto"}
+QUANT_VARIANTS: dict[str, dict[str, str]] = {  # each whole, whatever precision the run chose for the rest
+    "fp32": FP32,
+    "bf16 compute": {**FP32, "dtype": "bfloat16"},
+    "int8 weights": {**FP32, "weights": "int8"},
+    "int8 KV cache": {**FP32, "kv_cache": "int8"},
 }
 
 
@@ -1131,13 +1132,27 @@ def corpus_for(engine: Engine) -> list[int]:
 
 
 def source_args(args: argparse.Namespace) -> list[str]:
-    return ["--random-model", args.random_model] if args.random_model else ["--ckpt-dir", args.ckpt_dir]
+    """The flags naming the model and the run's precision, for a probe in a subprocess."""
+    source = ["--random-model", args.random_model] if args.random_model else ["--ckpt-dir", args.ckpt_dir]
+    return [*source, "--dtype", args.dtype, "--weights", args.weights, "--kv-cache", args.kv_cache]
+
+
+def precision(args: argparse.Namespace) -> str:
+    """The run's precision in a few words (the quantization row compares its own choices)."""
+    parts = ["fp32" if args.dtype == "float32" else "bf16"]
+    parts += ["int8 weights"] if args.weights == "int8" else []
+    parts += ["int8 KV cache"] if args.kv_cache == "int8" else []
+    return ", ".join(parts)
 
 
 def factory_for(args: argparse.Namespace) -> EngineFactory:
+    """Engines of the chosen model in the run's precision, unless a measurement names its own."""
     if args.random_model:
-        return random_factory(args.random_model, prefill_chunk=16 if args.quick else 64)
-    return checkpoint_factory(args.ckpt_dir)
+        base = random_factory(args.random_model, prefill_chunk=16 if args.quick else 64)
+    else:
+        base = checkpoint_factory(args.ckpt_dir)
+    chosen = {"dtype": args.dtype, "weights": args.weights, "kv_cache": args.kv_cache}
+    return lambda **config: base(**{**chosen, **config})
 
 
 def fusion_probe(args: argparse.Namespace) -> None:
@@ -1184,6 +1199,7 @@ def run(args: argparse.Namespace, factory: EngineFactory, log: Callable[[str], N
         "schedulers": SCHEDULERS,
         "model": first.model.name,
         "source": " ".join(source_args(args)),
+        "precision": precision(args),
         "seed": args.seed,
         "quick": quick,
     }
@@ -1259,6 +1275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny run: 16 requests at one rate, short bursts")
     parser.add_argument("--out", default=str(RESULTS), help="folder for serving.json and the PNG")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run, of {','.join(PARTS)}")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    parser.add_argument("--weights", choices=("as-trained", "int8"), default="as-trained", help="int8: weight-only")
+    parser.add_argument("--kv-cache", choices=("auto", "int8"), default="auto", help="int8: an int8 KV cache")
     parser.add_argument("--fusion-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, default=200, help=argparse.SUPPRESS)
     parser.add_argument("--probe-rounds", type=int, default=7, help=argparse.SUPPRESS)
@@ -1272,8 +1291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     if not args.random_model and not has_checkpoint(args.ckpt_dir):
         print(
-            f"no checkpoint in {args.ckpt_dir!r}: run `make demo` first (it trains one into {DEFAULT_CKPT}), "
-            "or give --ckpt-dir of a training run.",
+            f"error: no checkpoint in {args.ckpt_dir!r}. Fix: run `make demo` first (it trains one into "
+            f"{DEFAULT_CKPT}), or give --ckpt-dir of a training run.",
             file=sys.stderr,
         )
         return 2
@@ -1300,9 +1319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run_seconds": seconds,
         **doc,
     }
-    where = f"model {doc['settings']['model']}, fp32, one {device} device ({os.cpu_count()} cores)"
+    where = f"model {doc['settings']['model']}, {precision(args)}, one {device} device ({os.cpu_count()} cores)"
     if jax.default_backend() != "cpu":
-        where = f"model {doc['settings']['model']}, fp32, one {device}"
+        where = f"model {doc['settings']['model']}, {precision(args)}, one {device}"
     console.print(technique_table(doc["techniques"], f"Serving techniques, measured on our engine: {where}"))
     for r in doc["techniques"]:
         for kind in ("why", "note"):

@@ -4,6 +4,7 @@ tiny model (no trained checkpoint needed)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -282,3 +283,14 @@ def test_quick_batching_run_end_to_end(tmp_path):
     assert verdicts["kernel fusion (Pallas paged attention)"]["throughput_verdict"] == "not measured"
     assert verdicts["static graph compilation (jit)"]["why"] == "not measured: not run (--only)"
     assert (tmp_path / "serving-cpu.png").stat().st_size > 10_000
+
+
+def test_the_runs_precision_reaches_every_engine_but_the_quantization_rows_own_choices():
+    args = argparse.Namespace(random_model="tiny", quick=True, dtype="bfloat16", weights="int8", kv_cache="int8")
+    make = BENCH.factory_for(args)
+    engine = make(scheduler="continuous", max_seqs=2, num_blocks=16)
+    assert engine.config.kv_cache == "int8" and engine.model.config.dtype == "bfloat16"
+    assert "int8" in str(jax.tree_util.tree_leaves(engine.params["layers"]["wq"])[0].dtype)
+    assert make(**BENCH.QUANT_VARIANTS["fp32"], max_seqs=2, num_blocks=16).config.kv_cache == "auto"
+    assert BENCH.precision(args) == "bf16, int8 weights, int8 KV cache"
+    assert BENCH.source_args(args)[-6:] == ["--dtype", "bfloat16", "--weights", "int8", "--kv-cache", "int8"]
