@@ -18,9 +18,9 @@ continuous batching        (none quoted)          +500-1000% or more
   use ``paged_attention="xla"``: the default path wraps attention in ``shard_map``, which op by
   op recompiles every op on every call (seconds per step), which is not what op by op means.
 - quantization: the same burst of 64 requests served in fp32, in bf16 compute, with int8 weights
-  and with an int8 KV cache (each only where the engine has the option); then each variant's
-  decode program alone, with its compiled HLO's converts and dot types, and the fp32 and int8 KV
-  decode steps at two KV pool sizes (does a step's time follow the pool's size?).
+  and with an int8 KV cache; then each variant's decode program alone, with its compiled HLO's
+  converts and dot types, and the fp32 and int8 KV decode steps at two KV pool sizes (does a
+  step's time follow the pool's size?).
 - kernel fusion: the Pallas paged-attention kernel against gather-then-attend in XLA (GPU only;
   on CPU Pallas runs only interpreted, so not measured); and, measured everywhere, XLA's own
   fusion: the engine's decode step compiled in subprocesses (on CPU) with and without
