@@ -58,11 +58,11 @@ def all_gather_matmul(x: jax.Array, w: jax.Array, axis_name: str) -> jax.Array:
     out = jnp.zeros((n * rows, w.shape[1]), out_dtype)
     chunk = x
     for step in range(n):
-        nxt = _shift(chunk, axis_name, n) if step < n - 1 else None  # send before multiplying
+        # The send of ``chunk`` and its matmul share no data dependence: they can overlap.
+        received = _shift(chunk, axis_name, n) if step < n - 1 else chunk
         block = _dot(chunk, w, acc).astype(out_dtype)
         out = lax.dynamic_update_slice_in_dim(out, block, ((i - step) % n) * rows, 0)
-        if nxt is not None:
-            chunk = nxt
+        chunk = received
     return out
 
 
