@@ -51,6 +51,7 @@ if "jax" not in sys.modules:  # imported by a test, jax is already set up with i
 from rich.console import Console
 from rich.table import Table
 
+from mlsys_jax.analysis.calibration import median_seconds
 from mlsys_jax.comm import models
 
 CALIBRATION = ROOT / "bench" / "results" / "calibration-cpu.json"
@@ -209,19 +210,6 @@ def build(algorithm: str) -> tuple[Callable[..., Any], Any]:
     return jax.jit(mapped), (mesh, spec)
 
 
-def median_call(fn: Callable[..., Any], args: Sequence[Any], repeats: int, warmup: int = 2) -> float:
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure(
     sizes: Sequence[int], cal: dict[str, float], repeats: int, target_s: float, cap: int, say: Callable[[str], None]
 ) -> list[dict[str, Any]]:
@@ -237,8 +225,8 @@ def measure(
             x = jax.device_put(jnp.zeros((elems * NUM_DEVICES,), jnp.float32), NamedSharding(mesh, spec))
             predicted = predict(algorithm, NUM_DEVICES, size, cal["latency"], cal["bandwidth"])
             long = chain_length(predicted, target_s, cap)
-            t1 = median_call(fn, (x, jnp.int32(1)), repeats)
-            tk = median_call(fn, (x, jnp.int32(long)), repeats)
+            t1 = median_seconds(fn, (x, jnp.int32(1)), repeats)
+            tk = median_seconds(fn, (x, jnp.int32(long)), repeats)
             measured = (tk - t1) / (long - 1)
             if measured <= 0:  # noise swamped the difference: fall back to the amortized mean
                 measured = tk / long

@@ -287,7 +287,8 @@ def fit_alpha_beta(
 # ---- microbenchmarks --------------------------------------------------------------------------
 
 
-def _median_seconds(fn: Callable[..., Any], args: Sequence[Any], repeats: int, warmup: int = 2) -> float:
+def median_seconds(fn: Callable[..., Any], args: Sequence[Any], repeats: int, warmup: int = 2) -> float:
+    """Median wall seconds of ``fn(*args)`` over ``repeats`` calls, after ``warmup`` untimed ones."""
     import jax
 
     for _ in range(warmup):
@@ -342,7 +343,7 @@ class _Bench:
         return make()
 
     def time(self, fn: Any, *args: Any) -> float:
-        return _median_seconds(fn, args, self.repeats)
+        return median_seconds(fn, args, self.repeats)
 
     def time_carried(self, fn: Any, *args: Any) -> float:
         """Median seconds of ``args = fn(*args)``, ``fn`` donating its inputs and giving back
@@ -435,7 +436,7 @@ def calibrate(
 
     # An empty program on every device: what each timed program pays to start.
     tiny = bench.array((1,), jnp.float32)
-    dispatch = _median_seconds(bench.program(lambda x: x + 1), (tiny,), 3 * repeats)
+    dispatch = median_seconds(bench.program(lambda x: x + 1), (tiny,), 3 * repeats)
     points.append(Point("dispatch", "empty program", 4, 0.0, dispatch))
     say(f"dispatch {dispatch * 1e6:.0f} us")
 
