@@ -55,6 +55,14 @@ from mlsys_jax.analysis.calibration import median_seconds
 from mlsys_jax.comm import models
 
 CALIBRATION = ROOT / "bench" / "results" / "calibration-cpu.json"
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it, as the results record it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 INNER, OUTER = 4, 2
 LR = 0.01
 ALGOS = ("ring", "halving_doubling", "hierarchical", "parameter_server", "psum")
@@ -398,7 +406,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "prediction": "comm.models.time_s with alpha = latency, beta = 1 / bandwidth; no start cost",
             "prediction_variant": "the same plus collective_start_s per collective op (per permute; 1 for psum)",
         },
-        "calibration_file": str(args.calibration),
+        "calibration_file": shown_path(args.calibration),
         "calibration": cal,
         "points": points,
         "median_abs_error": summary,

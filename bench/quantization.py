@@ -82,7 +82,9 @@ def measure(ckpt_dir: str, num_blocks: int, block_size: int) -> dict[str, Any]:
         for kind in ("auto", "int8")
     }
     return {
-        "ckpt_dir": ckpt_dir,
+        "ckpt_dir": str(Path(ckpt_dir).resolve().relative_to(ROOT))
+        if Path(ckpt_dir).resolve().is_relative_to(ROOT)
+        else ckpt_dir,
         "jax": jax.__version__,
         "device": jax.devices()[0].device_kind,
         "model": s["model"],
