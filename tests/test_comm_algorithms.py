@@ -33,7 +33,8 @@ OTHER_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all")
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One algorithm on one mesh; ``inner`` is the fsdp axis size (hierarchical only)."""
+    """One algorithm on one mesh; ``inner`` is the fsdp axis size (hierarchical) or the devices
+    per slice of the one data axis (sliced)."""
 
     algorithm: str
     n: int
@@ -47,7 +48,7 @@ class Case:
 
     @property
     def sizes(self) -> dict[str, int]:
-        if self.inner:
+        if self.inner and self.algorithm == "hierarchical":
             return {"data": self.n // self.inner, "fsdp": self.inner}
         return {"data": self.n}
 
@@ -58,7 +59,7 @@ class Case:
             return 2 * (n - 1) * self.buckets
         if self.algorithm == "halving_doubling":
             return 2 * log2 + (0 if 2**log2 == n else 2)
-        if self.algorithm == "hierarchical":
+        if self.algorithm in ("hierarchical", "sliced"):
             assert self.inner
             return 2 * (self.inner - 1) + 2 * (n // self.inner - 1)
         return 2 * (n - 1)  # parameter_server: n-1 pushes, n-1 pulls
@@ -74,6 +75,7 @@ CASES = [
     *(Case("ring", n, buckets) for n in SIZES for buckets in (1, 3)),
     *(Case("halving_doubling", n) for n in SIZES),
     *(Case("hierarchical", inner * outer, inner=inner) for inner, outer in ((2, 2), (2, 3), (3, 2), (2, 4), (4, 2))),
+    *(Case("sliced", inner * outer, inner=inner) for inner, outer in ((2, 2), (2, 3), (3, 2), (2, 4), (4, 2))),
     *(Case("parameter_server", n) for n in SIZES),
 ]
 
@@ -91,6 +93,7 @@ def body(case: Case) -> tuple[Callable[..., jax.Array], Callable[..., jax.Array]
             lambda x: lax.psum(x, ("data", "fsdp")),
         )
     algorithms = {
+        "sliced": lambda x: comm.sliced_all_reduce(x, "data", case.inner or 1),
         "ring": lambda x: comm.ring_all_reduce(x, "data", buckets=case.buckets),
         "halving_doubling": lambda x: comm.halving_doubling_all_reduce(x, "data"),
     }
@@ -163,7 +166,8 @@ def test_compiled_program_holds_only_the_predicted_collective_permutes(devices, 
     counts = collective_counts(compiled(case, "float32").hlo)
     assert {k: counts[k] for k in OTHER_COLLECTIVES} == dict.fromkeys(OTHER_COLLECTIVES, 0)
     assert counts["collective-permute"] == case.permutes()
-    steps = comm.cost(case.algorithm, case.n, 1.0, buckets=case.buckets, inner=case.inner).steps
+    algorithm = "hierarchical" if case.algorithm == "sliced" else case.algorithm
+    steps = comm.cost(algorithm, case.n, 1.0, buckets=case.buckets, inner=case.inner).steps
     assert steps == case.permutes()
 
 

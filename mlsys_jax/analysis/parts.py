@@ -67,6 +67,7 @@ def plan_parts(cfg: RunConfig, concrete: bool = False) -> PlanParts:
 def train_step_of(cfg: RunConfig, parts: PlanParts) -> Any:
     """The train step the recipe would build for these settings and parts."""
     from mlsys_jax.train.step import make_train_step
+    from mlsys_jax.train.synced import preset_slice_size
 
     return make_train_step(
         parts.model,
@@ -76,6 +77,8 @@ def train_step_of(cfg: RunConfig, parts: PlanParts) -> Any:
         schedule=parts.schedule,
         pipeline_stash=cfg.mesh.pipeline_stash,
         pipeline_weights=cfg.mesh.pipeline_weights,
+        grad_sync=cfg.mesh.grad_sync,
+        sync_slice=preset_slice_size(parts.preset),
     )
 
 

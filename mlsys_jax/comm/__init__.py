@@ -6,6 +6,7 @@ from mlsys_jax.comm.algorithms import (
     hierarchical_all_reduce,
     parameter_server_step,
     ring_all_reduce,
+    sliced_all_reduce,
 )
 from mlsys_jax.comm.collective_matmul import all_gather_matmul, matmul_reduce_scatter
 from mlsys_jax.comm.models import ALGORITHMS, Cost, cost, time_s
@@ -20,5 +21,6 @@ __all__ = [
     "matmul_reduce_scatter",
     "parameter_server_step",
     "ring_all_reduce",
+    "sliced_all_reduce",
     "time_s",
 ]

@@ -10,6 +10,7 @@ each step is one collective-permute in the HLO.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -44,32 +45,85 @@ def _shift(x: jax.Array, axis_name: str, n: int, by: int = 1) -> jax.Array:
     return lax.ppermute(x, axis_name, [(i, (i + by) % n) for i in range(n)])
 
 
+@dataclasses.dataclass(frozen=True)
+class _Rings:
+    """Equal-sized rings of devices on one mesh axis, all stepping at once: ``members[g]`` are
+    ring g's devices (positions on ``axis``) in ring order."""
+
+    axis: str
+    members: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def whole(cls, axis: str) -> _Rings:
+        """One ring of every device on the axis, in axis order."""
+        return cls(axis, (tuple(range(lax.axis_size(axis))),))
+
+    @classmethod
+    def grouped(cls, axis: str, group: int, across: bool) -> _Rings:
+        """The axis seen as consecutive groups of ``group`` devices: a ring within each group, or
+        (``across``) a ring through the same position of every group."""
+        n = lax.axis_size(axis)
+        groups = n // group
+        if across:
+            return cls(axis, tuple(tuple(g * group + r for g in range(groups)) for r in range(group)))
+        return cls(axis, tuple(tuple(g * group + r for r in range(group)) for g in range(groups)))
+
+    @property
+    def size(self) -> int:
+        return len(self.members[0])
+
+    def rank(self) -> jax.Array:
+        """This device's position in its ring."""
+        table = [0] * sum(len(m) for m in self.members)
+        for ring in self.members:
+            for r, device in enumerate(ring):
+                table[device] = r
+        return jnp.asarray(table, jnp.int32)[lax.axis_index(self.axis)]
+
+    def send(self, x: jax.Array, by: int = 1) -> jax.Array:
+        """Every device sends ``x`` ``by`` places ahead in its ring: one collective-permute."""
+        k = self.size
+        pairs = [(ring[r], ring[(r + by) % k]) for ring in self.members for r in range(k)]
+        return lax.ppermute(x, self.axis, pairs)
+
+
 # ---- ring ----------------------------------------------------------------------------------
 
 
-def _ring_reduce_scatter(chunks: jax.Array, axis_name: str) -> jax.Array:
-    """Sum of row i of ``chunks`` over the axis, on device i: n-1 sends to the right neighbour,
-    each forwarding the running partial sum of one row."""
-    n = lax.axis_size(axis_name)
-    i = lax.axis_index(axis_name)
+def _ring_reduce_scatter(chunks: jax.Array, rings: _Rings) -> jax.Array:
+    """Sum of row r of ``chunks`` over each ring, on the ring's device r: n-1 sends to the next
+    device, each forwarding the running partial sum of one row."""
+    n, i = rings.size, rings.rank()
     partial = _row(chunks, (i - 1) % n)
     for step in range(n - 1):
-        partial = _shift(partial, axis_name, n) + _row(chunks, (i - 2 - step) % n)
+        partial = rings.send(partial) + _row(chunks, (i - 2 - step) % n)
     return partial
 
 
-def _ring_all_gather(own: jax.Array, axis_name: str) -> jax.Array:
-    """Every device's ``own`` row stacked in device order: n-1 sends to the right neighbour,
-    each forwarding the row received in the step before."""
-    n = lax.axis_size(axis_name)
-    i = lax.axis_index(axis_name)
+def _ring_all_gather(own: jax.Array, rings: _Rings) -> jax.Array:
+    """Every ring member's ``own`` row stacked in ring order: n-1 sends to the next device, each
+    forwarding the row received in the step before."""
+    n, i = rings.size, rings.rank()
     rows = jnp.zeros((n, *own.shape), own.dtype)
     rows = lax.dynamic_update_index_in_dim(rows, own, i, 0)
     moving = own
     for step in range(n - 1):
-        moving = _shift(moving, axis_name, n)
+        moving = rings.send(moving)
         rows = lax.dynamic_update_index_in_dim(rows, moving, (i - 1 - step) % n, 0)
     return rows
+
+
+def _ring_sum(x: jax.Array, rings: _Rings, buckets: int = 1) -> jax.Array:
+    """Reduce-scatter then all-gather around ``rings``, per bucket."""
+    n = rings.size
+    if n == 1 or x.size == 0:
+        return x
+    pieces = _chunks(x, buckets)
+    summed = [
+        _ring_all_gather(_ring_reduce_scatter(_chunks(piece, n), rings), rings).reshape(-1)[: piece.size]
+        for piece in pieces
+    ]
+    return _unchunk(jnp.stack(summed), x)
 
 
 def ring_all_reduce(x: jax.Array, axis_name: str, *, buckets: int = 1) -> jax.Array:
@@ -82,15 +136,7 @@ def ring_all_reduce(x: jax.Array, axis_name: str, *, buckets: int = 1) -> jax.Ar
     """
     if buckets < 1:
         raise ValueError(f"buckets must be at least 1, got {buckets}")
-    n = lax.axis_size(axis_name)
-    if n == 1 or x.size == 0:
-        return x
-    pieces = _chunks(x, buckets)
-    summed = [
-        _ring_all_gather(_ring_reduce_scatter(_chunks(piece, n), axis_name), axis_name).reshape(-1)[: piece.size]
-        for piece in pieces
-    ]
-    return _unchunk(jnp.stack(summed), x)
+    return _ring_sum(x, _Rings.whole(axis_name), buckets)
 
 
 # ---- recursive halving and doubling --------------------------------------------------------
@@ -150,18 +196,35 @@ def halving_doubling_all_reduce(x: jax.Array, axis_name: str) -> jax.Array:
 # ---- hierarchical --------------------------------------------------------------------------
 
 
+def _two_level(x: jax.Array, inner: _Rings, outer: _Rings) -> jax.Array:
+    """Inner reduce-scatter, outer all-reduce of each 1/inner shard, inner all-gather."""
+    if x.size == 0:
+        return x
+    if inner.size == 1:
+        return _ring_sum(x, outer)
+    own = _ring_reduce_scatter(_chunks(x, inner.size), inner)
+    own = _ring_sum(own, outer)
+    return _unchunk(_ring_all_gather(own, inner), x)
+
+
 def hierarchical_all_reduce(x: jax.Array, inner_axis: str, outer_axis: str) -> jax.Array:
     """Sum ``x`` over two mesh axes: a ring reduce-scatter within ``inner_axis``, a ring
     all-reduce of each 1/inner shard across ``outer_axis``, then a ring all-gather within
     ``inner_axis``; the slow outer links carry only 1/inner of the data."""
-    if x.size == 0:
-        return x
-    inner = lax.axis_size(inner_axis)
-    if inner == 1:
-        return ring_all_reduce(x, outer_axis)
-    own = _ring_reduce_scatter(_chunks(x, inner), inner_axis)
-    own = ring_all_reduce(own, outer_axis)
-    return _unchunk(_ring_all_gather(own, inner_axis), x)
+    return _two_level(x, _Rings.whole(inner_axis), _Rings.whole(outer_axis))
+
+
+def sliced_all_reduce(x: jax.Array, axis_name: str, slice_size: int) -> jax.Array:
+    """The hierarchical all-reduce over one mesh axis whose devices come in slices of
+    ``slice_size`` consecutive devices (a data axis spanning several pods or hosts): a ring within
+    each slice, a ring across slices through the devices at the same place in each, then a ring
+    within each slice again. 2(slice_size - 1) + 2(slices - 1) permutes."""
+    n = lax.axis_size(axis_name)
+    if slice_size < 1 or n % slice_size:
+        raise ValueError(f"slice_size {slice_size} must divide the {axis_name!r} axis size {n}")
+    inner = _Rings.grouped(axis_name, slice_size, across=False)
+    outer = _Rings.grouped(axis_name, slice_size, across=True)
+    return _two_level(x, inner, outer)
 
 
 # ---- parameter server ----------------------------------------------------------------------

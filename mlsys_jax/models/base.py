@@ -51,11 +51,17 @@ class Layout:
     ``constrain(x, logical_axes)`` annotates an activation; ``mesh`` and
     ``spec(logical_axes, shape, name) -> PartitionSpec`` let a kernel run per shard of an
     activation's placement (both None: no per-shard kernels, e.g. on one device).
+    ``layer_weights``, when given, is applied to each layer's weights as the layer scan reads
+    them (a train step that syncs gradients itself hooks each layer's backward there).
     """
 
     constrain: Constrain = no_constraint
     mesh: Any = None
     spec: Callable[..., Any] | None = None
+    layer_weights: Callable[[Any], Any] | None = None
+
+    def weights_of_layer(self, weights: Any) -> Any:
+        return weights if self.layer_weights is None else self.layer_weights(weights)
 
     @property
     def sharded(self) -> bool:
@@ -166,7 +172,7 @@ def run_layers(
 
     def step(x: jax.Array, inputs: tuple[Params, Cache]) -> tuple[jax.Array, Cache]:
         weights, layer_cache = inputs
-        return model.block(weights, x, positions, layer_cache, layout)
+        return model.block(layout.weights_of_layer(weights), x, positions, layer_cache, layout)
 
     return jax.lax.scan(_checkpointed(step, model.remat), x, (layers, cache))
 

@@ -13,6 +13,9 @@ ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "pallas_triton", "pallas_tpu", "aut
 NORM_IMPLS = ("xla", "pallas", "pallas_triton", "pallas_tpu")
 PAGED_ATTENTION_IMPLS = ("auto", "xla", "pallas", "pallas_triton", "pallas_tpu")
 LOSS_IMPLS = ("xla", "fused", "chunked", "pallas_triton", "pallas_tpu")
+# Tensor-parallel projections: "xla" einsums XLA partitions; "collective" ppermute rings that
+# overlap the token all-gather / reduce-scatter with the matmuls (models.tensor_parallel).
+TP_MATMULS = ("xla", "collective")
 ROPE_SCALINGS = ("llama3", "linear")
 
 
@@ -68,6 +71,7 @@ class LlamaConfig:
     norm_impl: str = "xla"  # see NORM_IMPLS
     loss_impl: str = "xla"  # xla (whole logits) or a fused linear cross-entropy (LOSS_IMPLS)
     paged_attention_impl: str = "auto"  # serving's attention over the KV pages (PAGED_ATTENTION_IMPLS)
+    tp_matmul: str = "xla"  # tensor-parallel projections: einsums or collective matmuls (TP_MATMULS)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -93,6 +97,7 @@ class LlamaConfig:
             ("norm_impl", NORM_IMPLS),
             ("loss_impl", LOSS_IMPLS),
             ("paged_attention_impl", PAGED_ATTENTION_IMPLS),
+            ("tp_matmul", TP_MATMULS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}")

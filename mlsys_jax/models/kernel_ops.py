@@ -149,10 +149,12 @@ def kernel_choices(
     attention: tuple[str, tuple, tuple, int | None] | None = None,
     norm: tuple[str, tuple] | None = None,
     loss: tuple[str, tuple, tuple] | None = None,
+    tp_matmul: str = "xla",
 ) -> dict[str, str]:
     """Which backend each hot operation runs here, and why others were passed over, for the
     operations that run a kernel: ``attention=(impl, q_shape, k_shape, window)``, ``norm=(impl,
-    x_shape)``, ``loss=(impl, hidden_shape, head_shape)``. Plain "xla" operations are left out."""
+    x_shape)``, ``loss=(impl, hidden_shape, head_shape)``, ``tp_matmul`` the tensor-parallel
+    projections' choice. Plain "xla" operations are left out."""
     dt = jnp.dtype(dtype)
     out: dict[str, str] = {}
     if attention is not None and attention[0] != "xla":
@@ -171,4 +173,9 @@ def kernel_choices(
         out["loss"] = cross_entropy.choose(
             jax.ShapeDtypeStruct(h, dt), jax.ShapeDtypeStruct(w, dt), implementation=_backend(impl, "fused")
         ).describe()
+    if tp_matmul == "collective":
+        out["tp_matmul"] = (
+            "collective (ppermute rings over 'tensor' with the sequence split; einsums where the layout "
+            "is unsharded, tensor is 1 or does not divide the sequence, heads, kv_heads and mlp)"
+        )
     return out

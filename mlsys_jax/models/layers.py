@@ -64,12 +64,23 @@ def qkv_projection(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array) ->
     over the shards in a single all-reduce instead of three. Query head i sits in K/V group
     i // (heads / kv_heads), the grouping ``flash_attention`` expects.
     """
+    qkv = jnp.einsum("bsd,dkgh->bskgh", x, qkv_weight(wq, wk, wv))
+    return split_qkv(qkv, wq.shape[1])
+
+
+def qkv_weight(wq: jax.Array, wk: jax.Array, wv: jax.Array) -> jax.Array:
+    """W_q, W_k, W_v side by side as (d, kv_heads, group + 2, head_dim): each K/V head's group
+    of query heads, then its key and its value, so a split over K/V heads keeps groups whole."""
     d, heads, hd = wq.shape
     kv = wk.shape[1]
-    group = heads // kv
-    w = jnp.concatenate([wq.reshape(d, kv, group, hd), wk[:, :, None], wv[:, :, None]], axis=2)
-    qkv = jnp.einsum("bsd,dkgh->bskgh", x, w)
-    b, s = x.shape[:2]
+    return jnp.concatenate([wq.reshape(d, kv, heads // kv, hd), wk[:, :, None], wv[:, :, None]], axis=2)
+
+
+def split_qkv(qkv: jax.Array, heads: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q (batch, seq, heads, head_dim), k and v (batch, seq, kv_heads, head_dim) of the fused
+    projection's (batch, seq, kv_heads, group + 2, head_dim)."""
+    b, s, _, g2, hd = qkv.shape
+    group = g2 - 2
     return qkv[:, :, :, :group].reshape(b, s, heads, hd), qkv[:, :, :, group], qkv[:, :, :, group + 1]
 
 
@@ -78,8 +89,13 @@ def swiglu(
 ) -> jax.Array:
     """down(silu(x W_gate) * (x W_up)); gate and up run as one matmul (one input gradient)."""
     gate_up = jnp.einsum("bsd,dtf->bstf", x, jnp.stack([w_gate, w_up], axis=1))
-    hidden = constrain(jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], ("batch", "seq", "mlp"))
+    hidden = constrain(gated(gate_up), ("batch", "seq", "mlp"))
     return jnp.einsum("bsf,fd->bsd", hidden, w_down)
+
+
+def gated(gate_up: jax.Array) -> jax.Array:
+    """silu(gate) * up of the fused (batch, seq, 2, mlp) gate and up projections."""
+    return jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
 
 
 @jax.custom_vjp

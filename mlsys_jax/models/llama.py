@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from mlsys_jax.models import base, kernel_ops
+from mlsys_jax.models import base, kernel_ops, tensor_parallel
 from mlsys_jax.models.base import UNPLACED, LanguageModel, Layout, LogicalAxes, PagedKV
 from mlsys_jax.models.config import CONFIGS, LlamaConfig
 from mlsys_jax.models.layers import (
@@ -119,6 +119,15 @@ def _norm(cfg: LlamaConfig, x: jax.Array, w: jax.Array, layout: Layout) -> jax.A
     return kernel_ops.rms_norm(x, w, cfg.norm_eps, cfg.norm_impl, layout)
 
 
+def _sequence_parallel(cfg: LlamaConfig, layout: Layout, seq: int) -> Layout | None:
+    """The residual stream's layout under collective tensor-parallel matmuls, or None where the
+    block keeps its einsums (``tp_matmul="xla"``, or no tensor split that fits: see
+    ``tensor_parallel.sequence_parallel``)."""
+    if cfg.tp_matmul != "collective":
+        return None
+    return tensor_parallel.sequence_parallel(layout, seq, (cfg.n_heads, cfg.n_kv_heads, cfg.d_ff))
+
+
 def embed(
     cfg: LlamaConfig, params: Params, tokens: jax.Array, positions: jax.Array, layout: Layout = UNPLACED
 ) -> jax.Array:
@@ -141,7 +150,12 @@ def block(
     cache's slots (``PagedKV``, positions (batch, seq)) and the queries attend over it."""
     w = cast_tree(w, cfg.dtype)
     c = layout.constrain
-    q, k, v = qkv_projection(_norm(cfg, x, w["attn_norm"], layout), w["wq"], w["wk"], w["wv"])
+    sp = _sequence_parallel(cfg, layout, x.shape[1])  # the residual stream's layout, if split
+    if sp is None:
+        q, k, v = qkv_projection(_norm(cfg, x, w["attn_norm"], layout), w["wq"], w["wk"], w["wv"])
+    else:
+        x = sp.constrain(x, ("batch", "seq", "embed"))
+        q, k, v = tensor_parallel.qkv_projection(_norm(cfg, x, w["attn_norm"], sp), w["wq"], w["wk"], w["wv"], sp.mesh)
     if cfg.qkv_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -169,9 +183,14 @@ def block(
             window=cfg.sliding_window,
         )
     o = c(o, ("batch", "seq", "heads", "head_dim"))
-    x = c(x + jnp.einsum("bshk,hkd->bsd", o, w["wo"]), ("batch", "seq", "embed"))
-    x = x + swiglu(_norm(cfg, x, w["mlp_norm"], layout), w["w_gate"], w["w_up"], w["w_down"], c)
-    return c(x, ("batch", "seq", "embed")), cache
+    if sp is None:
+        x = c(x + jnp.einsum("bshk,hkd->bsd", o, w["wo"]), ("batch", "seq", "embed"))
+        x = x + swiglu(_norm(cfg, x, w["mlp_norm"], layout), w["w_gate"], w["w_up"], w["w_down"], c)
+        return c(x, ("batch", "seq", "embed")), cache
+    x = sp.constrain(x + tensor_parallel.out_projection(o, w["wo"], sp.mesh), ("batch", "seq", "embed"))
+    h = _norm(cfg, x, w["mlp_norm"], sp)
+    x = x + tensor_parallel.swiglu(h, w["w_gate"], w["w_up"], w["w_down"], sp.mesh)
+    return sp.constrain(x, ("batch", "seq", "embed")), cache
 
 
 def _head_weight(cfg: LlamaConfig, params: Params, dtype: Any) -> jax.Array:
@@ -219,6 +238,7 @@ def kernel_choices(cfg: LlamaConfig, batch: int, seq: int) -> dict[str, str]:
         ),
         norm=(cfg.norm_impl, (batch, seq, cfg.d_model)),
         loss=(cfg.loss_impl, (batch * seq, cfg.d_model), (cfg.d_model, cfg.vocab_size)),
+        tp_matmul=cfg.tp_matmul,
     )
 
 

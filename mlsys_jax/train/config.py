@@ -39,6 +39,11 @@ class MeshSettings:
     pipeline_stash: Literal["inputs", "residuals"] = "inputs"
     """What a pipeline forward keeps for its backward: inputs (the backward recomputes the stage:
     least memory) or residuals (no recompute: faster, a stage's activations per microbatch held)."""
+    grad_sync: Literal["xla", "ring", "tree", "hierarchical", "ps"] = "xla"
+    """How gradients are summed over the data axis: xla (XLA's own all-reduce), or one of ours,
+    issued layer by layer in the backward pass: ring (reduce-scatter then all-gather), tree
+    (recursive halving-doubling), hierarchical (within each slice of the data axis, then across
+    slices), ps (each shard pushed to the device that owns it and pulled back)."""
     simulate_devices: int | None = None
     """CPU devices to simulate (default: as many as the mesh needs)."""
     cluster: Literal["auto", "off"] = "auto"
@@ -294,6 +299,7 @@ MAY_CHANGE = (
     "virtual_stages",
     "pipeline_stash",
     "pipeline_weights",
+    "grad_sync",
     "ckpt_every",
     "keep",
     "eval_every",

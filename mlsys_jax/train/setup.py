@@ -45,6 +45,7 @@ from mlsys_jax.train.optim import OptimConfig, adamw, schedule
 from mlsys_jax.train.report import make_console, plan_table
 from mlsys_jax.train.state import TrainState, abstract_state, init_state
 from mlsys_jax.train.step import TrainStep, check_batch, make_eval_step, make_train_step
+from mlsys_jax.train.synced import preset_slice_size
 
 
 @dataclasses.dataclass
@@ -320,6 +321,8 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
         schedule=pipeline,
         pipeline_stash=cfg.mesh.pipeline_stash,
         pipeline_weights=cfg.mesh.pipeline_weights,
+        grad_sync=cfg.mesh.grad_sync,
+        sync_slice=preset_slice_size(preset),
     )
     rows = data_lib.local_rows(step_fn.batch_shardings["inputs"], d.batch, d.seq)
     dataset = data_lib.train_dataset(corpus.train, seq_len=d.seq, global_batch=d.batch, seed=d.seed, rows=rows)

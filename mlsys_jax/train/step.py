@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mlsys_jax.comm.grad_sync import GradSyncError, check_grad_sync, default_slice_size
 from mlsys_jax.models.base import LanguageModel, loss_sums
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.pipeline.executor import (
@@ -31,6 +32,7 @@ from mlsys_jax.parallel.pipeline.executor import (
 from mlsys_jax.parallel.pipeline.schedule import Schedule, ScheduleError
 from mlsys_jax.parallel.plan import Plan
 from mlsys_jax.train.state import TrainState, abstract_state, state_shardings
+from mlsys_jax.train.synced import synced_loss_and_grads
 
 BATCH_KEYS = ("inputs", "targets", "mask")
 GUARDS = ("stop", "skip")
@@ -118,6 +120,29 @@ def check_batch(plan: Plan, batch_size: int, microbatches: int) -> None:
         )
 
 
+def check_grad_sync_plan(plan: Plan, grad_sync: str, schedule: Schedule | None, sync_slice: int | None) -> None:
+    """Refuse a gradient sync the plan cannot use, before anything is traced."""
+    data = plan.axis_sizes.get("data", 1)
+    slice_size = default_slice_size(data) if sync_slice is None else sync_slice
+    try:
+        check_grad_sync(grad_sync, data, slice_size)
+    except GradSyncError as e:
+        raise PlanError(str(e)) from None
+    if grad_sync == "xla":
+        return
+    if schedule is not None:
+        raise PlanError(
+            f"grad_sync={grad_sync!r} runs its own gradient sum in the layer scan, and the pipeline "
+            f"executor sums its stages' gradients itself. Fix: --grad-sync xla with a pipeline."
+        )
+    if data == 1:
+        raise PlanError(
+            f"grad_sync={grad_sync!r} sums gradients over the data axis, which {plan.describe_mesh()} "
+            f"(rules {plan.rules.name!r}) does not have: there is nothing for it to sum. Fix: a mesh with "
+            "data > 1 (e.g. --mesh data=2,fsdp=4 --strategy dp_fsdp), or --grad-sync xla."
+        )
+
+
 def make_train_step(
     model: LanguageModel,
     plan: Plan,
@@ -130,6 +155,8 @@ def make_train_step(
     schedule: Schedule | None = None,
     pipeline_stash: str = "inputs",
     pipeline_weights: str = "sharded",
+    grad_sync: str = "xla",
+    sync_slice: int | None = None,
 ) -> TrainStep:
     """Build the jitted step. Batches are dicts of (batch, seq) arrays: ``inputs`` and
     ``targets`` (int32) and ``mask`` (bool, which target tokens count). ``guard`` is None (apply
@@ -138,7 +165,10 @@ def make_train_step(
     from the pipeline executor, its microbatches replacing ``microbatches``, and the metrics carry
     the executed ``pipeline_trace``; ``pipeline_stash`` is what its forwards keep (``inputs`` or
     ``residuals``, see ``pipeline_loss_and_grads``) and ``pipeline_weights`` whether FSDP gathers
-    a stage's weights in every tick (``sharded``) or once per step (``gathered``)."""
+    a stage's weights in every tick (``sharded``) or once per step (``gathered``). ``grad_sync``
+    is ``"xla"`` (the partitioner sums gradients over the data axis) or one of our algorithms,
+    issued layer by layer in the backward pass (``train.synced``); ``sync_slice`` is the
+    hierarchical one's devices per slice."""
     if guard is not None and guard not in GUARDS:
         raise PlanError(f"guard={guard!r} is not one of {GUARDS} or None")
     pipelined = plan.axis_sizes.get("pipeline", 1) > 1 and plan.rules.pipelined
@@ -157,6 +187,10 @@ def make_train_step(
         microbatches = schedule.microbatches
     if pipeline_weights not in ("sharded", "gathered"):
         raise PlanError(f"pipeline_weights={pipeline_weights!r} is not 'sharded' or 'gathered'")
+    check_grad_sync_plan(plan, grad_sync, schedule, sync_slice)
+    synced_grads = (
+        None if grad_sync == "xla" else synced_loss_and_grads(model, plan, grad_sync, microbatches, sync_slice)
+    )
     gathered = schedule is not None and pipeline_weights == "gathered"
     stage_specs = gathered_specs(plan.param_pspecs(model.specs), model.layers_key) if gathered else None
     state_sh = state_shardings(plan, model.specs, optimizer)
@@ -178,6 +212,8 @@ def make_train_step(
                 model, schedule, compute, batch, plan.mesh, plan.layout, pipeline_stash, stage_specs
             )
             grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        elif synced_grads is not None:
+            loss_sum, count, grads = synced_grads(state.params, batch)
         elif microbatches == 1:
             (loss_sum, count), grads = grad_fn(state.params, batch)
         else:

@@ -1,0 +1,138 @@
+"""A block's tensor-parallel projections as collective matmuls, in Megatron's sequence-parallel
+pattern.
+
+With ``tp_matmul="collective"`` a block's residual stream keeps its tokens split over the
+``tensor`` mesh axis along the sequence (norms run on each device's tokens). The column-parallel
+projections (q, k and v; gate and up) gather the token rows ring-wise while multiplying them by
+this device's column shard of the weight (``all_gather_matmul``), and the row-parallel ones (the
+attention output; down) pass partial sums around the ring so that each device keeps its own
+tokens of the summed output (``matmul_reduce_scatter``). Each projection group is one
+``jax.shard_map`` that is manual over ``tensor`` only, so the other mesh axes (batch over data or
+fsdp, weights over fsdp) stay with the partitioner; attention and norms run outside, through
+``kernel_ops``. Where ``sequence_parallel`` finds no such split the model keeps its plain einsums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mlsys_jax.comm.collective_matmul import all_gather_matmul, matmul_reduce_scatter
+from mlsys_jax.kernels.sharding import mesh_axes
+from mlsys_jax.models.base import Layout
+from mlsys_jax.models.layers import gated, qkv_weight, split_qkv
+
+TENSOR = "tensor"
+RESIDUAL = ("batch", "seq", "embed")
+TOKENS = P(None, TENSOR, None)  # (batch, seq, embed): this device's slice of the sequence
+HEADS = P(None, None, TENSOR, None)  # (batch, seq, heads, head_dim): this device's heads
+
+
+def tensor_size(layout: Layout) -> int:
+    """The size of the layout's ``tensor`` mesh axis (1 when unsharded or absent)."""
+    return int(dict(layout.mesh.shape).get(TENSOR, 1)) if layout.sharded else 1
+
+
+def _with_tensor_on_seq(spec: P, logical_axes: Sequence[str | None]) -> P:
+    """``spec`` with ``tensor`` added (outermost) to its ``seq`` dim, where the array has one and
+    no dim uses ``tensor`` yet."""
+    entries = list(tuple(spec) + (None,) * (len(logical_axes) - len(spec)))
+    if "seq" not in logical_axes or any(TENSOR in mesh_axes(e) for e in entries):
+        return spec
+    dim = list(logical_axes).index("seq")
+    axes = (TENSOR, *mesh_axes(entries[dim]))
+    entries[dim] = axes[0] if len(axes) == 1 else axes
+    return P(*entries)
+
+
+def sequence_parallel(layout: Layout, seq: int, widths: Sequence[int]) -> Layout | None:
+    """``layout`` with the sequence also split over ``tensor``: where the block's residual stream
+    and norms live under the collective matmuls. None (keep the plain einsums) when the layout
+    is unsharded, its tensor axis is 1, that size does not divide ``seq`` (the token split) and
+    every projection ``width`` (heads, K/V heads, mlp), or the residual stream already uses it."""
+    n = tensor_size(layout)
+    if n == 1 or any(size % n for size in (seq, *widths)):
+        return None
+    assert layout.spec is not None
+    base_spec = layout.spec
+    if any(TENSOR in mesh_axes(e) for e in base_spec(RESIDUAL)):
+        return None
+
+    def spec(logical_axes: Sequence[str | None], shape: Any = None, name: str = "<activation>") -> P:
+        return _with_tensor_on_seq(base_spec(logical_axes, shape, name), logical_axes)
+
+    def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+        return lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec(logical_axes, x.shape)))
+
+    return Layout(constrain=constrain, mesh=layout.mesh, spec=spec)
+
+
+def _per_shard(fn: Callable, mesh: Any, in_specs: tuple, out_specs: Any) -> Callable:
+    # Manual over ``tensor`` only; replication is not tracked, as in kernels.sharding.
+    return jax.shard_map(
+        fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset({TENSOR}), check_vma=False
+    )
+
+
+def _gather_rows(x: jax.Array, w: jax.Array) -> jax.Array:
+    """Every device's tokens times this device's columns: x (batch, seq/n, d), w (d, f/n) ->
+    (batch, seq, f/n), as one ring."""
+    b, local, d = x.shape
+    n = lax.axis_size(TENSOR)
+    y = all_gather_matmul(x.reshape(b * local, d), w, TENSOR)
+    # Row block j holds device j's (batch, seq/n) tokens: put them back at their positions.
+    return y.reshape(n, b, local, -1).transpose(1, 0, 2, 3).reshape(b, n * local, -1)
+
+
+def _scatter_rows(x: jax.Array, w: jax.Array) -> jax.Array:
+    """This device's tokens of the sum over devices of x @ w: x (batch, seq, k/n), w (k/n, d) ->
+    (batch, seq/n, d), as one ring."""
+    b, s, k = x.shape
+    n = lax.axis_size(TENSOR)
+    rows = x.reshape(b, n, s // n, k).transpose(1, 0, 2, 3).reshape(b * s, k)  # grouped by device
+    return matmul_reduce_scatter(rows, w, TENSOR).reshape(b, s // n, -1)
+
+
+def qkv_projection(
+    x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, mesh: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q, k, v of sequence-split x (batch, seq, d) by (d, heads, head_dim) weights, split by heads
+    over ``tensor``: one all-gather matmul of the fused weight's local K/V groups."""
+
+    def local(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array) -> tuple[jax.Array, ...]:
+        w = qkv_weight(wq, wk, wv)
+        qkv = _gather_rows(x, w.reshape(w.shape[0], -1))
+        return split_qkv(qkv.reshape(*qkv.shape[:2], *w.shape[1:]), wq.shape[1])
+
+    weight = P(None, TENSOR, None)
+    return _per_shard(local, mesh, (TOKENS, weight, weight, weight), (HEADS, HEADS, HEADS))(x, wq, wk, wv)
+
+
+def out_projection(o: jax.Array, wo: jax.Array, mesh: Any) -> jax.Array:
+    """o (batch, seq, heads, head_dim) split by heads, times wo (heads, head_dim, d): the
+    sequence-split (batch, seq, d) sum, as one matmul reduce-scatter."""
+
+    def local(o: jax.Array, wo: jax.Array) -> jax.Array:
+        b, s, h, hd = o.shape
+        return _scatter_rows(o.reshape(b, s, h * hd), wo.reshape(h * hd, -1))
+
+    return _per_shard(local, mesh, (HEADS, P(TENSOR, None, None)), TOKENS)(o, wo)
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, mesh: Any) -> jax.Array:
+    """down(silu(x W_gate) * (x W_up)) of sequence-split x, sequence-split: gate and up as one
+    all-gather matmul, down as one matmul reduce-scatter, the mlp dim split over ``tensor``."""
+
+    def local(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+        d, f = w_gate.shape
+        gate_up = _gather_rows(x, jnp.stack([w_gate, w_up], axis=1).reshape(d, 2 * f))
+        return _scatter_rows(gated(gate_up.reshape(*gate_up.shape[:2], 2, f)), w_down)
+
+    column = P(None, TENSOR)
+    return _per_shard(local, mesh, (TOKENS, column, column, P(TENSOR, None)), TOKENS)(x, w_gate, w_up, w_down)

@@ -1,0 +1,105 @@
+"""Loss and gradients with the data-parallel gradient sum written by us, not XLA.
+
+Each data-parallel replica runs the loss and its backward on its own rows inside a
+``shard_map`` that is manual over the ``data`` axis only (FSDP, tensor and sequence axes stay
+with the partitioner, so the plan's other shardings compose). Its gradients are then its own,
+unsummed; every layer's weights carry ``comm.grad_sync.synced``, so the backward scan sums layer
+l's gradient with the chosen algorithm as soon as it exists, and the weights outside the layers
+(embedding, head, final norm) are summed where their backward ends. With several microbatches
+the replica accumulates its own gradients first and sums once at the end (no per-layer overlap,
+but one reduction per step rather than one per microbatch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mlsys_jax.comm.grad_sync import check_grad_sync, default_slice_size, reducer, synced
+from mlsys_jax.models.base import LanguageModel, loss_sums
+from mlsys_jax.parallel.pipeline.executor import inside_layout, split_microbatches
+from mlsys_jax.parallel.plan import Plan
+
+DATA = "data"
+
+LossAndGrads = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array, Any]]
+
+
+def _compute_cast(model: LanguageModel, params: Any) -> Any:
+    """The floating parameters in the model's compute dtype (no placement: inside the program)."""
+    dtype = model.compute_dtype
+    if dtype is None:
+        return params
+    cast = lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
+    return jax.tree_util.tree_map(cast, params)
+
+
+def synced_loss_and_grads(
+    model: LanguageModel, plan: Plan, grad_sync: str, microbatches: int = 1, slice_size: int | None = None
+) -> LossAndGrads:
+    """``(params, batch) -> (loss_sum, count, grads)`` over the whole batch, the gradients of
+    the summed loss summed over the data axis by ``grad_sync`` (``ring``, ``tree``,
+    ``hierarchical`` or ``ps``; see ``comm.grad_sync``). ``slice_size`` is how many consecutive
+    data devices form one slice for ``hierarchical`` (default: ``default_slice_size``)."""
+    n = plan.axis_sizes.get(DATA, 1)
+    slice_size = default_slice_size(n) if slice_size is None else slice_size
+    check_grad_sync(grad_sync, n, slice_size)
+    reduce = reducer(grad_sync, DATA, slice_size)
+    mark = synced(reduce)
+    key = model.layers_key
+    per_layer = microbatches == 1
+    layout = inside_layout(plan.layout, (DATA,))
+    if per_layer:
+        layout = dataclasses.replace(layout, layer_weights=mark)
+
+    def loss(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        if per_layer:
+            params = {k: v if k == key else mark(v) for k, v in params.items()}
+        return loss_sums(model, _compute_cast(model, params), batch, layout)
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+    def replica(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, Any]:
+        if per_layer:
+            (loss_sum, count), grads = grad_fn(params, batch)
+        else:
+
+            def accumulate(carry: Any, mb: dict[str, jax.Array]) -> tuple[Any, None]:
+                loss_acc, count_acc, grads_acc = carry
+                (loss_sum, count), grads = grad_fn(params, mb)
+                return (loss_acc + loss_sum, count_acc + count, jax.tree_util.tree_map(jnp.add, grads_acc, grads)), None
+
+            zero = jnp.zeros((), jnp.float32)
+            init = (zero, zero, jax.tree_util.tree_map(jnp.zeros_like, params))
+            (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init, split_microbatches(batch, microbatches))
+            grads = jax.tree_util.tree_map(reduce, grads)
+        return jax.lax.psum(loss_sum, DATA), jax.lax.psum(count, DATA), grads
+
+    def run(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, Any]:
+        whole = jax.tree_util.tree_map(lambda _: P(), params)
+        program = jax.shard_map(
+            replica,
+            mesh=plan.mesh,
+            in_specs=(whole, {k: P(DATA) for k in batch}),
+            out_specs=(P(), P(), whole),
+            axis_names={DATA},
+            check_vma=False,
+        )
+        return program(params, batch)
+
+    return run
+
+
+def preset_slice_size(preset: Any) -> int | None:
+    """Devices per slice of a mesh preset's data axis when it spans several slices (the
+    hierarchical sum's inner ring), else None."""
+    axis = next((a for a in preset.axes if a.name == DATA), None) if preset is not None else None
+    return axis.size // axis.slices if axis is not None and axis.slices > 1 else None
+
+
+__all__ = ["preset_slice_size", "synced_loss_and_grads"]

@@ -1,0 +1,143 @@
+"""Gradient sync inside the train step: each of our algorithms gives XLA's losses and parameters
+under dp and dp_fsdp, its sum runs as collective-permutes issued per layer inside the backward
+layer scan (no all-reduce of any gradient), and choices that cannot work are refused by name
+before anything is traced."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import mlsys_jax as mj
+from mlsys_jax import train
+from mlsys_jax.models import get_config, llama
+from mlsys_jax.parallel import PlanError
+from mlsys_jax.parallel.pipeline.schedule import make_schedule
+
+CFG = get_config("tiny", dtype="float32")
+MODEL = llama.language_model(CFG)
+OPT_CFG = train.OptimConfig(lr=1e-2, warmup_steps=1, total_steps=10)
+OPT = train.adamw(OPT_CFG, MODEL.specs)
+MESHES = {"dp": {"data": 8}, "dp_fsdp": {"data": 2, "fsdp": 4}}
+SYNCS = ("ring", "tree", "hierarchical", "ps")
+LAYER_LEAVES = len(jax.tree_util.tree_leaves(MODEL.specs[MODEL.layers_key]))
+OUTER_LEAVES = len(jax.tree_util.tree_leaves(MODEL.specs)) - LAYER_LEAVES
+
+
+def batches(n: int = 3, batch: int = 8, seq: int = 16) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        t = rng.integers(0, CFG.vocab_size, (batch, seq + 1)).astype(np.int32)
+        out.append({"inputs": t[:, :-1], "targets": t[:, 1:], "mask": np.ones((batch, seq), bool)})
+    return out
+
+
+def plan_of(strategy: str) -> mj.Plan:
+    return mj.Plan(mj.make_mesh(MESHES[strategy]), mj.rules(strategy))
+
+
+@functools.cache
+def trained(
+    strategy: str, grad_sync: str, microbatches: int = 1, batch: int = 8
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Three steps' losses and the final parameters."""
+    plan = plan_of(strategy)
+    state = train.init_state(plan, MODEL.specs, OPT, seed=0)
+    step = train.make_train_step(MODEL, plan, OPT, microbatches=microbatches, grad_sync=grad_sync)
+    losses = []
+    for b in batches(batch=batch):
+        state, metrics = step(state, {k: jax.device_put(v, step.batch_shardings[k]) for k, v in b.items()})
+        losses.append(float(np.asarray(metrics["loss"])))
+    return np.array(losses), [np.asarray(p) for p in jax.tree_util.tree_leaves(state.params)]
+
+
+@pytest.mark.parametrize("grad_sync", SYNCS)
+@pytest.mark.parametrize("strategy", list(MESHES))
+def test_each_grad_sync_gives_the_xla_losses_and_parameters(devices, strategy, grad_sync):
+    ours, params = trained(strategy, grad_sync)
+    xla, xla_params = trained(strategy, "xla")
+    np.testing.assert_allclose(ours, xla, rtol=1e-5)
+    assert ours[-1] < ours[0]
+    for a, b in zip(params, xla_params):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_microbatches_accumulate_before_one_sum(devices):
+    ours, _ = trained("dp_fsdp", "ring", microbatches=2, batch=16)
+    np.testing.assert_allclose(ours, trained("dp_fsdp", "xla", batch=16)[0], rtol=1e-5)
+
+
+# ---- what the compiled step holds ----------------------------------------------------------
+
+
+def compiled_text(grad_sync: str, strategy: str = "dp") -> str:
+    step = train.make_train_step(MODEL, plan_of(strategy), OPT, grad_sync=grad_sync)
+    text = step.lower(8, 16).compile().as_text()
+    assert text is not None
+    return text
+
+
+def computations(hlo: str) -> dict[str, str]:
+    """The HLO module's computations by name (the entry's name starts with ENTRY)."""
+    parts = re.split(r"\n(?=(?:ENTRY )?%\S+ \(.*\{\n)", hlo)
+    return {p.split(" (", 1)[0]: p for p in parts if p.lstrip().startswith(("%", "ENTRY"))}
+
+
+def reduced_shapes(hlo: str) -> list[str]:
+    """The result types of every all-reduce in the program."""
+    return re.findall(r"= (\S+(?: \S+)*?) all-reduce(?:-start)?\(", hlo)
+
+
+PERMUTES_PER_LEAF = {"ring": 2 * 7, "tree": 2 * 3, "hierarchical": 2 * 3 + 2 * 1, "ps": 2 * 7}
+
+
+@pytest.mark.parametrize("grad_sync", SYNCS)
+def test_gradients_are_summed_by_permutes_per_layer_inside_the_backward_scan(devices, grad_sync):
+    hlo = compiled_text(grad_sync)
+    per_leaf = PERMUTES_PER_LEAF[grad_sync]
+    by_computation = {name: body.count("collective-permute(") for name, body in computations(hlo).items()}
+    in_loops = [count for name, count in by_computation.items() if not name.startswith("ENTRY") and count]
+    # One layer's weights are summed in the scan's body (run once per layer); the embedding, the
+    # final norm and the head where the backward ends.
+    assert in_loops == [per_leaf * LAYER_LEAVES]
+    assert sum(by_computation.values()) == per_leaf * (LAYER_LEAVES + OUTER_LEAVES)
+    assert "all-gather(" not in hlo and "reduce-scatter(" not in hlo
+    # Only the loss and token count (scalars) are summed with an all-reduce.
+    for shape in reduced_shapes(hlo):
+        assert re.fullmatch(r"\(?(f32\[\](\{\})?(, )?)+\)?", shape), shape
+
+
+def test_xla_sync_sums_gradients_with_an_all_reduce(devices):
+    hlo = compiled_text("xla")
+    assert "collective-permute(" not in hlo
+    assert any("[" in s and "[]" not in s.split(",")[0] for s in reduced_shapes(hlo))
+
+
+# ---- refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("grad_sync", "sizes", "strategy", "kwargs", "message"),
+    [
+        ("allreduce", {"data": 8}, "dp", {}, "is not one of ['xla', 'ring', 'tree', 'hierarchical', 'ps']"),
+        ("ring", {"fsdp": 8}, "fsdp", {}, "does not have: there is nothing for it to sum"),
+        ("hierarchical", {"data": 8}, "dp", {"sync_slice": 3}, "slices of 3 devices cannot cut a data axis of 8"),
+    ],
+)
+def test_a_grad_sync_that_cannot_work_is_refused_before_tracing(devices, grad_sync, sizes, strategy, kwargs, message):
+    plan = mj.Plan(mj.make_mesh(sizes), mj.rules(strategy))
+    with pytest.raises(PlanError) as e:
+        train.make_train_step(MODEL, plan, OPT, grad_sync=grad_sync, **kwargs)
+    assert message in str(e.value)
+    assert "Fix:" in str(e.value)
+
+
+def test_a_pipeline_keeps_xla_sync(devices):
+    plan = mj.Plan(mj.make_mesh({"pipeline": 2, "data": 4}), mj.rules("pp_dp"))
+    with pytest.raises(PlanError, match="Fix: --grad-sync xla with a pipeline"):
+        train.make_train_step(MODEL, plan, OPT, grad_sync="ring", schedule=make_schedule("1f1b", 2, 2))
