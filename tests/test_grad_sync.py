@@ -1,22 +1,25 @@
 """Gradient sync inside the train step: each of our algorithms gives XLA's losses and parameters
 under dp and dp_fsdp, its sum runs as collective-permutes issued per layer inside the backward
-layer scan (no all-reduce of any gradient), and choices that cannot work are refused by name
-before anything is traced."""
+layer scan (no all-reduce of any gradient), choices that cannot work are refused by name before
+anything is traced, and the recipe takes ``--grad-sync``."""
 
 from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from recipe_runs import FLAGS, run, unboxed
 
 import mlsys_jax as mj
 from mlsys_jax import train
 from mlsys_jax.models import get_config, llama
 from mlsys_jax.parallel import PlanError
 from mlsys_jax.parallel.pipeline.schedule import make_schedule
+from mlsys_jax.train.metrics import losses_by_step, read_jsonl
 
 CFG = get_config("tiny", dtype="float32")
 MODEL = llama.language_model(CFG)
@@ -141,3 +144,42 @@ def test_a_pipeline_keeps_xla_sync(devices):
     plan = mj.Plan(mj.make_mesh({"pipeline": 2, "data": 4}), mj.rules("pp_dp"))
     with pytest.raises(PlanError, match="Fix: --grad-sync xla with a pipeline"):
         train.make_train_step(MODEL, plan, OPT, grad_sync="ring", schedule=make_schedule("1f1b", 2, 2))
+
+
+# ---- through the recipe --------------------------------------------------------------------
+
+
+def recipe_flags(folder: Path, grad_sync: str, steps: int = 4, strategy: str = "dp_fsdp") -> list[str]:
+    flags = [*FLAGS, "--ckpt-dir", str(folder), "--grad-sync", grad_sync, "--sample-tokens", "0"]
+    flags[flags.index("--steps") + 1] = str(steps)
+    flags[flags.index("--strategy") + 1] = strategy
+    flags[flags.index("--mesh") + 1] = "data=2,fsdp=4" if strategy == "dp_fsdp" else "cpu-8"
+    return flags
+
+
+@pytest.mark.slow
+def test_the_recipe_trains_with_each_sync_alike_and_may_switch_on_resume(tmp_path):
+    xla = run(*recipe_flags(tmp_path / "xla", "xla"))
+    assert xla.returncode == 0, xla.stderr[-2000:]
+    ring = run(*recipe_flags(tmp_path / "ring", "ring"))
+    assert ring.returncode == 0, ring.stderr[-2000:]
+    expected = losses_by_step(read_jsonl(tmp_path / "xla" / "metrics.jsonl"))
+    got = losses_by_step(read_jsonl(tmp_path / "ring" / "metrics.jsonl"))
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-5)
+    switched = run(*recipe_flags(tmp_path / "xla", "tree", steps=6))
+    assert switched.returncode == 0, switched.stderr[-2000:]
+    assert "grad_sync: saved 'xla', now 'tree'" in unboxed(switched.stdout)
+    assert sorted(losses_by_step(read_jsonl(tmp_path / "xla" / "metrics.jsonl"))) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.slow
+def test_the_recipe_refuses_a_sync_its_plan_cannot_use_in_one_message(tmp_path):
+    out = run(*recipe_flags(tmp_path / "run", "ring", strategy="fsdp_tp"))
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert "there is nothing for it to sum" in unboxed(out.stderr)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    bogus = run(*recipe_flags(tmp_path / "other", "allreduce"))
+    assert bogus.returncode == 2 and "Traceback" not in bogus.stderr
+    assert "ring" in unboxed(bogus.stderr) and "hierarchical" in unboxed(bogus.stderr)

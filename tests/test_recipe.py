@@ -29,6 +29,7 @@ def test_help_lists_every_flag():
         "--attention-impl",
         "--norm-impl",
         "--loss-impl",
+        "--grad-sync",
         "--on-nan",
         "--sync-every-step",
         "--metrics-every",

@@ -119,13 +119,13 @@ def _norm(cfg: LlamaConfig, x: jax.Array, w: jax.Array, layout: Layout) -> jax.A
     return kernel_ops.rms_norm(x, w, cfg.norm_eps, cfg.norm_impl, layout)
 
 
-def _sequence_parallel(cfg: LlamaConfig, layout: Layout, seq: int) -> Layout | None:
+def _sequence_parallel(cfg: LlamaConfig, layout: Layout, shape: tuple[int, ...]) -> Layout | None:
     """The residual stream's layout under collective tensor-parallel matmuls, or None where the
     block keeps its einsums (``tp_matmul="xla"``, or no tensor split that fits: see
     ``tensor_parallel.sequence_parallel``)."""
     if cfg.tp_matmul != "collective":
         return None
-    return tensor_parallel.sequence_parallel(layout, seq, (cfg.n_heads, cfg.n_kv_heads, cfg.d_ff))
+    return tensor_parallel.sequence_parallel(layout, shape, (cfg.n_heads, cfg.n_kv_heads, cfg.d_ff))
 
 
 def embed(
@@ -150,12 +150,13 @@ def block(
     cache's slots (``PagedKV``, positions (batch, seq)) and the queries attend over it."""
     w = cast_tree(w, cfg.dtype)
     c = layout.constrain
-    sp = _sequence_parallel(cfg, layout, x.shape[1])  # the residual stream's layout, if split
+    sp = _sequence_parallel(cfg, layout, x.shape)  # the residual stream's layout, if split
     if sp is None:
         q, k, v = qkv_projection(_norm(cfg, x, w["attn_norm"], layout), w["wq"], w["wk"], w["wv"])
     else:
         x = sp.constrain(x, ("batch", "seq", "embed"))
-        q, k, v = tensor_parallel.qkv_projection(_norm(cfg, x, w["attn_norm"], sp), w["wq"], w["wk"], w["wv"], sp.mesh)
+        h = _norm(cfg, x, w["attn_norm"], sp)
+        q, k, v = tensor_parallel.qkv_projection(h, w["wq"], w["wk"], w["wv"], sp)
     if cfg.qkv_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
@@ -187,9 +188,9 @@ def block(
         x = c(x + jnp.einsum("bshk,hkd->bsd", o, w["wo"]), ("batch", "seq", "embed"))
         x = x + swiglu(_norm(cfg, x, w["mlp_norm"], layout), w["w_gate"], w["w_up"], w["w_down"], c)
         return c(x, ("batch", "seq", "embed")), cache
-    x = sp.constrain(x + tensor_parallel.out_projection(o, w["wo"], sp.mesh), ("batch", "seq", "embed"))
+    x = sp.constrain(x + tensor_parallel.out_projection(o, w["wo"], x, sp), ("batch", "seq", "embed"))
     h = _norm(cfg, x, w["mlp_norm"], sp)
-    x = x + tensor_parallel.swiglu(h, w["w_gate"], w["w_up"], w["w_down"], sp.mesh)
+    x = x + tensor_parallel.swiglu(h, w["w_gate"], w["w_up"], w["w_down"], sp)
     return sp.constrain(x, ("batch", "seq", "embed")), cache
 
 

@@ -14,8 +14,10 @@ fsdp, weights over fsdp) stay with the partitioner; attention and norms run outs
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +32,6 @@ from mlsys_jax.models.layers import gated, qkv_weight, split_qkv
 
 TENSOR = "tensor"
 RESIDUAL = ("batch", "seq", "embed")
-TOKENS = P(None, TENSOR, None)  # (batch, seq, embed): this device's slice of the sequence
-HEADS = P(None, None, TENSOR, None)  # (batch, seq, heads, head_dim): this device's heads
 
 
 def tensor_size(layout: Layout) -> int:
@@ -39,29 +39,36 @@ def tensor_size(layout: Layout) -> int:
     return int(dict(layout.mesh.shape).get(TENSOR, 1)) if layout.sharded else 1
 
 
+def _entry(axes: Sequence[str]) -> Any:
+    return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
 def _with_tensor_on_seq(spec: P, logical_axes: Sequence[str | None]) -> P:
-    """``spec`` with ``tensor`` added (outermost) to its ``seq`` dim, where the array has one and
-    no dim uses ``tensor`` yet."""
+    """``spec`` with ``tensor`` added (innermost) to its ``seq`` dim, where the array has one and
+    no dim uses ``tensor`` yet: gathering over ``tensor`` then gives back the seq dim's shard
+    under ``spec``."""
     entries = list(tuple(spec) + (None,) * (len(logical_axes) - len(spec)))
     if "seq" not in logical_axes or any(TENSOR in mesh_axes(e) for e in entries):
         return spec
     dim = list(logical_axes).index("seq")
-    axes = (TENSOR, *mesh_axes(entries[dim]))
-    entries[dim] = axes[0] if len(axes) == 1 else axes
+    entries[dim] = _entry((*mesh_axes(entries[dim]), TENSOR))
     return P(*entries)
 
 
-def sequence_parallel(layout: Layout, seq: int, widths: Sequence[int]) -> Layout | None:
-    """``layout`` with the sequence also split over ``tensor``: where the block's residual stream
-    and norms live under the collective matmuls. None (keep the plain einsums) when the layout
-    is unsharded, its tensor axis is 1, that size does not divide ``seq`` (the token split) and
-    every projection ``width`` (heads, K/V heads, mlp), or the residual stream already uses it."""
+def sequence_parallel(layout: Layout, shape: Sequence[int], widths: Sequence[int]) -> Layout | None:
+    """``layout`` with the sequence also split over ``tensor``: where a block's residual stream
+    (batch, seq, embed) of ``shape`` and its norms live under the collective matmuls. None (keep
+    the plain einsums) when the layout is unsharded, its tensor axis is 1, the tokens do not
+    split evenly over it along the sequence, it does not divide every projection ``width``
+    (heads, K/V heads, mlp), or the residual stream already uses it or splits its features."""
     n = tensor_size(layout)
-    if n == 1 or any(size % n for size in (seq, *widths)):
+    if n == 1 or any(size % n for size in widths):
         return None
     assert layout.spec is not None
     base_spec = layout.spec
-    if any(TENSOR in mesh_axes(e) for e in base_spec(RESIDUAL)):
+    batch, seq, embed = (tuple(base_spec(RESIDUAL, tuple(shape), "residual stream")) + (None,) * 3)[:3]
+    seq_shards = math.prod(layout.mesh.shape[a] for a in mesh_axes(seq)) * n
+    if embed is not None or TENSOR in mesh_axes(batch) + mesh_axes(seq) or shape[1] % seq_shards:
         return None
 
     def spec(logical_axes: Sequence[str | None], shape: Any = None, name: str = "<activation>") -> P:
@@ -70,19 +77,42 @@ def sequence_parallel(layout: Layout, seq: int, widths: Sequence[int]) -> Layout
     def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
         return lax.with_sharding_constraint(x, NamedSharding(layout.mesh, spec(logical_axes, x.shape)))
 
-    return Layout(constrain=constrain, mesh=layout.mesh, spec=spec)
+    return dataclasses.replace(layout, constrain=constrain, spec=spec)
 
 
-def _per_shard(fn: Callable, mesh: Any, in_specs: tuple, out_specs: Any) -> Callable:
-    # Manual over ``tensor`` only; replication is not tracked, as in kernels.sharding.
+class _Specs(NamedTuple):
+    """Where a projection group's activations live, per shard of the residual stream."""
+
+    tokens: P  # (batch, seq, features): this device's tokens, features whole
+    heads: P  # (batch, seq, heads, head_dim): the tokens gathered over tensor, heads split over it
+    manual: frozenset[str]  # the mesh axes that split the residual stream, tensor among them
+
+
+COLUMNS = P(None, TENSOR)  # a (d, f) or (d, heads, head_dim) weight split by output columns
+ROWS = P(TENSOR)  # a (f, d) or (heads, head_dim, d) weight split by input rows
+
+
+def _specs(layout: Layout, x: jax.Array) -> _Specs:
+    """The specs of the residual stream ``x`` under the sequence-parallel ``layout``, and of
+    activations gathered over ``tensor`` from it."""
+    assert layout.spec is not None
+    batch, seq = (tuple(layout.spec(RESIDUAL, x.shape, "residual stream")) + (None, None))[:2]
+    gathered = _entry(tuple(a for a in mesh_axes(seq) if a != TENSOR))
+    return _Specs(P(batch, seq, None), P(batch, gathered, TENSOR, None), frozenset(mesh_axes(batch) + mesh_axes(seq)))
+
+
+def _per_shard(fn: Callable, layout: Layout, specs: _Specs, in_specs: tuple, out_specs: Any) -> Callable:
+    # Manual over the axes that split the tokens, the rest left to the partitioner. Replication is
+    # not tracked, as in kernels.sharding: a weight whole on every shard of the tokens gets its
+    # gradient summed over them by the transpose.
     return jax.shard_map(
-        fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset({TENSOR}), check_vma=False
+        fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=specs.manual, check_vma=False
     )
 
 
 def _gather_rows(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Every device's tokens times this device's columns: x (batch, seq/n, d), w (d, f/n) ->
-    (batch, seq, f/n), as one ring."""
+    """Every tensor shard's tokens times this device's columns: x (batch, seq/n, d), w (d, f/n)
+    -> (batch, seq, f/n), as one ring."""
     b, local, d = x.shape
     n = lax.axis_size(TENSOR)
     y = all_gather_matmul(x.reshape(b * local, d), w, TENSOR)
@@ -91,8 +121,8 @@ def _gather_rows(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _scatter_rows(x: jax.Array, w: jax.Array) -> jax.Array:
-    """This device's tokens of the sum over devices of x @ w: x (batch, seq, k/n), w (k/n, d) ->
-    (batch, seq/n, d), as one ring."""
+    """This device's tokens of the sum over tensor shards of x @ w: x (batch, seq, k/n), w
+    (k/n, d) -> (batch, seq/n, d), as one ring."""
     b, s, k = x.shape
     n = lax.axis_size(TENSOR)
     rows = x.reshape(b, n, s // n, k).transpose(1, 0, 2, 3).reshape(b * s, k)  # grouped by device
@@ -100,39 +130,41 @@ def _scatter_rows(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def qkv_projection(
-    x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, mesh: Any
+    x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array, layout: Layout
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q, k, v of sequence-split x (batch, seq, d) by (d, heads, head_dim) weights, split by heads
-    over ``tensor``: one all-gather matmul of the fused weight's local K/V groups."""
+    """q, k, v of the sequence-split residual x (batch, seq, d) by (d, heads, head_dim) weights,
+    split by heads over ``tensor``: one all-gather matmul of the fused weight's local K/V groups."""
 
     def local(x: jax.Array, wq: jax.Array, wk: jax.Array, wv: jax.Array) -> tuple[jax.Array, ...]:
         w = qkv_weight(wq, wk, wv)
         qkv = _gather_rows(x, w.reshape(w.shape[0], -1))
         return split_qkv(qkv.reshape(*qkv.shape[:2], *w.shape[1:]), wq.shape[1])
 
-    weight = P(None, TENSOR, None)
-    return _per_shard(local, mesh, (TOKENS, weight, weight, weight), (HEADS, HEADS, HEADS))(x, wq, wk, wv)
+    sp = _specs(layout, x)
+    return _per_shard(local, layout, sp, (sp.tokens, COLUMNS, COLUMNS, COLUMNS), (sp.heads,) * 3)(x, wq, wk, wv)
 
 
-def out_projection(o: jax.Array, wo: jax.Array, mesh: Any) -> jax.Array:
-    """o (batch, seq, heads, head_dim) split by heads, times wo (heads, head_dim, d): the
-    sequence-split (batch, seq, d) sum, as one matmul reduce-scatter."""
+def out_projection(o: jax.Array, wo: jax.Array, x: jax.Array, layout: Layout) -> jax.Array:
+    """o (batch, seq, heads, head_dim) split by heads, times wo (heads, head_dim, d): the sum,
+    split by sequence like the residual stream ``x``, as one matmul reduce-scatter."""
 
     def local(o: jax.Array, wo: jax.Array) -> jax.Array:
         b, s, h, hd = o.shape
         return _scatter_rows(o.reshape(b, s, h * hd), wo.reshape(h * hd, -1))
 
-    return _per_shard(local, mesh, (HEADS, P(TENSOR, None, None)), TOKENS)(o, wo)
+    sp = _specs(layout, x)
+    return _per_shard(local, layout, sp, (sp.heads, ROWS), sp.tokens)(o, wo)
 
 
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, mesh: Any) -> jax.Array:
-    """down(silu(x W_gate) * (x W_up)) of sequence-split x, sequence-split: gate and up as one
-    all-gather matmul, down as one matmul reduce-scatter, the mlp dim split over ``tensor``."""
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, layout: Layout) -> jax.Array:
+    """down(silu(x W_gate) * (x W_up)) of the sequence-split residual x, split alike: gate and up
+    as one all-gather matmul, down as one matmul reduce-scatter, the mlp dim split over
+    ``tensor``."""
 
     def local(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
         d, f = w_gate.shape
         gate_up = _gather_rows(x, jnp.stack([w_gate, w_up], axis=1).reshape(d, 2 * f))
         return _scatter_rows(gated(gate_up.reshape(*gate_up.shape[:2], 2, f)), w_down)
 
-    column = P(None, TENSOR)
-    return _per_shard(local, mesh, (TOKENS, column, column, P(TENSOR, None)), TOKENS)(x, w_gate, w_up, w_down)
+    sp = _specs(layout, x)
+    return _per_shard(local, layout, sp, (sp.tokens, COLUMNS, COLUMNS, ROWS), sp.tokens)(x, w_gate, w_up, w_down)
