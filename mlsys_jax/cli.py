@@ -7,6 +7,7 @@ import dataclasses
 import json
 import sys
 from collections.abc import Callable
+from typing import Literal
 
 import tyro
 from rich.console import Console
@@ -40,6 +41,9 @@ class PlanConfig:
     """Model chunks per pipeline device for --schedule interleaved."""
     remat: str = "none"
     """Activation checkpointing: none, full, save_dots."""
+    grad_sync: Literal["xla", "ring", "tree", "hierarchical", "ps"] = "xla"
+    """How gradients are summed over the data axis, as the recipe's flag: each algorithm priced by
+    its own steps and bytes (xla as XLA's ring)."""
     attention_impl: str = "xla"
     """Attention backend, as the recipe's flag (pallas and cudnn keep no sequence x sequence scores)."""
     loss_impl: str = "xla"
@@ -94,6 +98,7 @@ def plan_settings(cfg: PlanConfig) -> dict[str, object]:
         "loss_impl": cfg.loss_impl,
         "schedule": cfg.schedule,
         "virtual_stages": cfg.virtual_stages,
+        "grad_sync": cfg.grad_sync,
     }
     settings["batch"] = cfg.batch or batch_shards(settings) * microbatches
     return settings

@@ -6,16 +6,24 @@ anything is traced, and the recipe takes ``--grad-sync``."""
 from __future__ import annotations
 
 import functools
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from recipe_runs import FLAGS, run, unboxed
+from recipe_runs import FLAGS, env, run, unboxed
 
 import mlsys_jax as mj
-from mlsys_jax import train
+from mlsys_jax import comm, train
+from mlsys_jax.analysis.analytic import step_collectives
+from mlsys_jax.analysis.compiled_step import CollectiveRow
+from mlsys_jax.analysis.prediction import row_time
+from mlsys_jax.comm.grad_sync import COST_ALGORITHM
+from mlsys_jax.meshes import Link
 from mlsys_jax.models import get_config, llama
 from mlsys_jax.parallel import PlanError
 from mlsys_jax.parallel.pipeline.schedule import make_schedule
@@ -183,3 +191,55 @@ def test_the_recipe_refuses_a_sync_its_plan_cannot_use_in_one_message(tmp_path):
     bogus = run(*recipe_flags(tmp_path / "other", "allreduce"))
     assert bogus.returncode == 2 and "Traceback" not in bogus.stderr
     assert "ring" in unboxed(bogus.stderr) and "hierarchical" in unboxed(bogus.stderr)
+
+
+# ---- in the plan view's cost model ---------------------------------------------------------
+
+
+def data_rows(grad_sync: str, microbatches: int = 1) -> list[CollectiveRow]:
+    rows = step_collectives(plan_of("dp"), MODEL, 16 * microbatches, 64, microbatches, grad_sync=grad_sync)
+    return [r for r in rows if r.axes == ("data",)]
+
+
+@pytest.mark.parametrize("grad_sync", SYNCS)
+def test_the_plan_view_prices_each_sync_by_its_own_steps_and_bytes(devices, grad_sync):
+    link = Link("test", bandwidth=1e9, latency=1e-5)
+    ours, xla = data_rows(grad_sync), data_rows("xla")
+    algorithm = COST_ALGORITHM[grad_sync]
+    assert ours and {r.label for r in ours} == {f"all-reduce ({algorithm})"}
+    # The same gradients are summed, one layer at a time, once per step.
+    assert sum(r.count * r.payload_bytes for r in ours) == sum(r.count * r.payload_bytes for r in xla)
+    assert sum(r.count for r in ours) == LAYER_LEAVES * MODEL.num_layers + OUTER_LEAVES
+    for r in ours:
+        expected = comm.cost(algorithm, 8, r.payload_bytes, inner=r.slice_size)
+        assert row_time(r, link) == pytest.approx(comm.time_s(expected, link.latency, 1 / link.bandwidth))
+        assert r.traffic_bytes == pytest.approx(expected.bytes_per_device)
+    if grad_sync == "hierarchical":
+        assert {r.slice_size for r in ours} == {4}  # two halves of the 8 data devices
+    total = lambda rows: sum(r.count * row_time(r, link) for r in rows)
+    if grad_sync in ("ring", "ps"):  # XLA's all-reduce is priced as a ring: same steps, same bytes
+        assert total(ours) == pytest.approx(total(xla))
+    if grad_sync == "tree":  # 6 steps instead of 14 on 8 devices, and no more bytes
+        assert total(ours) < total(xla)
+
+
+def test_with_microbatches_each_leaf_is_summed_once_whole(devices):
+    rows = data_rows("ring", microbatches=4)
+    assert sum(r.count for r in rows) == LAYER_LEAVES + OUTER_LEAVES
+    assert sum(r.count * r.payload_bytes for r in rows) == sum(r.count * r.payload_bytes for r in data_rows("ring"))
+
+
+def test_mlsys_jax_plan_takes_grad_sync_and_names_the_algorithm():
+    out = subprocess.run(
+        [sys.executable, "-m", "mlsys_jax.cli", "plan", "--model", "tiny", "--mesh", "gpu-h100x8", "--strategy", "dp"]
+        + ["--grad-sync", "tree", "--json", "-"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    kinds = {r["kind"] for r in report["collectives"] if r["axes"] == ["data"]}
+    assert kinds == {"all-reduce (halving_doubling)"}

@@ -63,6 +63,8 @@ import jax.numpy as jnp
 
 from mlsys_jax.analysis.collectives import ring_traffic
 from mlsys_jax.analysis.compiled_step import Analysis, CollectiveRow
+from mlsys_jax.comm.grad_sync import COST_ALGORITHM, default_slice_size, preset_slice_size
+from mlsys_jax.comm.models import cost as comm_cost
 from mlsys_jax.meshes import AXIS_NAMES
 from mlsys_jax.parallel.errors import PlanError
 
@@ -163,7 +165,16 @@ class _Rows:
     def __init__(self, sizes: dict[str, int], reading: str) -> None:
         self.sizes, self.reading, self.rows = sizes, reading, []
 
-    def add(self, kind: str, itemsize: int, payload_elements: float, axes: Iterable[str], count: int) -> None:
+    def add(
+        self,
+        kind: str,
+        itemsize: int,
+        payload_elements: float,
+        axes: Iterable[str],
+        count: int,
+        algorithm: str = "xla",
+        slice_size: int | None = None,
+    ) -> None:
         axes = _ordered(axes, self.sizes)
         group = math.prod(self.sizes[a] for a in axes)
         if group <= 1 or count <= 0 or payload_elements <= 0:
@@ -177,7 +188,11 @@ class _Rows:
             traffic, group = float(payload), 2
         else:
             traffic = ring_traffic(kind, payload, group)
-        self.rows.append(CollectiveRow(kind, dtype, payload, axes, count, (count,), group, traffic))
+        if algorithm != "xla":
+            steps = comm_cost(algorithm, group, payload, inner=slice_size)
+            traffic = steps.bytes_per_device
+        row = CollectiveRow(kind, dtype, payload, axes, count, (count,), group, traffic, algorithm, slice_size)
+        self.rows.append(row)
 
 
 def step_collectives(
@@ -191,9 +206,13 @@ def step_collectives(
     pipeline_weights: str = "sharded",
     reading: str = "executed",
     placements: list[Placement] | None = None,
+    grad_sync: str = "xla",
+    sync_slice: int | None = None,
 ) -> tuple[CollectiveRow, ...]:
     """Every collective one train step runs per device, from shapes (see the module's docstring).
-    ``placements`` may pass ``plan.placements(model.specs)`` already computed."""
+    ``placements`` may pass ``plan.placements(model.specs)`` already computed. With a
+    ``grad_sync`` other than ``xla`` the data axis's gradient sums are that algorithm's (once per
+    layer and step, see ``train.synced``), priced by its own steps and bytes."""
     if reading not in READINGS:
         raise ValueError(f"reading={reading!r} is not one of {READINGS}")
     sizes = plan.axis_sizes
@@ -216,12 +235,25 @@ def step_collectives(
     ax = _ActAxes(tp_axes, vocab_axes, seq_axes)
     tokens = rows * seq_local
     if schedule is None:
-        _unpipelined(out, leaves, m, x_elements, kv_elements, tokens, compute, remat, ax, model.num_layers)
+        sync = _Sync(grad_sync, sync_slice) if grad_sync != "xla" else None
+        _unpipelined(out, leaves, m, x_elements, kv_elements, tokens, compute, remat, ax, model.num_layers, sync)
     else:
         _pipelined(
             out, leaves, schedule, x_elements, kv_elements, tokens, compute, remat, ax, pipeline_stash, pipeline_weights
         )
     return tuple(out.rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sync:
+    """A ``grad_sync`` of ours: its ``comm.models`` algorithm and the hierarchical slice."""
+
+    grad_sync: str
+    slice_size: int | None
+
+    @property
+    def algorithm(self) -> str:
+        return COST_ALGORITHM[self.grad_sync]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +296,7 @@ def _unpipelined(
     remat: bool,
     ax: _ActAxes,
     num_layers: int,
+    sync: _Sync | None = None,
 ) -> None:
     sizes = out.sizes
     for leaf in leaves:
@@ -278,6 +311,16 @@ def _unpipelined(
         # The table's gradient (a whole-table scatter-add) is all-reduced whole before its scatter.
         whole = per * g if leaf.path == "embed" else per
         for axis in leaf.reduce:
+            if sync is not None and axis == "data":
+                # Ours: each layer once per step (one microbatch) or each leaf's whole
+                # accumulated gradient once (several).
+                layers = leaf.layers if leaf.layers and m == 1 else 1
+                count, payload = layers, per * (leaf.layers or 1) // layers
+                inner = (
+                    sync.slice_size or default_slice_size(sizes["data"]) if sync.grad_sync == "hierarchical" else None
+                )
+                out.add("all-reduce", leaf.grad_bytes, payload, (axis,), count, sync.algorithm, inner)
+                continue
             out.add("all-reduce", leaf.grad_bytes, whole, (axis,), reductions)
     _activation_rows(
         out,
@@ -396,6 +439,8 @@ def collectives_of(
         cfg.mesh.pipeline_weights,
         reading,
         placements=placements,
+        grad_sync=cfg.mesh.grad_sync,
+        sync_slice=preset_slice_size(p.preset),
     )
 
 

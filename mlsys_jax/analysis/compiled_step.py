@@ -41,6 +41,17 @@ class CollectiveRow:
     trip_counts: tuple[int | None, ...]
     group_size: int = 1
     traffic_bytes: float = 0.0
+    algorithm: str = "xla"
+    """``xla`` (the collective XLA emits, priced as its ring) or the ``comm.models`` algorithm a
+    ``grad_sync`` runs it with (``ring``, ``halving_doubling``, ``hierarchical``,
+    ``parameter_server``), priced by ``comm.models.cost``."""
+    slice_size: int | None = None
+    """The inner group of a ``hierarchical`` row."""
+
+    @property
+    def label(self) -> str:
+        """What a view calls it: the kind, and the algorithm when it is ours."""
+        return self.kind if self.algorithm == "xla" else f"{self.kind} ({self.algorithm})"
 
     @classmethod
     def of(cls, c: Collective, axis_sizes: dict[str, int]) -> CollectiveRow:

@@ -66,8 +66,8 @@ def plan_parts(cfg: RunConfig, concrete: bool = False) -> PlanParts:
 
 def train_step_of(cfg: RunConfig, parts: PlanParts) -> Any:
     """The train step the recipe would build for these settings and parts."""
+    from mlsys_jax.comm.grad_sync import preset_slice_size
     from mlsys_jax.train.step import make_train_step
-    from mlsys_jax.train.synced import preset_slice_size
 
     return make_train_step(
         parts.model,

@@ -27,6 +27,8 @@ import dataclasses
 
 from mlsys_jax.analysis.compiled_step import Analysis, CollectiveRow
 from mlsys_jax.analysis.cost import ring_steps, slowest_link
+from mlsys_jax.comm.models import cost as comm_cost
+from mlsys_jax.comm.models import time_s
 from mlsys_jax.meshes import Link, MeshPreset, load_preset
 
 
@@ -104,9 +106,13 @@ class Prediction:
 
 
 def row_time(row: CollectiveRow, link: Link) -> float:
-    """Seconds for one execution of a collective over ``link`` (alpha-beta, ring algorithm)."""
+    """Seconds for one execution of a collective over ``link`` (alpha-beta): XLA's as its ring
+    algorithm, a ``grad_sync``'s by that algorithm's own steps and bytes (``comm.models``)."""
     if row.traffic_bytes == 0:
         return 0.0
+    if row.algorithm != "xla":
+        c = comm_cost(row.algorithm, row.group_size, row.payload_bytes, inner=row.slice_size)
+        return time_s(c, link.latency, 1.0 / link.bandwidth)
     return link.latency * ring_steps(row.kind, row.group_size) + row.traffic_bytes / link.bandwidth
 
 

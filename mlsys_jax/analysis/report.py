@@ -144,7 +144,7 @@ def collective_lines(a: Analysis, prediction_hardware: Any = None) -> tuple[Coll
     preset = (load_preset(hardware) if isinstance(hardware, str) else hardware) if hardware else None
     groups: dict[tuple[str, str, tuple[str, ...]], list[float]] = {}
     for r in a.collectives:
-        acc = groups.setdefault((r.kind, r.dtype, r.axes), [0, 0, 0, 0.0])
+        acc = groups.setdefault((r.label, r.dtype, r.axes), [0, 0, 0, 0.0])
         acc[0] += 1
         acc[1] += r.count
         acc[2] += r.count * r.payload_bytes

@@ -26,6 +26,14 @@ from mlsys_jax.comm.algorithms import (
 #: ``grad_sync`` choices: XLA's own all-reduce, or one of ours.
 GRAD_SYNCS: tuple[str, ...] = ("xla", "ring", "tree", "hierarchical", "ps")
 
+#: The ``comm.models`` algorithm each of ours prices as.
+COST_ALGORITHM: dict[str, str] = {
+    "ring": "ring",
+    "tree": "halving_doubling",
+    "hierarchical": "hierarchical",
+    "ps": "parameter_server",
+}
+
 Reduce = Callable[[jax.Array], jax.Array]
 
 
@@ -50,6 +58,13 @@ def default_slice_size(data_size: int, slices: int = 1) -> int:
     if slices > 1 and data_size % slices == 0:
         return data_size // slices
     return data_size // 2 if data_size % 2 == 0 and data_size > 2 else data_size
+
+
+def preset_slice_size(preset: Any) -> int | None:
+    """Devices per slice of a mesh preset's data axis when it spans several slices (the
+    hierarchical sum's inner ring), else None."""
+    axis = next((a for a in preset.axes if a.name == "data"), None) if preset is not None else None
+    return axis.size // axis.slices if axis is not None and axis.slices > 1 else None
 
 
 def _server_sum(x: jax.Array, axis: str) -> jax.Array:
@@ -89,4 +104,13 @@ def synced(reduce: Reduce) -> Callable[[Any], Any]:
     return mark
 
 
-__all__ = ["GRAD_SYNCS", "GradSyncError", "check_grad_sync", "default_slice_size", "reducer", "synced"]
+__all__ = [
+    "COST_ALGORITHM",
+    "GRAD_SYNCS",
+    "GradSyncError",
+    "check_grad_sync",
+    "default_slice_size",
+    "preset_slice_size",
+    "reducer",
+    "synced",
+]

@@ -22,6 +22,7 @@ from rich.console import Console
 
 from mlsys_jax import distributed
 from mlsys_jax.analysis.memory import check_fit, plan_memory
+from mlsys_jax.comm.grad_sync import preset_slice_size
 from mlsys_jax.mesh import MeshError, make_mesh, simulate_cpu_devices
 from mlsys_jax.models import hf, registry
 from mlsys_jax.models.base import LanguageModel
@@ -45,7 +46,6 @@ from mlsys_jax.train.optim import OptimConfig, adamw, schedule
 from mlsys_jax.train.report import make_console, plan_table
 from mlsys_jax.train.state import TrainState, abstract_state, init_state
 from mlsys_jax.train.step import TrainStep, check_batch, make_eval_step, make_train_step
-from mlsys_jax.train.synced import preset_slice_size
 
 
 @dataclasses.dataclass

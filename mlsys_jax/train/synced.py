@@ -58,9 +58,10 @@ def synced_loss_and_grads(
         layout = dataclasses.replace(layout, layer_weights=mark)
 
     def loss(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        compute = _compute_cast(model, params)  # summed in the compute dtype, as XLA sums them
         if per_layer:
-            params = {k: v if k == key else mark(v) for k, v in params.items()}
-        return loss_sums(model, _compute_cast(model, params), batch, layout)
+            compute = {k: v if k == key else mark(v) for k, v in compute.items()}
+        return loss_sums(model, compute, batch, layout)
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
 
@@ -95,11 +96,4 @@ def synced_loss_and_grads(
     return run
 
 
-def preset_slice_size(preset: Any) -> int | None:
-    """Devices per slice of a mesh preset's data axis when it spans several slices (the
-    hierarchical sum's inner ring), else None."""
-    axis = next((a for a in preset.axes if a.name == DATA), None) if preset is not None else None
-    return axis.size // axis.slices if axis is not None and axis.slices > 1 else None
-
-
-__all__ = ["preset_slice_size", "synced_loss_and_grads"]
+__all__ = ["synced_loss_and_grads"]
