@@ -6,10 +6,12 @@ With ``tp_matmul="collective"`` a block's residual stream keeps its tokens split
 projections (q, k and v; gate and up) gather the token rows ring-wise while multiplying them by
 this device's column shard of the weight (``all_gather_matmul``), and the row-parallel ones (the
 attention output; down) pass partial sums around the ring so that each device keeps its own
-tokens of the summed output (``matmul_reduce_scatter``). Each projection group is one
-``jax.shard_map`` that is manual over ``tensor`` only, so the other mesh axes (batch over data or
-fsdp, weights over fsdp) stay with the partitioner; attention and norms run outside, through
-``kernel_ops``. Where ``sequence_parallel`` finds no such split the model keeps its plain einsums.
+tokens of the summed output (``matmul_reduce_scatter``). Each projection group (q/k/v, the
+attention output, the whole MLP) is one ``jax.shard_map`` over the plan's mesh whose rings run
+over ``tensor``; the batch stays split as the plan splits it, and weights split over fsdp as well
+are gathered over it beforehand, as the einsums gather them. Attention and norms run outside,
+through ``kernel_ops``. Where ``sequence_parallel`` finds no such split the model keeps its plain
+einsums.
 """
 
 from __future__ import annotations
@@ -85,7 +87,6 @@ class _Specs(NamedTuple):
 
     tokens: P  # (batch, seq, features): this device's tokens, features whole
     heads: P  # (batch, seq, heads, head_dim): the tokens gathered over tensor, heads split over it
-    manual: frozenset[str]  # the mesh axes that split the residual stream, tensor among them
 
 
 COLUMNS = P(None, TENSOR)  # a (d, f) or (d, heads, head_dim) weight split by output columns
@@ -98,16 +99,16 @@ def _specs(layout: Layout, x: jax.Array) -> _Specs:
     assert layout.spec is not None
     batch, seq = (tuple(layout.spec(RESIDUAL, x.shape, "residual stream")) + (None, None))[:2]
     gathered = _entry(tuple(a for a in mesh_axes(seq) if a != TENSOR))
-    return _Specs(P(batch, seq, None), P(batch, gathered, TENSOR, None), frozenset(mesh_axes(batch) + mesh_axes(seq)))
+    return _Specs(P(batch, seq, None), P(batch, gathered, TENSOR, None))
 
 
-def _per_shard(fn: Callable, layout: Layout, specs: _Specs, in_specs: tuple, out_specs: Any) -> Callable:
-    # Manual over the axes that split the tokens, the rest left to the partitioner. Replication is
-    # not tracked, as in kernels.sharding: a weight whole on every shard of the tokens gets its
-    # gradient summed over them by the transpose.
-    return jax.shard_map(
-        fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=specs.manual, check_vma=False
-    )
+def _per_shard(fn: Callable, layout: Layout, in_specs: tuple, out_specs: Any) -> Callable:
+    """``fn`` per shard, manual over the whole mesh: a weight, whole but for its tensor split,
+    is gathered beforehand over the axes that split it otherwise (fsdp), and its gradient summed
+    over the token shards by the transpose, which tracks what varies where (check_vma), so
+    nothing is summed over the axes that split nothing. (Manual over the token axes only, the
+    bfloat16 gradient does not compile on XLA's CPU backend.)"""
+    return jax.shard_map(fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=True)
 
 
 def _gather_rows(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -141,7 +142,7 @@ def qkv_projection(
         return split_qkv(qkv.reshape(*qkv.shape[:2], *w.shape[1:]), wq.shape[1])
 
     sp = _specs(layout, x)
-    return _per_shard(local, layout, sp, (sp.tokens, COLUMNS, COLUMNS, COLUMNS), (sp.heads,) * 3)(x, wq, wk, wv)
+    return _per_shard(local, layout, (sp.tokens, COLUMNS, COLUMNS, COLUMNS), (sp.heads,) * 3)(x, wq, wk, wv)
 
 
 def out_projection(o: jax.Array, wo: jax.Array, x: jax.Array, layout: Layout) -> jax.Array:
@@ -153,7 +154,7 @@ def out_projection(o: jax.Array, wo: jax.Array, x: jax.Array, layout: Layout) ->
         return _scatter_rows(o.reshape(b, s, h * hd), wo.reshape(h * hd, -1))
 
     sp = _specs(layout, x)
-    return _per_shard(local, layout, sp, (sp.heads, ROWS), sp.tokens)(o, wo)
+    return _per_shard(local, layout, (sp.heads, ROWS), sp.tokens)(o, wo)
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, layout: Layout) -> jax.Array:
@@ -167,4 +168,4 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, 
         return _scatter_rows(gated(gate_up.reshape(*gate_up.shape[:2], 2, f)), w_down)
 
     sp = _specs(layout, x)
-    return _per_shard(local, layout, sp, (sp.tokens, COLUMNS, COLUMNS, ROWS), sp.tokens)(x, w_gate, w_up, w_down)
+    return _per_shard(local, layout, (sp.tokens, COLUMNS, COLUMNS, ROWS), sp.tokens)(x, w_gate, w_up, w_down)

@@ -80,6 +80,9 @@ class ModelSettings:
     loss_impl: str = "xla"
     """Cross-entropy: xla (whole logits), fused (chunked linear cross-entropy: best backend
     here), chunked, pallas_triton, pallas_tpu."""
+    tp_matmul: Literal["xla", "collective"] = "xla"
+    """Tensor-parallel projections: xla (einsums XLA partitions) or collective (ppermute rings
+    overlapping the token all-gather and reduce-scatter with the matmuls, sequence split)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +250,7 @@ class RunConfig:
 
 
 #: Run flags that set a field of the model's config, where its family's config has that field.
-MODEL_FLAGS = ("dtype", "remat", "attention_impl", "norm_impl", "loss_impl")
+MODEL_FLAGS = ("dtype", "remat", "attention_impl", "norm_impl", "loss_impl", "tp_matmul")
 
 
 def model_overrides(cfg: RunConfig) -> dict[str, Any]:
