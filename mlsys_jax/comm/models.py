@@ -6,11 +6,13 @@ bytes the busiest device moves (each pays ``beta`` seconds per byte), for an all
 arithmetic: no JAX, so a planner can price a machine it does not have.
 
 Two levels of link: with ``node_size`` (devices per node, consecutive ids: a host, a process,
-a slice) each step is charged to the ``"outer"`` link when any of its messages leaves a node and
-to the ``"inner"`` link otherwise, since a step ends when its slowest message does. ``time_on``
-prices the steps of each link with that link's own ``AlphaBeta``, which ``fit_alpha_beta`` can
-fit to measured permutes (e.g. simulated devices, whose per-step cost is a synchronisation of
-every device thread, far above a fused collective's).
+a slice) each step is charged to the ``"inner"`` link when all of its messages stay within nodes,
+to ``"outer"`` when all cross between nodes, and to ``"mixed"`` when some do each; a step ends
+when its slowest message does, so ``time_on`` prices a mixed step at the slower of the two links
+(the outer one on any real machine) unless it is given a figure of its own for mixed steps (a
+transport may handle them differently, as gloo does). Each link has its own ``AlphaBeta``, which
+``fit_alpha_beta`` can fit to measured permutes (e.g. simulated devices, whose per-step cost is a
+synchronisation of every device thread, far above a fused collective's).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from typing import Any
 ALGORITHMS: tuple[str, ...] = ("ring", "halving_doubling", "hierarchical", "parameter_server")
 #: Every name ``cost`` prices: the algorithms and the single-server parameter server.
 PATTERNS: tuple[str, ...] = (*ALGORITHMS, "parameter_server_single")
-#: Link classes a step can be charged to.
-LINKS: tuple[str, ...] = ("inner", "outer")
+#: Link classes a step can be charged to: within nodes, between them, or some messages of each.
+LINKS: tuple[str, ...] = ("inner", "outer", "mixed")
 
 Pairs = tuple[tuple[int, int], ...]
 
@@ -107,9 +109,10 @@ def cost(
       another, then sends n, so 2n steps and 2n * V bytes. With ``dedicated_server=False`` worker
       0 is the server: 2(n-1) steps, 2(n-1) * V bytes.
 
-    ``node_size``: devices per node (consecutive ids); steps whose messages cross nodes are
-    charged to the ``"outer"`` link, the rest to ``"inner"``. None: one node, every step inner.
-    A dedicated server sits outside every node.
+    ``node_size``: devices per node (consecutive ids); a step whose messages all stay within
+    nodes is charged to ``"inner"``, one whose messages all cross to ``"outer"``, one with some of
+    each to ``"mixed"``. None: one node, every step inner. A dedicated server sits outside every
+    node.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
@@ -158,10 +161,18 @@ def time_s(c: Cost, alpha: float, beta: float) -> float:
     return c.steps * alpha + c.bytes_per_device * beta
 
 
-def time_on(c: Cost, inner: AlphaBeta, outer: AlphaBeta | None = None) -> float:
-    """Seconds with each phase priced on its own link (``outer`` defaults to ``inner``)."""
-    links = {"inner": inner, "outer": outer or inner}
-    return sum(links[p.link].seconds(p.steps, p.bytes_per_device) for p in c.phases)
+def time_on(c: Cost, inner: AlphaBeta, outer: AlphaBeta | None = None, mixed: AlphaBeta | None = None) -> float:
+    """Seconds with each phase priced on its own link (``outer`` defaults to ``inner``); a mixed
+    phase on ``mixed`` when given, else at the slower of the two."""
+    outer = outer or inner
+
+    def seconds(p: Phase) -> float:
+        on = [inner.seconds(p.steps, p.bytes_per_device), outer.seconds(p.steps, p.bytes_per_device)]
+        if p.link == "mixed":
+            return mixed.seconds(p.steps, p.bytes_per_device) if mixed else max(on)
+        return on[0] if p.link == "inner" else on[1]
+
+    return sum(seconds(p) for p in c.phases)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,14 +189,20 @@ class Crossover:
 
 
 def crossover(
-    a: str, b: str, n: int, inner: AlphaBeta, outer: AlphaBeta | None = None, **kwargs: Any
+    a: str,
+    b: str,
+    n: int,
+    inner: AlphaBeta,
+    outer: AlphaBeta | None = None,
+    mixed: AlphaBeta | None = None,
+    **kwargs: Any,
 ) -> Crossover:
     """The message size at which ``a`` and ``b`` take the same modelled time (both are linear in
-    V: ``t = A + B V``); ``kwargs`` go to ``cost`` for both."""
+    V: ``t = A + B V``; links as in ``time_on``); ``kwargs`` go to ``cost`` for both."""
 
     def line(name: str) -> tuple[float, float]:
-        t0 = time_on(cost(name, n, 0.0, **kwargs), inner, outer)
-        return t0, time_on(cost(name, n, 1.0, **kwargs), inner, outer) - t0
+        t0 = time_on(cost(name, n, 0.0, **kwargs), inner, outer, mixed)
+        return t0, time_on(cost(name, n, 1.0, **kwargs), inner, outer, mixed) - t0
 
     (a0, a1), (b0, b1) = line(a), line(b)
     if math.isclose(a1, b1, rel_tol=1e-9, abs_tol=1e-30):
@@ -255,14 +272,15 @@ def _halving_doubling(n: int, v: float) -> Steps:
 
 
 def _phases(steps: Iterable[tuple[int, Pairs, float]], node_size: int | None) -> tuple[Phase, ...]:
-    def crosses(pairs: Pairs) -> bool:
+    def link(pairs: Pairs) -> str:
         if node_size is None:
-            return False
-        return any(t < 0 or s // node_size != t // node_size for s, t in pairs if s != t)
+            return "inner"
+        crossing = {t < 0 or s // node_size != t // node_size for s, t in pairs if s != t}
+        return "mixed" if len(crossing) > 1 else "outer" if True in crossing else "inner"
 
-    totals = {link: [0, 0.0] for link in LINKS}
+    totals = {name: [0, 0.0] for name in LINKS}
     for count, pairs, each in steps:
-        total = totals["outer" if crosses(pairs) else "inner"]
+        total = totals[link(pairs)]
         total[0] += count
         total[1] += count * each
     return tuple(Phase(link, int(s), float(b)) for link, (s, b) in totals.items() if s)
