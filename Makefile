@@ -39,6 +39,9 @@ bench: $(STAMP)
 	$(PY) bench/pipeline.py
 	$(PY) bench/activation_memory.py
 	$(PY) bench/plan_scale.py
+	$(PY) bench/collectives.py
+	$(PY) bench/scaling.py
+	$(PY) bench/grad_sync.py
 	$(PY) bench/hf_import.py
 	$(PY) bench/serving_load.py
 	test -d runs/train_lm || $(PY) recipes/train_lm.py --no-progress  # the demo model the serving benches measure

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 from mlsys_jax.comm.models import AlphaBeta
 
-
-def load_bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "collectives.py"
-    spec = importlib.util.spec_from_file_location("bench_collectives", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_collectives"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = load_bench()
+BENCH = load_bench("collectives")
 CAL = {"latency": 1e-5, "bandwidth": 1e9, "collective_start_s": 1e-4, "dispatch_s": 1e-4}
 
 

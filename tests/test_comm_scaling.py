@@ -3,13 +3,12 @@ and ``bench/scaling.py``'s predictions for the shipped presets."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 from mlsys_jax.comm import models, scaling
 from mlsys_jax.comm.models import AlphaBeta
@@ -92,18 +91,8 @@ def test_device_counts():
 # ---- bench/scaling.py ----------------------------------------------------------------------
 
 
-def load_bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "scaling.py"
-    spec = importlib.util.spec_from_file_location("bench_scaling", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_scaling"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_predicts_every_preset_and_algorithm(tmp_path):
-    bench = load_bench()
+    bench = load_bench("scaling")
     out = tmp_path / "scaling.json"
     bench.run(["--no-measure", "--models", "llama:125m", "--out", str(out)])
     result = json.loads(out.read_text())
@@ -122,7 +111,7 @@ def test_bench_predicts_every_preset_and_algorithm(tmp_path):
 
 
 def test_bench_host_prediction_from_the_one_device_step():
-    bench = load_bench()
+    bench = load_bench("scaling")
     measured = [{"devices": 1, "step_s": 0.05}, {"devices": 4, "step_s": 0.2}]
     rows = bench.host_prediction(measured, {"latency": 1e-5, "bandwidth": 3e9}, params=2e5)
     assert rows[0]["predicted_s"] == pytest.approx(0.05) and rows[0]["measured_efficiency"] == 1.0

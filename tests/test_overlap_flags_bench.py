@@ -3,28 +3,18 @@ of the script the GPU run calls."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_bench():
-    path = ROOT / "bench" / "overlap_flags.py"
-    spec = importlib.util.spec_from_file_location("bench_overlap_flags", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_overlap_flags"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = load_bench()
+BENCH = load_bench("overlap_flags")
 
 
 def test_variant_env_sets_its_flags_and_replaces_the_same_names():

@@ -5,29 +5,16 @@ tiny model (no trained checkpoint needed)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bench_scripts import load_bench
 
-
-def load_bench():
-    path = Path(__file__).resolve().parent.parent / "bench" / "serving.py"
-    spec = importlib.util.spec_from_file_location("bench_serving", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serving"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = load_bench()
+BENCH = load_bench("serving")
 CORPUS = list(range(200)) * 5
 
 

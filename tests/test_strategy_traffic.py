@@ -3,11 +3,9 @@ strategy than it did before the model was split into embed / block / head pieces
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import pytest
+from bench_scripts import load_bench
 
 import mlsys_jax as mj
 from mlsys_jax import analysis, train
@@ -16,18 +14,9 @@ from mlsys_jax.models import build_model
 FROZEN_JAX = "0.10.2"
 
 
-def load_bench():
-    """``bench/strategies.py``: its model, meshes and the traffic it measured before the model
-    was split (``FROZEN_TRAFFIC``: bytes per device per step, as compiled and under the reading)."""
-    path = Path(__file__).resolve().parent.parent / "bench" / "strategies.py"
-    spec = importlib.util.spec_from_file_location("bench_strategies", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BENCH = load_bench()
+# Its model, meshes and the traffic measured before the model was split (FROZEN_TRAFFIC: bytes per
+# device per step, as compiled and under the reading).
+BENCH = load_bench("strategies")
 
 
 @pytest.mark.slow
