@@ -7,7 +7,9 @@ reduce-scatter and all-to-all n-1, collective-permute 1; ``traffic_bytes`` is wh
 sends (``Collective.traffic_bytes``). Which link a collective crosses comes from its replica
 groups: a group spans the mesh axes along which its members' coordinates differ, and a group
 spanning several axes is charged at the slowest of their links. This is a first-order model: no
-contention between concurrent collectives, no overlap with compute, no tree or 2-D algorithms.
+contention between concurrent collectives and no overlap with compute. A gradient sum run by one
+of our own algorithms (``grad_sync``) is priced by that algorithm's steps and bytes instead
+(``mlsys_jax.comm.models``, see ``prediction.row_time``).
 """
 
 from __future__ import annotations
