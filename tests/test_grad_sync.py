@@ -158,7 +158,7 @@ def test_a_pipeline_keeps_xla_sync(devices):
 
 
 def recipe_flags(folder: Path, grad_sync: str, steps: int = 4, strategy: str = "dp_fsdp") -> list[str]:
-    flags = [*FLAGS, "--ckpt-dir", str(folder), "--grad-sync", grad_sync, "--sample-tokens", "0"]
+    flags = [*FLAGS, "--ckpt-dir", str(folder), "--grad-sync", grad_sync, "--sample-tokens", "0", "--dtype", "float32"]
     flags[flags.index("--steps") + 1] = str(steps)
     flags[flags.index("--strategy") + 1] = strategy
     flags[flags.index("--mesh") + 1] = "data=2,fsdp=4" if strategy == "dp_fsdp" else "cpu-8"
@@ -243,3 +243,18 @@ def test_mlsys_jax_plan_takes_grad_sync_and_names_the_algorithm():
     report = json.loads(out.stdout)
     kinds = {r["kind"] for r in report["collectives"] if r["axes"] == ["data"]}
     assert kinds == {"all-reduce (halving_doubling)"}
+
+
+def test_mlsys_jax_plan_refuses_a_sync_under_a_pipeline_in_one_line():
+    out = subprocess.run(
+        [sys.executable, "-m", "mlsys_jax.cli", "plan", "--model", "tiny", "--mesh", "pipeline=2,data=4"]
+        + ["--grad-sync", "ring"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=300,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: grad_sync='ring'") and "Fix: --grad-sync xla" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1

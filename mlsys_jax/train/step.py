@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlsys_jax.comm.grad_sync import GradSyncError, check_grad_sync, default_slice_size
+from mlsys_jax.comm.grad_sync import GradSyncError, default_slice_size
+from mlsys_jax.comm.grad_sync import check_grad_sync as check_grad_sync_choice
 from mlsys_jax.models.base import LanguageModel, loss_sums
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.pipeline.executor import (
@@ -120,26 +121,27 @@ def check_batch(plan: Plan, batch_size: int, microbatches: int) -> None:
         )
 
 
-def check_grad_sync_plan(plan: Plan, grad_sync: str, schedule: Schedule | None, sync_slice: int | None) -> None:
-    """Refuse a gradient sync the plan cannot use, before anything is traced."""
-    data = plan.axis_sizes.get("data", 1)
+def check_grad_sync(grad_sync: str, sizes: dict[str, int], pipelined: bool, sync_slice: int | None, mesh: str) -> None:
+    """Refuse a gradient sync that mesh axis ``sizes`` cannot use, before any device work (a size
+    of -1, still to be filled from the devices, passes)."""
+    data = sizes.get("data", 1)
     slice_size = default_slice_size(data) if sync_slice is None else sync_slice
     try:
-        check_grad_sync(grad_sync, data, slice_size)
+        check_grad_sync_choice(grad_sync, data, slice_size if data > 0 else None)
     except GradSyncError as e:
         raise PlanError(str(e)) from None
     if grad_sync == "xla":
         return
-    if schedule is not None:
+    if pipelined:
         raise PlanError(
             f"grad_sync={grad_sync!r} runs its own gradient sum in the layer scan, and the pipeline "
             f"executor sums its stages' gradients itself. Fix: --grad-sync xla with a pipeline."
         )
     if data == 1:
         raise PlanError(
-            f"grad_sync={grad_sync!r} sums gradients over the data axis, which {plan.describe_mesh()} "
-            f"(rules {plan.rules.name!r}) does not have: there is nothing for it to sum. Fix: a mesh with "
-            "data > 1 (e.g. --mesh data=2,fsdp=4 --strategy dp_fsdp), or --grad-sync xla."
+            f"grad_sync={grad_sync!r} sums gradients over the data axis, which {mesh} does not have: "
+            "there is nothing for it to sum. Fix: a mesh with data > 1 (e.g. --mesh data=2,fsdp=4 "
+            "--strategy dp_fsdp), or --grad-sync xla."
         )
 
 
@@ -187,7 +189,8 @@ def make_train_step(
         microbatches = schedule.microbatches
     if pipeline_weights not in ("sharded", "gathered"):
         raise PlanError(f"pipeline_weights={pipeline_weights!r} is not 'sharded' or 'gathered'")
-    check_grad_sync_plan(plan, grad_sync, schedule, sync_slice)
+    mesh = f"{plan.describe_mesh()} (rules {plan.rules.name!r})"
+    check_grad_sync(grad_sync, plan.axis_sizes, schedule is not None, sync_slice, mesh)
     synced_grads = (
         None if grad_sync == "xla" else synced_loss_and_grads(model, plan, grad_sync, microbatches, sync_slice)
     )
