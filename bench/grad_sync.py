@@ -112,7 +112,7 @@ def table(rows: Sequence[dict[str, Any]]) -> Table:
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="llama preset (default tiny)")
     parser.add_argument("--batch", type=int, default=16, help="global batch in sequences")
     parser.add_argument("--seq", type=int, default=64)

@@ -15,6 +15,7 @@ from flax import nnx
 from flax_llama import FlaxLlama, FlaxLlamaConfig, params_from_llama
 from jax.sharding import PartitionSpec as P
 from test_families import plan_command
+from token_batches import random_batches
 
 import mlsys_jax as mj
 from mlsys_jax import train
@@ -34,13 +35,9 @@ def adapted(blocks: str = "nnx"):
 
 
 def batches(n=3, batch=8, seq=16):
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        t = rng.integers(0, CFG.vocab_size, (batch, seq + 1)).astype(np.int32)
-        mask = np.ones((batch, seq), bool)
-        mask[0, :3] = False  # some tokens do not count
-        out.append({"inputs": t[:, :-1], "targets": t[:, 1:], "mask": mask})
+    out = random_batches(CFG.vocab_size, n, batch, seq)
+    for b in out:
+        b["mask"][0, :3] = False  # some tokens do not count
     return out
 
 

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from recipe_runs import FLAGS, env, run, unboxed
+from token_batches import random_batches
 
 import mlsys_jax as mj
 from mlsys_jax import comm, train
@@ -40,12 +41,7 @@ OUTER_LEAVES = len(jax.tree_util.tree_leaves(MODEL.specs)) - LAYER_LEAVES
 
 
 def batches(n: int = 3, batch: int = 8, seq: int = 16) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        t = rng.integers(0, CFG.vocab_size, (batch, seq + 1)).astype(np.int32)
-        out.append({"inputs": t[:, :-1], "targets": t[:, 1:], "mask": np.ones((batch, seq), bool)})
-    return out
+    return random_batches(CFG.vocab_size, n, batch, seq)
 
 
 def plan_of(strategy: str) -> mj.Plan:

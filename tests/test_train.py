@@ -6,6 +6,7 @@ import math
 import jax
 import numpy as np
 import pytest
+from token_batches import random_batches
 
 import mlsys_jax as mj
 from mlsys_jax import train
@@ -32,12 +33,7 @@ STRATEGIES = {
 
 
 def batches(n=3, batch=8, seq=16):
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(n):
-        t = rng.integers(0, CFG.vocab_size, (batch, seq + 1)).astype(np.int32)
-        out.append({"inputs": t[:, :-1], "targets": t[:, 1:], "mask": np.ones((batch, seq), bool)})
-    return out
+    return random_batches(CFG.vocab_size, n, batch, seq)
 
 
 def run(plan, microbatches=1, steps=3):
