@@ -34,7 +34,7 @@ CFG = get_config("tiny", dtype="float32")
 MODEL = llama.language_model(CFG)
 OPT_CFG = train.OptimConfig(lr=1e-2, warmup_steps=1, total_steps=10)
 OPT = train.adamw(OPT_CFG, MODEL.specs)
-MESHES = {"dp": {"data": 8}, "dp_fsdp": {"data": 2, "fsdp": 4}}
+MESHES = {"dp": {"data": 8}, "dp_fsdp": {"data": 2, "fsdp": 4}, "dp_fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2}}
 SYNCS = ("ring", "tree", "hierarchical", "ps")
 LAYER_LEAVES = len(jax.tree_util.tree_leaves(MODEL.specs[MODEL.layers_key]))
 OUTER_LEAVES = len(jax.tree_util.tree_leaves(MODEL.specs)) - LAYER_LEAVES
@@ -64,7 +64,7 @@ def trained(
 
 
 @pytest.mark.parametrize("grad_sync", SYNCS)
-@pytest.mark.parametrize("strategy", list(MESHES))
+@pytest.mark.parametrize("strategy", ["dp", "dp_fsdp"])
 def test_each_grad_sync_gives_the_xla_losses_and_parameters(devices, strategy, grad_sync):
     ours, params = trained(strategy, grad_sync)
     xla, xla_params = trained(strategy, "xla")
@@ -72,6 +72,10 @@ def test_each_grad_sync_gives_the_xla_losses_and_parameters(devices, strategy, g
     assert ours[-1] < ours[0]
     for a, b in zip(params, xla_params):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sync_composes_with_fsdp_and_tensor_parallelism_at_once(devices):
+    np.testing.assert_allclose(trained("dp_fsdp_tp", "tree")[0], trained("dp_fsdp_tp", "xla")[0], rtol=1e-5)
 
 
 def test_microbatches_accumulate_before_one_sum(devices):
@@ -117,6 +121,15 @@ def test_gradients_are_summed_by_permutes_per_layer_inside_the_backward_scan(dev
     # Only the loss and token count (scalars) are summed with an all-reduce.
     for shape in reduced_shapes(hlo):
         assert re.fullmatch(r"\(?(f32\[\](\{\})?(, )?)+\)?", shape), shape
+
+
+@pytest.mark.parametrize("grad_sync", SYNCS)
+def test_under_fsdp_each_device_sums_its_own_shards(devices, grad_sync):
+    # data=2: every algorithm is 2 permutes per weight; the sum never reshapes an fsdp-sharded
+    # gradient, so the partitioner adds no all-to-all or permute of its own around it.
+    hlo = compiled_text(grad_sync, "dp_fsdp")
+    assert hlo.count("collective-permute(") == 2 * (LAYER_LEAVES + OUTER_LEAVES)
+    assert "all-to-all(" not in hlo
 
 
 def test_xla_sync_sums_gradients_with_an_all_reduce(devices):

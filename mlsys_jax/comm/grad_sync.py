@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax.sharding import PartitionSpec
 
 from mlsys_jax.comm.algorithms import (
     halving_doubling_all_reduce,
@@ -87,8 +88,28 @@ def reducer(name: str, axis: str, slice_size: int | None = None) -> Reduce:
     return lambda x: jax.lax.psum(x, axis)
 
 
-def synced(reduce: Reduce) -> Callable[[Any], Any]:
-    """An identity on a tree of weights whose backward sums each gradient with ``reduce``."""
+def on_local_shards(reduce: Reduce, spec: Any) -> Reduce:
+    """``reduce`` run on each device's own shard of an array placed by ``spec`` (a
+    ``PartitionSpec`` over axes the partitioner still places, e.g. fsdp or tensor, inside a
+    ``shard_map`` already manual over the summed axis): the sum never reshapes a sharded array,
+    which would make the partitioner move shards around it."""
+    axes = {a for entry in spec for a in ((entry,) if isinstance(entry, str) else (entry or ()))}
+    if not axes:
+        return reduce
+    return lambda x: jax.shard_map(
+        reduce,
+        mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=spec,
+        out_specs=spec,
+        axis_names=axes,
+        check_vma=False,
+    )(x)
+
+
+def synced(reduce: Reduce, specs: Any = None) -> Callable[[Any], Any]:
+    """An identity on a tree of weights whose backward sums each gradient with ``reduce``; with
+    ``specs`` (a matching tree of ``PartitionSpec``), on each device's own shard of it."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)
 
     @jax.custom_vjp
     def mark(tree: Any) -> Any:
@@ -98,7 +119,10 @@ def synced(reduce: Reduce) -> Callable[[Any], Any]:
         return tree, None
 
     def backward(_: None, cotangent: Any) -> tuple[Any]:
-        return (jax.tree_util.tree_map(reduce, cotangent),)
+        if specs is None:
+            return (jax.tree_util.tree_map(reduce, cotangent),)
+        sums = jax.tree_util.tree_map(lambda spec: on_local_shards(reduce, spec), specs, is_leaf=is_spec)
+        return (jax.tree_util.tree_map(lambda f, ct: f(ct), sums, cotangent),)
 
     mark.defvjp(forward, backward)
     return mark
@@ -110,6 +134,7 @@ __all__ = [
     "GradSyncError",
     "check_grad_sync",
     "default_slice_size",
+    "on_local_shards",
     "preset_slice_size",
     "reducer",
     "synced",

@@ -20,12 +20,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mlsys_jax.comm.grad_sync import check_grad_sync, default_slice_size, reducer, synced
+from mlsys_jax.comm.grad_sync import check_grad_sync, default_slice_size, on_local_shards, reducer, synced
 from mlsys_jax.models.base import LanguageModel, loss_sums
-from mlsys_jax.parallel.pipeline.executor import inside_layout, split_microbatches
+from mlsys_jax.parallel.pipeline.executor import inside_layout, split_microbatches, without
 from mlsys_jax.parallel.plan import Plan
 
 DATA = "data"
+
+_is_spec = lambda x: isinstance(x, P)
 
 LossAndGrads = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array, Any]]
 
@@ -50,17 +52,20 @@ def synced_loss_and_grads(
     slice_size = default_slice_size(n) if slice_size is None else slice_size
     check_grad_sync(grad_sync, n, slice_size)
     reduce = reducer(grad_sync, DATA, slice_size)
-    mark = synced(reduce)
     key = model.layers_key
+    # Each gradient is summed on the shards the plan gives its weight (FSDP's, tensor's).
+    specs = jax.tree_util.tree_map(lambda s: without(s, (DATA,)), plan.param_pspecs(model.specs), is_leaf=_is_spec)
+    layer_specs = jax.tree_util.tree_map(lambda s: P(*tuple(s)[1:]), specs[key], is_leaf=_is_spec)
+    marks = {k: synced(reduce, layer_specs if k == key else v) for k, v in specs.items()}
     per_layer = microbatches == 1
     layout = inside_layout(plan.layout, (DATA,))
     if per_layer:
-        layout = dataclasses.replace(layout, layer_weights=mark)
+        layout = dataclasses.replace(layout, layer_weights=marks[key])
 
     def loss(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         compute = _compute_cast(model, params)  # summed in the compute dtype, as XLA sums them
         if per_layer:
-            compute = {k: v if k == key else mark(v) for k, v in compute.items()}
+            compute = {k: v if k == key else marks[k](v) for k, v in compute.items()}
         return loss_sums(model, compute, batch, layout)
 
     grad_fn = jax.value_and_grad(loss, has_aux=True)
@@ -78,7 +83,8 @@ def synced_loss_and_grads(
             zero = jnp.zeros((), jnp.float32)
             init = (zero, zero, jax.tree_util.tree_map(jnp.zeros_like, params))
             (loss_sum, count, grads), _ = jax.lax.scan(accumulate, init, split_microbatches(batch, microbatches))
-            grads = jax.tree_util.tree_map(reduce, grads)
+            sums = jax.tree_util.tree_map(lambda s: on_local_shards(reduce, s), specs, is_leaf=_is_spec)
+            grads = jax.tree_util.tree_map(lambda f, g: f(g), sums, grads)
         return jax.lax.psum(loss_sum, DATA), jax.lax.psum(count, DATA), grads
 
     def run(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, Any]:
