@@ -48,6 +48,9 @@ class PlanConfig:
     """Attention backend, as the recipe's flag (pallas and cudnn keep no sequence x sequence scores)."""
     loss_impl: str = "xla"
     """Loss backend, as the recipe's flag (fused never forms the logits)."""
+    tp_matmul: Literal["xla", "collective"] = "xla"
+    """Tensor-parallel projections, as the recipe's flag: einsums (all-reduces) or collective
+    matmuls (rings of permutes)."""
     hardware: str | None = None
     """Mesh preset whose device and links price a mesh given as axis sizes (default: the mesh's own preset)."""
     compile: bool = False
@@ -99,6 +102,7 @@ def plan_settings(cfg: PlanConfig) -> dict[str, object]:
         "schedule": cfg.schedule,
         "virtual_stages": cfg.virtual_stages,
         "grad_sync": cfg.grad_sync,
+        "tp_matmul": cfg.tp_matmul,
     }
     settings["batch"] = cfg.batch or batch_shards(settings) * microbatches
     return settings

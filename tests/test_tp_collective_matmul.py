@@ -21,11 +21,13 @@ import numpy as np
 import pytest
 
 import mlsys_jax as mj
-from mlsys_jax.analysis import Collective, collectives
+from mlsys_jax.analysis import Collective, analyze, collectives
+from mlsys_jax.analysis.analytic import collectives_of
 from mlsys_jax.models import base, get_config, llama
 from mlsys_jax.models.base import UNPLACED, ConfigError
 from mlsys_jax.models.config import LlamaConfig
 from mlsys_jax.params import init_params
+from mlsys_jax.train.config import RunConfig
 
 XLA = get_config("tiny", dtype="float32")
 COLLECTIVE = XLA.replace(tp_matmul="collective")
@@ -172,3 +174,31 @@ def test_kernel_choices_say_which_tp_matmul_runs():
     assert "tp_matmul" not in llama.language_model(XLA).kernel_choices(BATCH, SEQ)
     said = llama.language_model(COLLECTIVE).kernel_choices(BATCH, SEQ)
     assert said["tp_matmul"].startswith("collective")
+
+
+# ---- in the plan view ----------------------------------------------------------------------
+
+
+def _by_kind(rows) -> dict[str, tuple[int, int]]:
+    out: dict[str, tuple[int, int]] = {}
+    for r in rows:
+        runs, moved = out.get(r.kind, (0, 0))
+        out[r.kind] = (runs + r.count, moved + r.count * r.payload_bytes)
+    return out
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_the_plan_view_counts_the_rings_the_compiled_step_runs(devices, remat):
+    settings = {"model": "tiny", "mesh": "tensor=4", "strategy": "tp", "batch": 8, "seq": 32, "dtype": "float32"}
+    settings["remat"] = remat
+    compiled = _by_kind(analyze(**settings, tp_matmul="collective").collectives)
+    shapes = _by_kind(collectives_of(RunConfig.of(**settings, tp_matmul="collective"), reading="compiled"))
+    einsums = _by_kind(collectives_of(RunConfig.of(**settings), reading="compiled"))
+    # 2 layers x (4 rings forward + 4 backward, + 3 recomputed under remat) x (n - 1) permutes.
+    rings = 8 + (3 if remat == "full" else 0)
+    assert shapes["collective-permute"] == compiled["collective-permute"]
+    assert shapes["collective-permute"][0] == 2 * rings * 3
+    assert shapes["all-gather"] == compiled["all-gather"]  # the head's tokens, forward and backward
+    assert shapes["all-reduce"][1] == pytest.approx(compiled["all-reduce"][1], rel=0.02)  # embedding, loss
+    assert "collective-permute" not in einsums
+    assert einsums["all-reduce"][1] > shapes["all-reduce"][1]

@@ -236,6 +236,8 @@ def step_collectives(
     tokens = rows * seq_local
     if schedule is None:
         sync = _Sync(grad_sync, sync_slice) if grad_sync != "xla" else None
+        if sync is None:  # a synced-gradient replica keeps the einsums
+            ax = dataclasses.replace(ax, ring=_collective_matmul_ring(plan, model, (batch // m, seq, d_model)))
         _unpipelined(out, leaves, m, x_elements, kv_elements, tokens, compute, remat, ax, model.num_layers, sync)
     else:
         _pipelined(
@@ -261,6 +263,23 @@ class _ActAxes:
     tensor: tuple[str, ...]
     vocab: tuple[str, ...]
     sequence: tuple[str, ...]
+    ring: int = 0
+    """The tensor axis's size when the blocks' projections run as collective matmuls, else 0."""
+
+
+def _collective_matmul_ring(plan: Plan, model: LanguageModel, residual: tuple[int, int, int]) -> int:
+    """The tensor size when the model's ``tp_matmul="collective"`` finds its sequence split for a
+    microbatch's residual stream of shape ``residual`` on this plan (``models.tensor_parallel``),
+    else 0 (the einsums run)."""
+    cfg = model.config
+    if getattr(cfg, "tp_matmul", "xla") != "collective":
+        return 0
+    from mlsys_jax.models import tensor_parallel
+
+    widths = (cfg.n_heads, cfg.n_kv_heads, cfg.d_ff)
+    if tensor_parallel.sequence_parallel(plan.layout, residual, widths) is None:
+        return 0
+    return plan.axis_sizes.get("tensor", 1)
 
 
 def _activation_rows(
@@ -322,10 +341,18 @@ def _unpipelined(
                 out.add("all-reduce", leaf.grad_bytes, payload, (axis,), count, sync.algorithm, inner)
                 continue
             out.add("all-reduce", leaf.grad_bytes, whole, (axis,), reductions)
+    if ax.ring:
+        # Collective matmuls: per layer 4 rings of n-1 permutes of a 1/n token chunk forward and
+        # 4 backward; under remat the recomputed forward runs 3 (the last one's output, the
+        # layer's, is not needed). The head gathers the tokens, forward and backward.
+        n, layer_runs = ax.ring, m * num_layers
+        rings = 8 + (3 if remat else 0)
+        out.add("collective-permute", compute, x_elements / n, ax.tensor, round(layer_runs * (n - 1) * rings))
+        out.add("all-gather", compute, x_elements, ax.tensor, 2 * m)
     _activation_rows(
         out,
         layer_runs=m * num_layers,
-        tp_per_layer=4 + (1 if remat else 0),
+        tp_per_layer=0 if ax.ring else 4 + (1 if remat else 0),
         kv_gathers_per_layer=4 + (2 if remat else 0),
         kv_scatters_per_layer=1,
         ends=m,
