@@ -180,6 +180,8 @@ def test_the_recipe_trains_with_each_sync_alike_and_may_switch_on_resume(tmp_pat
     assert xla.returncode == 0, xla.stderr[-2000:]
     ring = run(*recipe_flags(tmp_path / "ring", "ring"))
     assert ring.returncode == 0, ring.stderr[-2000:]
+    assert "gradient sync: ring (reduce-scatter, then all-gather) over data=2, each layer's sum" in ring.stdout
+    assert "gradient sync" not in xla.stdout
     expected = losses_by_step(read_jsonl(tmp_path / "xla" / "metrics.jsonl"))
     got = losses_by_step(read_jsonl(tmp_path / "ring" / "metrics.jsonl"))
     assert sorted(got) == [1, 2, 3, 4]

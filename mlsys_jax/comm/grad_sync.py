@@ -68,6 +68,19 @@ def preset_slice_size(preset: Any) -> int | None:
     return axis.size // axis.slices if axis is not None and axis.slices > 1 else None
 
 
+def describe(name: str, data_size: int, slice_size: int | None = None) -> str:
+    """One line saying how a run sums its gradients over the data axis."""
+    if name == "xla":
+        return f"XLA's all-reduce over data={data_size}"
+    how = {
+        "ring": "ring (reduce-scatter, then all-gather)",
+        "tree": "tree (recursive halving-doubling)",
+        "hierarchical": f"hierarchical (slices of {slice_size or data_size} devices, then across them)",
+        "ps": "ps (each shard pushed to its owner, the sums pulled back)",
+    }[name]
+    return f"{how} over data={data_size}, each layer's sum issued in the backward layer scan"
+
+
 def _server_sum(x: jax.Array, axis: str) -> jax.Array:
     """Push each shard of ``x`` to the device that owns it, which sums what it receives, then
     pull every owner's sum back: the parameter server's push/pull, with the sum as the update."""
@@ -134,6 +147,7 @@ __all__ = [
     "GradSyncError",
     "check_grad_sync",
     "default_slice_size",
+    "describe",
     "on_local_shards",
     "preset_slice_size",
     "reducer",

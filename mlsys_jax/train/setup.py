@@ -22,7 +22,8 @@ from rich.console import Console
 
 from mlsys_jax import distributed
 from mlsys_jax.analysis.memory import check_fit, plan_memory
-from mlsys_jax.comm.grad_sync import preset_slice_size
+from mlsys_jax.comm.grad_sync import default_slice_size, preset_slice_size
+from mlsys_jax.comm.grad_sync import describe as describe_sync
 from mlsys_jax.mesh import MeshError, make_mesh, simulate_cpu_devices
 from mlsys_jax.models import hf, registry
 from mlsys_jax.models.base import LanguageModel
@@ -363,6 +364,10 @@ def set_up(cfg: RunConfig, console: Console | None = None) -> Run:
     say(f"compiled the train step in {compile_s:.1f} s; {flops / 1e6:,.1f} MFLOP per token")
     for op, choice in model.kernel_choices(d.batch, d.seq).items():
         say(f"{op} kernel: {choice}")
+    if cfg.mesh.grad_sync != "xla":
+        data = plan.axis_sizes.get("data", 1)
+        slice_size = preset_slice_size(preset) or default_slice_size(data)
+        say(f"gradient sync: {describe_sync(cfg.mesh.grad_sync, data, slice_size)}")
     log = JsonlWriter(ckpt.directory / "metrics.jsonl", enabled=primary)
     run = Run(
         cfg,
