@@ -42,7 +42,7 @@ def plan_parts(cfg: RunConfig, concrete: bool = False) -> PlanParts:
     from mlsys_jax.train.config import model_overrides
     from mlsys_jax.train.optim import OptimConfig, adamw
     from mlsys_jax.train.setup import pipeline_schedule
-    from mlsys_jax.train.step import check_batch, check_grad_sync
+    from mlsys_jax.train.step import check_batch, check_grad_sync_mesh
 
     preset, sizes, strategy = resolve_mesh(cfg.mesh.mesh, cfg.mesh.strategy, cfg.mesh.sequence_parallel)
     if -1 in sizes.values():
@@ -62,7 +62,9 @@ def plan_parts(cfg: RunConfig, concrete: bool = False) -> PlanParts:
     check_batch(plan, cfg.data.batch, cfg.data.microbatches)
     schedule = pipeline_schedule(cfg, plan.axis_sizes.get("pipeline", 1), strategy, model)
     mesh_label = f"--mesh {cfg.mesh.mesh} --strategy {strategy}"
-    check_grad_sync(cfg.mesh.grad_sync, plan.axis_sizes, schedule is not None, preset_slice_size(preset), mesh_label)
+    check_grad_sync_mesh(
+        cfg.mesh.grad_sync, plan.axis_sizes, schedule is not None, preset_slice_size(preset), mesh_label
+    )
     optimizer = adamw(OptimConfig(lr=cfg.optimizer.lr, warmup_steps=cfg.optimizer.warmup), model.specs)
     return PlanParts(preset, model, plan, schedule, optimizer)
 

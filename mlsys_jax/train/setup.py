@@ -46,7 +46,7 @@ from mlsys_jax.train.metrics import JsonlWriter
 from mlsys_jax.train.optim import OptimConfig, adamw, schedule
 from mlsys_jax.train.report import make_console, plan_table
 from mlsys_jax.train.state import TrainState, abstract_state, init_state
-from mlsys_jax.train.step import TrainStep, check_batch, check_grad_sync, make_eval_step, make_train_step
+from mlsys_jax.train.step import TrainStep, check_batch, check_grad_sync_mesh, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -116,7 +116,7 @@ def check_settings(cfg: RunConfig) -> tuple[Any, dict[str, int], str, LanguageMo
     pipelined = (
         sizes.get("pipeline", 1) != 1 and rules(strategy, sequence_parallel=cfg.mesh.sequence_parallel).pipelined
     )
-    check_grad_sync(
+    check_grad_sync_mesh(
         cfg.mesh.grad_sync, sizes, pipelined, preset_slice_size(preset), f"--mesh {cfg.mesh.mesh} --strategy {strategy}"
     )
     return preset, sizes, strategy, model

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mlsys_jax.comm.grad_sync import GradSyncError, default_slice_size
-from mlsys_jax.comm.grad_sync import check_grad_sync as check_grad_sync_choice
+from mlsys_jax.comm.grad_sync import GradSyncError, check_grad_sync, default_slice_size
 from mlsys_jax.models.base import LanguageModel, loss_sums
 from mlsys_jax.parallel.errors import PlanError
 from mlsys_jax.parallel.pipeline.executor import (
@@ -32,6 +31,7 @@ from mlsys_jax.parallel.pipeline.executor import (
 )
 from mlsys_jax.parallel.pipeline.schedule import Schedule, ScheduleError
 from mlsys_jax.parallel.plan import Plan
+from mlsys_jax.train.compute import cast_for_compute
 from mlsys_jax.train.state import TrainState, abstract_state, state_shardings
 from mlsys_jax.train.synced import synced_loss_and_grads
 
@@ -87,20 +87,6 @@ class TrainStep:
         return self.fn.lower(*self.abstract_args(batch_size, seq_len, state))
 
 
-def cast_for_compute(model: LanguageModel, params: Any, shardings: Any) -> Any:
-    """The parameters in the model's compute dtype, each cast pinned to its own sharding so
-    the partitioner gathers the narrow copy rather than the fp32 master."""
-    if model.compute_dtype is None:
-        return params
-
-    def cast(p: jax.Array, sharding: Any) -> jax.Array:
-        if not jnp.issubdtype(p.dtype, jnp.floating) or p.dtype == model.compute_dtype:
-            return p
-        return jax.lax.with_sharding_constraint(p.astype(model.compute_dtype), sharding)
-
-    return jax.tree_util.tree_map(cast, params, shardings)
-
-
 def global_norm(tree: Any) -> jax.Array:
     """sqrt of the sum of squares of every leaf (the norm that gradient clipping uses)."""
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
@@ -121,13 +107,15 @@ def check_batch(plan: Plan, batch_size: int, microbatches: int) -> None:
         )
 
 
-def check_grad_sync(grad_sync: str, sizes: dict[str, int], pipelined: bool, sync_slice: int | None, mesh: str) -> None:
+def check_grad_sync_mesh(
+    grad_sync: str, sizes: dict[str, int], pipelined: bool, sync_slice: int | None, mesh: str
+) -> None:
     """Refuse a gradient sync that mesh axis ``sizes`` cannot use, before any device work (a size
     of -1, still to be filled from the devices, passes)."""
     data = sizes.get("data", 1)
     slice_size = default_slice_size(data) if sync_slice is None else sync_slice
     try:
-        check_grad_sync_choice(grad_sync, data, slice_size if data > 0 else None)
+        check_grad_sync(grad_sync, data, slice_size if data > 0 else None)
     except GradSyncError as e:
         raise PlanError(str(e)) from None
     if grad_sync == "xla":
@@ -190,7 +178,7 @@ def make_train_step(
     if pipeline_weights not in ("sharded", "gathered"):
         raise PlanError(f"pipeline_weights={pipeline_weights!r} is not 'sharded' or 'gathered'")
     mesh = f"{plan.describe_mesh()} (rules {plan.rules.name!r})"
-    check_grad_sync(grad_sync, plan.axis_sizes, schedule is not None, sync_slice, mesh)
+    check_grad_sync_mesh(grad_sync, plan.axis_sizes, schedule is not None, sync_slice, mesh)
     synced_grads = (
         None if grad_sync == "xla" else synced_loss_and_grads(model, plan, grad_sync, microbatches, sync_slice)
     )

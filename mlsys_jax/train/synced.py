@@ -24,21 +24,13 @@ from mlsys_jax.comm.grad_sync import check_grad_sync, default_slice_size, on_loc
 from mlsys_jax.models.base import LanguageModel, loss_sums
 from mlsys_jax.parallel.pipeline.executor import inside_layout, split_microbatches, without
 from mlsys_jax.parallel.plan import Plan
+from mlsys_jax.train.compute import cast_for_compute
 
 DATA = "data"
 
 _is_spec = lambda x: isinstance(x, P)
 
 LossAndGrads = Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, jax.Array, Any]]
-
-
-def _compute_cast(model: LanguageModel, params: Any) -> Any:
-    """The floating parameters in the model's compute dtype (no placement: inside the program)."""
-    dtype = model.compute_dtype
-    if dtype is None:
-        return params
-    cast = lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
-    return jax.tree_util.tree_map(cast, params)
 
 
 def synced_loss_and_grads(
@@ -63,7 +55,7 @@ def synced_loss_and_grads(
         layout = dataclasses.replace(layout, layer_weights=marks[key])
 
     def loss(params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        compute = _compute_cast(model, params)  # summed in the compute dtype, as XLA sums them
+        compute = cast_for_compute(model, params)  # summed in the compute dtype, as XLA sums them
         if per_layer:
             compute = {k: v if k == key else marks[k](v) for k, v in compute.items()}
         return loss_sums(model, compute, batch, layout)
